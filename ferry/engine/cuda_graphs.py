@@ -1,0 +1,77 @@
+"""Decode steps captured as CUDA graphs, one per (batch bucket, context bucket).
+
+A decode step of a small model is hundreds of tiny kernels; replaying them as one graph removes the
+per-kernel launch cost that otherwise dominates batch-1 decode. Context is bucketed too, so attention
+reads only the cache prefix a step needs rather than the whole allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ferry.engine.kv_cache import KVCache
+from ferry.model.llama import LlamaForCausalLM
+
+log = logging.getLogger("ferry.graphs")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+MIN_CONTEXT_BUCKET = 256
+
+
+def batch_bucket(batch: int) -> int:
+    return next((b for b in BATCH_BUCKETS if b >= batch), batch)
+
+
+def context_bucket(length: int, limit: int) -> int:
+    bucket = MIN_CONTEXT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+class _CapturedStep:
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, batch: int, kv_len: int, pool) -> None:
+        device = cache.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
+                model(self.ids, self.positions, cache.layers, kv_len)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model(self.ids, self.positions, cache.layers, kv_len)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[0]
+        self.ids[:n].copy_(ids)
+        self.positions[:n].copy_(positions)
+        # Padding rows decode token 0 at position 0 in cache rows no live sequence uses.
+        self.ids[n:].zero_()
+        self.positions[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class DecodeGraphs:
+    """Captures lazily on first use of a bucket; forgets everything when the cache is reallocated."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.graphs: dict[tuple[int, int], _CapturedStep] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, needed_len: int) -> torch.Tensor:
+        key = (batch_bucket(ids.shape[0]), context_bucket(needed_len, self.cache.max_len))
+        graph = self.graphs.get(key)
+        if graph is None:
+            log.info("capturing decode graph: batch %d, context %d", *key)
+            graph = self.graphs[key] = _CapturedStep(self.model, self.cache, key[0], key[1], self.pool)
+        return graph.run(ids, positions)

@@ -1,0 +1,143 @@
+"""The step loop: prefill a batch of prompts, then decode one token per sequence per step.
+
+Every sequence keeps its own positions, so prompts of different lengths share a batch without left
+padding: prefill is right-padded and each row's logits are read at its own last prompt token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
+from ferry.engine.kv_cache import KVCache
+from ferry.engine.sampling import Sampler, SamplingParams
+from ferry.engine.sequence import Sequence
+from ferry.errors import InvalidRequestError
+from ferry.model.llama import LlamaForCausalLM
+from ferry.model.tokenizer import FerryTokenizer
+
+log = logging.getLogger("ferry.engine")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # text this token added
+    finish_reason: str | None
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    ttft_s: float
+    tokens_per_s: float
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: FerryTokenizer,
+        cuda_graphs: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = model.norm.weight.device
+        self.dtype = model.norm.weight.dtype
+        self.cache = KVCache(
+            self.config.num_layers, model.kv_heads_per_rank, self.config.head_dim, self.dtype, self.device
+        )
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
+        self.decode_path = "cuda-graph" if use_graphs else "eager"
+        log.info("engine on %s (%s), decode path: %s", self.device, self.dtype, self.decode_path)
+
+    def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        limit = self.config.max_context
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise InvalidRequestError(f"prompt {i} is empty")
+            if len(ids) + params.max_tokens > limit:
+                raise InvalidRequestError(
+                    f"prompt {i} has {len(ids)} tokens; with max_tokens={params.max_tokens} it exceeds the "
+                    f"model's context of {limit} tokens"
+                )
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Yield tokens as they are produced, for every prompt of the batch."""
+        yield from self._run([Sequence(list(p)) for p in prompts], params)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[Completion]:
+        started = time.perf_counter()
+        seqs = [Sequence(list(p)) for p in prompts]
+        for event in self._run(seqs, params):
+            if on_token:
+                on_token(event)
+        return [
+            Completion(
+                prompt_token_ids=s.prompt_ids,
+                token_ids=s.output_ids,
+                text=s.text,
+                finish_reason=s.finish_reason or "length",
+                ttft_s=s.first_token_time - started,
+                # Decode rate: tokens after the first over the time after the first.
+                tokens_per_s=(len(s.output_ids) - 1) / (s.last_token_time - s.first_token_time)
+                if len(s.output_ids) > 1 and s.last_token_time > s.first_token_time
+                else 0.0,
+            )
+            for s in seqs
+        ]
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], params: SamplingParams) -> Iterator[TokenEvent]:
+        prompts = [s.prompt_ids for s in seqs]
+        self.check_prompts(prompts, params)
+        batch = len(seqs)
+        rows = batch_bucket(batch) if self.graphs else batch
+        if self.cache.ensure(rows, max(len(p) for p in prompts) + params.max_tokens) and self.graphs:
+            self.graphs.reset()
+        sampler = Sampler(params, self.device)
+        eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+
+        tokens = sampler(self._prefill(prompts))
+        while True:
+            for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+                if seq.finished:
+                    continue
+                delta = seq.append(token, self.tokenizer, eos, params.stop, params.max_tokens)
+                yield TokenEvent(i, token, delta, seq.finish_reason)
+            if all(s.finished for s in seqs):
+                return
+            positions = [s.next_position for s in seqs]
+            position_tensor = torch.tensor(positions, device=self.device).view(batch, 1)
+            tokens = sampler(self._decode(tokens.view(batch, 1), position_tensor, max(positions) + 1))
+
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.model(ids, positions, self.cache.layers, width, logits_index=last)
+
+    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.step(ids, positions, needed)
+        return self.model(ids, positions, self.cache.layers, needed)

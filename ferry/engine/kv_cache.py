@@ -1,0 +1,30 @@
+"""The preallocated KV cache: one K and one V tensor per layer, [max_batch, max_len, kv_heads, head_dim]."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.max_batch = self.max_len = 0
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def ensure(self, batch: int, length: int) -> bool:
+        """Grow to hold `batch` sequences of `length` tokens; True when the tensors were reallocated."""
+        if batch <= self.max_batch and length <= self.max_len:
+            return False
+        self.max_batch, self.max_len = max(batch, self.max_batch), max(length, self.max_len)
+        self.layers = []  # free the old tensors before allocating the new ones
+        shape = (self.max_batch, self.max_len, self.kv_heads, self.head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+        return True

@@ -1,0 +1,1 @@
+"""Llama-family models built from parallel layers, and their weight loading."""

@@ -1,0 +1,1 @@
+"""Building blocks that know how to shard themselves over a ParallelGroup and load their own slice."""

@@ -1,0 +1,98 @@
+"""Grouped-query attention over a preallocated KV cache.
+
+Every forward (prefill, chunked prefill or decode) takes the same path: write this step's K/V at each
+sequence's own positions, then attend over the cache prefix [0, kv_len) under a mask built from those
+positions. That keeps one code path for ragged batches and makes decode capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.comm.group import ParallelGroup
+from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ferry.model.layers.rotary import RotaryEmbedding
+from ferry.model.layers.shard import shard_range
+from ferry.model.weights.source import WeightSource
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """What every attention layer of one forward needs, built once by the model.
+
+    positions: [batch, tokens] absolute position of each token in its own sequence.
+    mask: [batch, 1, tokens, kv_len] True where a query may see a cached key.
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+    kv_len: int
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, kv_len: int) -> AttentionBatch:
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
+        return cls(positions=positions, mask=mask, kv_len=kv_len)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        rotary: RotaryEmbedding,
+        group: ParallelGroup,
+    ) -> None:
+        super().__init__()
+        kv_start, kv_stop = shard_range(num_kv_heads, group.world_size, group.rank)
+        self.num_kv_heads = kv_stop - kv_start
+        self.group_size = num_heads // num_kv_heads
+        self.num_heads = self.num_kv_heads * self.group_size
+        self.head_dim = head_dim
+        # Query heads are cut along KV-head groups so each rank's queries find their keys locally.
+        q_unit = head_dim * self.group_size
+        self.qkv_proj = ColumnParallelLinear(
+            hidden_size,
+            [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+            group,
+            bias=bias,
+            units=[q_unit, head_dim, head_dim],
+        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, group, unit=q_unit)
+        self.rotary = rotary
+
+    def forward(
+        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        bsz, tokens, _ = x.shape
+        hd, n_kv, group = self.head_dim, self.num_kv_heads, self.group_size
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_block_sizes, dim=-1)
+        q = q.view(bsz, tokens, self.num_heads, hd)
+        k = k.view(bsz, tokens, n_kv, hd)
+        q, k = self.rotary(q, k, batch.positions)
+
+        # Cache layout [max_batch, max_len, kv_heads, head_dim]; row i of the batch is cache row i.
+        k_cache, v_cache = kv_cache
+        rows = torch.arange(bsz, device=x.device).unsqueeze(1)
+        k_cache[rows, batch.positions] = k
+        v_cache[rows, batch.positions] = v.view(bsz, tokens, n_kv, hd)
+        keys = k_cache[:bsz, : batch.kv_len].transpose(1, 2)
+        values = v_cache[:bsz, : batch.kv_len].transpose(1, 2)
+
+        # Fold each KV head's query group into the query axis: SDPA then needs no K/V repetition.
+        q = q.view(bsz, tokens, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(bsz, n_kv, group * tokens, hd)
+        mask = batch.mask.unsqueeze(2).expand(bsz, 1, group, tokens, batch.kv_len).reshape(bsz, 1, group * tokens, batch.kv_len)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(bsz, n_kv, group, tokens, hd).permute(0, 3, 1, 2, 4).reshape(bsz, tokens, -1)
+        return self.o_proj(out)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.qkv_proj.load(source, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        self.o_proj.load(source, f"{prefix}.o_proj")

@@ -1,0 +1,78 @@
+"""Megatron-style linear layers: column-parallel (outputs split) and row-parallel (inputs split, all-reduced).
+
+With a one-rank group they are plain linears; the model never branches on the parallel layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.comm.group import ParallelGroup
+from ferry.model.layers.shard import shard_range
+from ferry.model.weights.source import WeightSource
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows made of one or more logical blocks, each split over the group.
+
+    `block_sizes` lists the logical outputs fused into one matmul (e.g. gate and up projections), and
+    `unit` the granule a block may be cut at (a head's width for attention projections).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        block_sizes: list[int],
+        group: ParallelGroup,
+        bias: bool = False,
+        units: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        units = units or [1] * len(block_sizes)
+        self.block_ranges: list[tuple[int, int]] = []
+        for size, unit in zip(block_sizes, units, strict=True):
+            start, stop = shard_range(size // unit, group.world_size, group.rank)
+            self.block_ranges.append((start * unit, stop * unit))
+        self.out_features = sum(stop - start for start, stop in self.block_ranges)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+
+    @property
+    def local_block_sizes(self) -> list[int]:
+        return [stop - start for start, stop in self.block_ranges]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, source: WeightSource, names: list[str]) -> None:
+        """Load each logical block's shard from the tensor named for it (names without `.weight`)."""
+        offset = 0
+        for name, (start, stop) in zip(names, self.block_ranges, strict=True):
+            rows = slice(offset, offset + stop - start)
+            self.weight.data[rows].copy_(source.get(f"{name}.weight", dim=0, start=start, stop=stop))
+            if self.bias is not None:
+                self.bias.data[rows].copy_(source.get(f"{name}.bias", dim=0, start=start, stop=stop))
+            offset += stop - start
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T: each rank holds a slice of the input features; one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, unit: int = 1) -> None:
+        super().__init__()
+        self.group = group
+        start, stop = shard_range(in_features // unit, group.world_size, group.rank)
+        self.in_range = (start * unit, stop * unit)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, self.in_range[1] - self.in_range[0]), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(F.linear(x, self.weight))
+
+    def load(self, source: WeightSource, name: str) -> None:
+        start, stop = self.in_range
+        self.weight.data.copy_(source.get(f"{name}.weight", dim=1, start=start, stop=stop))

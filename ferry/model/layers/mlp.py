@@ -1,0 +1,26 @@
+"""SwiGLU feed-forward: gate and up fused into one column-parallel matmul, down row-parallel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.comm.group import ParallelGroup
+from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ferry.model.weights.source import WeightSource
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, group: ParallelGroup) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], group)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.gate_up_proj.load(source, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj.load(source, f"{prefix}.down_proj")

@@ -1,0 +1,60 @@
+"""Rotary position embedding (rotate-half layout), with Llama-3 and linear frequency scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ferry.model.config import RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed fp32 cos/sin tables indexed by absolute position (per sequence, so batches may be ragged)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.cos = self.sin = torch.empty(0)
+
+    def build_tables(self, device: torch.device, freq_factors: torch.Tensor | None = None) -> None:
+        """Fill the tables on `device`; GGUF Llama-3 files carry their scaling as `rope_freqs` factors."""
+        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.float()
+        inv_freq = inv_freq.to(device)
+        positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [batch, tokens, heads, head_dim]; positions: [batch, tokens]."""
+        cos = self.cos[positions].unsqueeze(2).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(2).to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,116 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral, SmolLM), written once for every parallel layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ferry.comm.group import ParallelGroup
+from ferry.model.config import ModelConfig
+from ferry.model.layers.attention import Attention, AttentionBatch
+from ferry.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ferry.model.layers.mlp import SwiGLU
+from ferry.model.layers.norm import RMSNorm
+from ferry.model.layers.rotary import RotaryEmbedding
+from ferry.model.weights.source import WeightSource
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, group: ParallelGroup) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.attention_bias,
+            rotary,
+            group,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, group)
+
+    def forward(
+        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def load(self, source: WeightSource, prefix: str) -> None:
+        self.input_layernorm.load(source, f"{prefix}.input_layernorm")
+        self.self_attn.load(source, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(source, f"{prefix}.post_attention_layernorm")
+        self.mlp.load(source, f"{prefix}.mlp")
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, group: ParallelGroup | None = None) -> None:
+        super().__init__()
+        group = group or ParallelGroup.single()
+        self.config = config
+        self.group = group
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, group) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.embed_tokens)
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return self.layers[0].self_attn.num_kv_heads
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_len: int,
+    ) -> torch.Tensor:
+        """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden]."""
+        batch = AttentionBatch.build(positions, kv_len)
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, batch, kv_cache)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_len: int,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits [batch, vocab] for the token at `logits_index` of each row (the last when None)."""
+        x = self.hidden_states(input_ids, positions, kv_caches, kv_len)
+        if logits_index is None:
+            last = x[:, -1]
+        else:
+            last = x[torch.arange(x.shape[0], device=x.device), logits_index]
+        return self.lm_head(self.norm(last)).float()
+
+    def full_logits(
+        self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """fp32 logits for every position of a fresh batch (what references are compared on)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = self.hidden_states(input_ids, positions, kv_caches, input_ids.shape[1])
+        return self.lm_head(self.norm(x)).float()
+
+    def load(self, source: WeightSource, progress=None) -> None:
+        """Fill every parameter from `source`; `progress(i, n)` is told after each layer."""
+        self.embed_tokens.load(source, "model.embed_tokens")
+        for i, layer in enumerate(self.layers):
+            layer.load(source, f"model.layers.{i}")
+            if progress:
+                progress(i + 1, len(self.layers))
+        self.norm.load(source, "model.norm")
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load(source, "lm_head")
+        freq_factors = source.get("rope_freqs.weight") if source.has("rope_freqs.weight") else None
+        self.rotary.build_tables(self.norm.weight.device, freq_factors)

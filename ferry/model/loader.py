@@ -1,0 +1,112 @@
+"""load_model: a path (GGUF file or HF folder) -> model on its device, tokenizer, load statistics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ferry.comm.group import ParallelGroup
+from ferry.errors import ModelNotFoundError
+from ferry.model.config import ModelConfig
+from ferry.model.default_model import default_model_path
+from ferry.model.llama import LlamaForCausalLM
+from ferry.model.tokenizer import FerryTokenizer
+from ferry.model.weights.gguf_file import GGUFWeights
+from ferry.model.weights.safetensors_dir import SafetensorsWeights
+from ferry.model.weights.source import WeightSource
+
+log = logging.getLogger("ferry.load")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: FerryTokenizer
+    config: ModelConfig
+    path: Path
+    load_seconds: float
+
+
+def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokenizer]:
+    if path.is_file() and path.suffix == ".gguf":
+        source = GGUFWeights(path)
+        config = ModelConfig.from_gguf(source.metadata, source.tensor_names)
+        return source, config, FerryTokenizer.from_gguf(source.metadata)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return open_checkpoint(ggufs[0])
+        source = SafetensorsWeights(path)
+        config = ModelConfig.from_hf(source.config())
+        return source, config, FerryTokenizer.from_folder(path, config.eos_token_ids, config.bos_token_id)
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
+    raise ModelNotFoundError(f"{str(path)!r} is neither a .gguf file nor a Hugging Face checkpoint folder")
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, group: ParallelGroup) -> LlamaForCausalLM:
+    """Parameters allocated (uninitialised) straight on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, group)
+    model = model.to(dtype).to_empty(device=device).eval()
+    if config.tie_word_embeddings:
+        model.lm_head.tie_to(model.embed_tokens)  # to_empty gives each module its own storage
+    return model
+
+
+def load_model(
+    path: str | Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    group: ParallelGroup | None = None,
+    show_progress: bool = True,
+) -> LoadedModel:
+    group = group or ParallelGroup.single()
+    started = time.perf_counter()
+    resolved = Path(path).expanduser() if path else default_model_path()
+    source, config, tokenizer = open_checkpoint(resolved)
+    model = build_model(config, device, dtype, group)
+    with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
+        model.load(source, progress=advance)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s, %s) in %.2f s", resolved.name, device, dtype, seconds)
+    return LoadedModel(model, tokenizer, config, resolved, seconds)
+
+
+class _progress:
+    """A rich progress bar on stderr over the decoder layers (silent when disabled)."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self.label = label
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("loading {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=None)
+
+        def advance(done: int, total: int) -> None:
+            self.bar.update(task, completed=done, total=total)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
