@@ -120,16 +120,19 @@ class ModelConfig:
                 f"unsupported GGUF architecture {arch!r}; Ferry runs {', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}"
             )
 
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
+        def key(name: str, default: Any = ...) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            if value is ...:
+                raise UnsupportedModelError(f"GGUF metadata {arch}.{name} is missing")
+            return value
 
         hidden = key("embedding_length")
         heads = key("attention.head_count")
-        vocab = key("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        vocab = key("vocab_size", None) or len(meta.get("tokenizer.ggml.tokens", ()))
         scale_type = key("rope.scaling.type", "none")
         scaling = RopeScaling()
-        if scale_type == "linear":
-            scaling = RopeScaling(rope_type="linear", factor=float(key("rope.scaling.factor", 1.0)))
+        if scale_type != "none":
+            scaling = RopeScaling(rope_type=scale_type, factor=float(key("rope.scaling.factor", 1.0)))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             architecture=arch,
@@ -139,7 +142,7 @@ class ModelConfig:
             num_layers=int(key("block_count")),
             num_heads=int(heads),
             num_kv_heads=int(key("attention.head_count_kv", heads)),
-            head_dim=int(key("attention.key_length", hidden // heads)),
+            head_dim=int(key("attention.key_length", int(hidden) // int(heads))),
             max_position_embeddings=int(key("context_length", 4096)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(key("rope.freq_base", 10000.0)),

