@@ -65,3 +65,31 @@ def hf_smollm_tokenizer(smollm_path):
     """The transformers tokenizer converted from the same GGUF file's metadata."""
     transformers = _quiet_transformers()
     return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
+
+
+def _hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of one unpadded prompt by transformers' generate, never stopping early.
+
+    `eos_token_id=None` as a keyword turns stopping off (a GenerationConfig object with eos None would
+    be refilled from the model's defaults). `min_new_tokens` is deliberately not used: it masks EOS out
+    of the logits, which would change the argmax where EOS is the greedy choice, whereas Ferry's
+    `ignore_eos` emits EOS and keeps going.
+    """
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    assert len(new) == max_new_tokens, f"transformers stopped after {len(new)} of {max_new_tokens} tokens"
+    return new
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """`hf_greedy(model, prompt_ids, n)` -> the n greedy tokens transformers generates (see `_hf_greedy`)."""
+    return _hf_greedy

@@ -46,7 +46,7 @@ class Engine:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        tokenizer: FerryTokenizer,
+        tokenizer: FerryTokenizer | None,
         cuda_graphs: bool | None = None,
     ) -> None:
         self.model = model
@@ -112,7 +112,7 @@ class Engine:
         if self.cache.ensure(rows, max(len(p) for p in prompts) + params.max_tokens) and self.graphs:
             self.graphs.reset()
         sampler = Sampler(params, self.device)
-        eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+        eos = frozenset() if params.ignore_eos or not self.tokenizer else frozenset(self.tokenizer.eos_token_ids)
 
         tokens = sampler(self._prefill(prompts))
         while True:

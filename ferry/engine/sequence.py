@@ -27,7 +27,7 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
     def append(
-        self, token_id: int, tokenizer: FerryTokenizer, eos_ids: frozenset[int], stop: tuple[str, ...], max_tokens: int
+        self, token_id: int, tokenizer: FerryTokenizer | None, eos_ids: frozenset[int], stop: tuple[str, ...], max_tokens: int
     ) -> str:
         """Record a sampled token; returns the text it added (held back while a UTF-8 character is incomplete)."""
         now = time.perf_counter()
@@ -36,6 +36,10 @@ class Sequence:
         self.output_ids.append(token_id)
         if token_id in eos_ids:
             self.finish_reason = "stop"
+            return ""
+        if tokenizer is None:  # token-ids-only mode (benchmarks with random weights)
+            if len(self.output_ids) >= max_tokens:
+                self.finish_reason = "length"
             return ""
         decoded = tokenizer.decode(self.output_ids)
         if decoded.endswith("\ufffd") and len(self.output_ids) < max_tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokeniz
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return open_checkpoint(ggufs[0])
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise ModelNotFoundError(f"{path}: no config.json (and not exactly one .gguf file) in this folder")
+        config = ModelConfig.from_hf(json.loads(config_path.read_text()))
         source = SafetensorsWeights(path)
-        config = ModelConfig.from_hf(source.config())
         return source, config, FerryTokenizer.from_folder(path, config.eos_token_ids, config.bos_token_id)
     if not path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist")

@@ -5,7 +5,6 @@ Tensors are fetched by name through safetensors' slices, so a rank reads only th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,21 +19,22 @@ class SafetensorsWeights:
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise ModelNotFoundError(f"{self.folder}: no *.safetensors files in this folder")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self._handles = {f: self._open(f) for f in files}
         self._where: dict[str, Path] = {}
         for f, handle in self._handles.items():
             for key in handle.keys():
                 self._where[key] = f
 
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for malformed headers
+            raise ModelNotFoundError(f"{path}: not a readable safetensors file ({exc})") from None
+
     @property
     def tensor_names(self) -> set[str]:
         return set(self._where)
-
-    def config(self) -> dict:
-        path = self.folder / "config.json"
-        if not path.exists():
-            raise ModelNotFoundError(f"{self.folder}: config.json is missing")
-        return json.loads(path.read_text())
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -1,0 +1,188 @@
+"""Decode speed: Ferry vs Hugging Face transformers `generate`, side by side in one run, against the roofline.
+
+    python benchmarks/decode.py --device cpu                 # SmolLM2 (real GGUF), batch 1 and 8
+    python benchmarks/decode.py --device cuda                # SmolLM2 + Llama-3-8B shape (random bf16), batch 1 and 16
+
+Decode tokens/s counts tokens after the first over the time after the first (prefill excluded), per sequence;
+`aggregate` multiplies by the batch. Roofline: measured memory copy bandwidth (read + write counted) over the
+bytes a decode step must read (every weight once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ferry.bench.report import provenance, write_results  # noqa: E402
+from ferry.bench.shapes import SHAPES, random_model, weight_bytes_per_token  # noqa: E402
+from ferry.device import resolve_device, resolve_dtype  # noqa: E402
+from ferry.engine.engine import Engine  # noqa: E402
+from ferry.engine.sampling import SamplingParams  # noqa: E402
+from ferry.model.default_model import default_model_path  # noqa: E402
+from ferry.model.loader import load_model  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-memory copy, counting bytes read plus bytes written (median of 10)."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * n * 4 / statistics.median(times)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 30000), (batch, length), generator=gen).tolist()
+
+
+def ferry_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int) -> float:
+    """Median per-sequence decode tokens/s over `repeats` runs, after one warm-up run (graph capture)."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    prompts = random_prompts(batch, prompt_len, vocab, seed=batch)
+    engine.generate(prompts, params)
+    rates = [statistics.median(c.tokens_per_s for c in engine.generate(prompts, params)) for _ in range(repeats)]
+    return statistics.median(rates)
+
+
+def hf_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device) -> float:
+    """transformers `generate` (greedy): decode tokens/s per sequence from a 1-token and an N-token run."""
+    ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed=batch), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def timed(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync(device)
+        return time.perf_counter() - t
+
+    timed(2)  # warm-up
+    return (new_tokens - 1) / (timed(new_tokens) - timed(1))
+
+
+def load_hf_smollm(path: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).to(device).eval()
+
+
+def load_hf_random(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = SHAPES[name]
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(hf_cfg, dtype=dtype)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="Ferry's dtype (default: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--extra-dtypes", default="", help="more Ferry dtypes to run for SmolLM2, e.g. bf16")
+    ap.add_argument("--models", default=None, help="comma list of smollm2, llama3-8b")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8 on CPU, 1,16 on GPU)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--tag", default="", help="suffix for the result file name")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    on_gpu = device.type == "cuda"
+    models = (args.models or ("smollm2,llama3-8b" if on_gpu else "smollm2")).split(",")
+    batches = [int(b) for b in (args.batches or ("1,16" if on_gpu else "1,8")).split(",")]
+    bandwidth = copy_bandwidth(device)
+    print(f"device copy bandwidth (read+write): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+
+    rows = []
+    for name in models:
+        for run_dtype in [dtype, *[resolve_dtype(d, device) for d in args.extra_dtypes.split(",") if d]]:
+            if name != "smollm2" and run_dtype != dtype:
+                continue
+            t = time.perf_counter()
+            if name == "smollm2":
+                loaded = load_model(None, device, run_dtype, show_progress=False)
+                model, tokenizer = loaded.model, loaded.tokenizer
+            else:
+                model, tokenizer = random_model(SHAPES[name], device, run_dtype), None
+            sync(device)
+            load_s = time.perf_counter() - t
+            engine = Engine(model, tokenizer)
+            step_bytes = weight_bytes_per_token(model)
+            roofline = bandwidth / step_bytes
+            for batch in batches:
+                rate = ferry_decode(engine, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, args.repeats)
+                rows.append({
+                    "model": name, "engine": f"ferry ({engine.decode_path})", "dtype": str(run_dtype).removeprefix("torch."),
+                    "batch": batch, "tokens_per_s": round(rate, 2), "aggregate_tokens_per_s": round(rate * batch, 1),
+                    "roofline_tokens_per_s": round(roofline, 1), "roofline_fraction": round(rate / roofline, 3),
+                    "load_s": round(load_s, 2), "weight_bytes_per_step": step_bytes,
+                })
+                print(rows[-1], file=sys.stderr)
+            del engine, model
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+        if args.no_hf:
+            continue
+        t = time.perf_counter()
+        hf = load_hf_smollm(default_model_path(), device, dtype) if name == "smollm2" else load_hf_random(name, device, dtype)
+        sync(device)
+        load_s = time.perf_counter() - t
+        with torch.inference_mode():
+            for batch in batches:
+                rate = hf_decode(hf, batch, args.prompt_len, min(args.new_tokens, 32), hf.config.vocab_size, device)
+                ferry_rate = next(r["tokens_per_s"] for r in rows if r["model"] == name and r["batch"] == batch
+                                  and r["dtype"] == str(dtype).removeprefix("torch."))
+                rows.append({
+                    "model": name, "engine": "transformers generate", "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch, "tokens_per_s": round(rate, 2), "aggregate_tokens_per_s": round(rate * batch, 1),
+                    "load_s": round(load_s, 2), "ferry_speedup": round(ferry_rate / rate, 2),
+                })
+                print(rows[-1], file=sys.stderr)
+        del hf
+        gc.collect()
+
+    meta = provenance(device) | {"copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "prompt_len": args.prompt_len,
+                                 "new_tokens": args.new_tokens}
+    cols = ["model", "engine", "dtype", "batch", "tokens_per_s", "aggregate_tokens_per_s", "roofline_tokens_per_s",
+            "roofline_fraction", "ferry_speedup", "load_s"]
+    stem = f"{meta['date']}_decode_{device.type}{args.tag}"
+    json_path, md_path = write_results(args.out, stem, meta, rows, cols)
+    print((md_path.read_text()))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

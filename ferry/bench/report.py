@@ -1,0 +1,60 @@
+"""Result files every benchmark writes: JSON with device, date, command and git commit, plus a markdown table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        return f"{n}x {torch.cuda.get_device_name(device)}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": device_description(device),
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
+                  notes: str = "") -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    header = "\n".join(f"- {k}: `{v}`" for k, v in meta.items() if not isinstance(v, (dict, list)))
+    md_path.write_text(f"# {stem}\n\n{header}\n\n{markdown_table(rows, columns)}\n\n{notes}\n".rstrip() + "\n")
+    return json_path, md_path

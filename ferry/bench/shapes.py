@@ -1,0 +1,68 @@
+"""Real architectures' shapes for speed runs with random weights (weights do not change the speed)."""
+
+from __future__ import annotations
+
+import torch
+
+from ferry.comm.group import ParallelGroup
+from ferry.model.config import ModelConfig, RopeScaling
+from ferry.model.llama import LlamaForCausalLM
+from ferry.model.loader import build_model
+
+LLAMA3_8B = ModelConfig(
+    architecture="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    eos_token_ids=(128001,),
+)
+
+LLAMA3_70B = ModelConfig(
+    architecture="llama",
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_layers=80,
+    num_heads=64,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    eos_token_ids=(128001,),
+)
+
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
+
+
+@torch.no_grad()
+def random_model(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, group: ParallelGroup | None = None
+) -> LlamaForCausalLM:
+    """A model of `config`'s shape with N(0, 0.02) weights and unit norms, built directly on `device`."""
+    model = build_model(config, device, dtype, group or ParallelGroup.single())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+    model.rotary.build_tables(device)
+    return model
+
+
+def weight_bytes_per_token(model: LlamaForCausalLM) -> int:
+    """Bytes a decode step must read: every parameter once, except the embedding table (one row per token)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total

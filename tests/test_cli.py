@@ -1,0 +1,68 @@
+"""The `ferry` command as a user runs it: answers, JSON shape, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def ferry(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ferry.cli", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_chat_answers_capital_of_france_with_paris():
+    out = ferry("generate", "--chat", "What is the capital of France?", "--max-tokens", "16", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "tokens generated" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_json_prints_exactly_one_object_with_every_field():
+    out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)  # the whole of stdout is one JSON document
+    assert doc["device"] == "cpu" and doc["model"].endswith(".gguf")
+    assert [c["prompt"] for c in doc["completions"]] == ["Hello", "The sky is"]
+    for c in doc["completions"]:
+        assert set(c) == {"prompt", "text", "token_ids", "finish_reason", "ttft_s", "tokens_per_s"}
+        assert len(c["token_ids"]) <= 6 and c["finish_reason"] in ("stop", "length") and c["ttft_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "x", "--model", "/no/such/model.gguf"], "does not exist"),
+        (["generate", "x", "--top-p", "0"], "top_p"),
+        (["generate", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "x", "--device", "cuda"], "no CUDA device"),
+        (["generate", "x", "--dtype", "int3"], "unknown dtype"),
+        (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
+    if "cuda" in args:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = ferry(*args, "--device", "cpu") if "--device" not in args else ferry(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("ferry: error:")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    out = ferry("generate", "x", "--model", str(tmp_path), "--device", "cpu")
+    assert out.returncode == 2
+    assert "GPTNeoXForCausalLM" in out.stderr and "Traceback" not in out.stderr

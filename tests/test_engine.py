@@ -1,0 +1,83 @@
+"""Engine behaviour on the real default model: sampling, stops, streaming, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+from ferry.errors import InvalidRequestError
+
+
+@pytest.fixture(scope="module")
+def engine(ferry_smollm) -> Engine:
+    return Engine(ferry_smollm.model, ferry_smollm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def prompts(ferry_smollm) -> list[list[int]]:
+    tok = ferry_smollm.tokenizer
+    return [tok.encode_chat("Write a haiku about the sea."), tok.encode("The three primary colours are")]
+
+
+def test_same_seed_gives_same_text_and_other_seed_differs(engine, prompts):
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    first = [c.token_ids for c in engine.generate(prompts, params)]
+    again = [c.token_ids for c in engine.generate(prompts, params)]
+    other = [c.token_ids for c in engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": 99}))]
+    assert first == again
+    assert first != other
+
+
+def test_top_k_one_is_greedy(engine, prompts):
+    greedy = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    top1 = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.7, top_k=1, seed=5, ignore_eos=True))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+
+
+def test_stop_string_truncates_text_and_reports_stop(engine, ferry_smollm):
+    ids = ferry_smollm.tokenizer.encode("1, 2, 3, 4, 5, 6, 7,")
+    free = engine.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert " 9" in free.text, free.text  # the model counts on; the stop below must cut it there
+    stopped = engine.generate([ids], SamplingParams(max_tokens=16, stop=(" 9",), ignore_eos=True))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(" 9")]
+    assert len(stopped.token_ids) < len(free.token_ids)
+
+
+def test_eos_ends_a_chat_answer_with_stop(engine, ferry_smollm):
+    [c] = engine.generate([ferry_smollm.tokenizer.encode_chat("Say hi.")], SamplingParams(max_tokens=64))
+    assert c.finish_reason == "stop"
+    assert c.token_ids[-1] in ferry_smollm.tokenizer.eos_token_ids
+
+
+def test_max_tokens_ends_with_length(engine, prompts):
+    completions = engine.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in completions)
+
+
+def test_streamed_events_rebuild_the_generated_completions(engine, prompts):
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    texts, ids = ["", ""], [[], []]
+    for event in engine.stream(prompts, params):
+        texts[event.index] += event.text
+        ids[event.index].append(event.token_id)
+    completions = engine.generate(prompts, params)
+    assert ids == [c.token_ids for c in completions]
+    assert texts == [c.text for c in completions]
+
+
+def test_prompt_longer_than_context_is_refused(engine, ferry_smollm):
+    too_long = [1] * ferry_smollm.config.max_context
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context"):
+        engine.generate([too_long], SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")],
+)
+def test_invalid_sampling_values_are_refused(kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams(**kwargs)
