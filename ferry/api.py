@@ -19,12 +19,13 @@ class LLM:
         dtype: str | None = None,
         show_progress: bool = False,
         cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress)
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs)
+        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile)
 
     @property
     def model_path(self) -> Path:

@@ -56,6 +56,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="wrap each prompt in the model's chat template")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -68,7 +69,7 @@ def generate(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
         )
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile)
         if verbose:
             _err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")

@@ -93,3 +93,13 @@ def _hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def hf_greedy():
     """`hf_greedy(model, prompt_ids, n)` -> the n greedy tokens transformers generates (see `_hf_greedy`)."""
     return _hf_greedy
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is present (the lent GPU machine), and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -32,19 +32,19 @@ def context_bucket(length: int, limit: int) -> int:
 
 
 class _CapturedStep:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, batch: int, kv_len: int, pool) -> None:
+    def __init__(self, forward, cache: KVCache, batch: int, kv_len: int, pool) -> None:
         device = cache.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
-                model(self.ids, self.positions, cache.layers, kv_len)
+            for _ in range(2):  # warm-up: compilation, lazy inits and autotuning happen outside the capture
+                forward(self.ids, self.positions, cache.layers, kv_len)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model(self.ids, self.positions, cache.layers, kv_len)
+            self.logits = forward(self.ids, self.positions, cache.layers, kv_len)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
@@ -60,8 +60,12 @@ class _CapturedStep:
 class DecodeGraphs:
     """Captures lazily on first use of a bucket; forgets everything when the cache is reallocated."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, compile: bool = False) -> None:
+        self.cache = cache
+        # torch.compile fuses the small elementwise kernels between the matmuls (norms, RoPE, SwiGLU, residual
+        # adds); inside a graph each would still cost GPU time. Shapes are static per bucket.
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.path = "cuda-graph+compile" if compile else "cuda-graph"
         self.graphs: dict[tuple[int, int], _CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -73,5 +77,5 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             log.info("capturing decode graph: batch %d, context %d", *key)
-            graph = self.graphs[key] = _CapturedStep(self.model, self.cache, key[0], key[1], self.pool)
+            graph = self.graphs[key] = _CapturedStep(self.forward, self.cache, key[0], key[1], self.pool)
         return graph.run(ids, positions)

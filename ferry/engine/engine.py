@@ -48,6 +48,7 @@ class Engine:
         model: LlamaForCausalLM,
         tokenizer: FerryTokenizer | None,
         cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -58,11 +59,13 @@ class Engine:
             self.config.num_layers, model.kv_heads_per_rank, self.config.head_dim, self.dtype, self.device
         )
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
-        self.decode_path = "cuda-graph" if use_graphs else "eager"
+        self.graphs = DecodeGraphs(model, self.cache, compile=compile) if use_graphs else None
+        self.decode_path = self.graphs.path if self.graphs else "eager"
         log.info("engine on %s (%s), decode path: %s", self.device, self.dtype, self.decode_path)
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
         limit = self.config.max_context
         for i, ids in enumerate(prompts):
             if not ids:
@@ -115,7 +118,11 @@ class Engine:
         eos = frozenset() if params.ignore_eos or not self.tokenizer else frozenset(self.tokenizer.eos_token_ids)
 
         tokens = sampler(self._prefill(prompts))
-        while True:
+        # Positions advance on the device (+1 per step, finished rows too: they stay within the cache because no
+        # row decodes more than max_tokens steps), so a step uploads nothing.
+        positions = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)
+        longest = max(len(p) for p in prompts)
+        for step in range(params.max_tokens):
             for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
                 if seq.finished:
                     continue
@@ -123,9 +130,8 @@ class Engine:
                 yield TokenEvent(i, token, delta, seq.finish_reason)
             if all(s.finished for s in seqs):
                 return
-            positions = [s.next_position for s in seqs]
-            position_tensor = torch.tensor(positions, device=self.device).view(batch, 1)
-            tokens = sampler(self._decode(tokens.view(batch, 1), position_tensor, max(positions) + 1))
+            positions += 1
+            tokens = sampler(self._decode(tokens.view(batch, 1), positions, longest + step + 1))
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         width = max(len(p) for p in prompts)

@@ -16,7 +16,7 @@ from ferry.model.weights.source import WeightSource
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, group: ParallelGroup) -> None:
+    def __init__(self, config: ModelConfig, group: ParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(
@@ -25,7 +25,6 @@ class DecoderLayer(nn.Module):
             config.num_kv_heads,
             config.head_dim,
             config.attention_bias,
-            rotary,
             group,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -54,7 +53,7 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, group) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, group) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
         if config.tie_word_embeddings:
@@ -72,8 +71,8 @@ class LlamaForCausalLM(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden]."""
-        batch = AttentionBatch.build(positions, kv_len)
         x = self.embed_tokens(input_ids)
+        batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, batch, kv_cache)
         return x

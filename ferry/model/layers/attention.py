@@ -15,7 +15,7 @@ from torch import nn
 
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ferry.model.layers.rotary import RotaryEmbedding
+from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
 from ferry.model.layers.shard import shard_range
 from ferry.model.weights.source import WeightSource
 
@@ -26,17 +26,21 @@ class AttentionBatch:
 
     positions: [batch, tokens] absolute position of each token in its own sequence.
     mask: [batch, 1, tokens, kv_len] True where a query may see a cached key.
+    cos, sin: rotary tables at those positions, [batch, tokens, 1, head_dim].
     """
 
     positions: torch.Tensor
     mask: torch.Tensor
     kv_len: int
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     @classmethod
-    def build(cls, positions: torch.Tensor, kv_len: int) -> AttentionBatch:
+    def build(cls, positions: torch.Tensor, kv_len: int, rotary: RotaryEmbedding, dtype: torch.dtype) -> AttentionBatch:
         keys = torch.arange(kv_len, device=positions.device)
         mask = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
-        return cls(positions=positions, mask=mask, kv_len=kv_len)
+        cos, sin = rotary.tables_for(positions, dtype)
+        return cls(positions=positions, mask=mask, kv_len=kv_len, cos=cos, sin=sin)
 
 
 class Attention(nn.Module):
@@ -47,7 +51,6 @@ class Attention(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         bias: bool,
-        rotary: RotaryEmbedding,
         group: ParallelGroup,
     ) -> None:
         super().__init__()
@@ -66,7 +69,6 @@ class Attention(nn.Module):
             units=[q_unit, head_dim, head_dim],
         )
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, group, unit=q_unit)
-        self.rotary = rotary
 
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
@@ -76,7 +78,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_block_sizes, dim=-1)
         q = q.view(bsz, tokens, self.num_heads, hd)
         k = k.view(bsz, tokens, n_kv, hd)
-        q, k = self.rotary(q, k, batch.positions)
+        q, k = apply_rotary(q, k, batch.cos, batch.sin)
 
         # Cache layout [max_batch, max_len, kv_heads, head_dim]; row i of the batch is cache row i.
         k_cache, v_cache = kv_cache
