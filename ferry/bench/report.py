@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -15,6 +16,9 @@ import torch
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty), or FERRY_GIT_COMMIT where the tree was copied without its .git (a remote machine)."""
+    if os.environ.get("FERRY_GIT_COMMIT"):
+        return os.environ["FERRY_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -35,7 +35,10 @@ class _CapturedStep:
     def __init__(self, forward, cache: KVCache, batch: int, kv_len: int, pool) -> None:
         device = cache.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # Warm-up runs really execute and write K/V. Capture can happen mid-generation (a new context bucket), so
+        # they write at the bucket's last slot: beyond every live row's position, and each row's own step
+        # overwrites a slot before it first attends to it.
+        self.positions = torch.full((batch, 1), kv_len - 1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
