@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="Ferry's dtype (default: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--extra-dtypes", default="", help="more Ferry dtypes to run for SmolLM2, e.g. bf16")
+    ap.add_argument("--int8", action="store_true", help="also run SmolLM2 with int8 weights (bf16 activations, CPU)")
     ap.add_argument("--models", default=None, help="comma list of smollm2, llama3-8b")
     ap.add_argument("--batches", default=None, help="comma list (default 1,8 on CPU, 1,16 on GPU)")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -148,12 +149,15 @@ def main() -> None:
 
     rows = []
     for name in models:
-        for run_dtype in [dtype, *[resolve_dtype(d, device) for d in args.extra_dtypes.split(",") if d]]:
-            if name != "smollm2" and run_dtype != dtype:
+        variants = [(dtype, "native"), *[(resolve_dtype(d, device), "native") for d in args.extra_dtypes.split(",") if d]]
+        if args.int8:
+            variants.append((torch.bfloat16, "int8"))
+        for run_dtype, weights in variants:
+            if name != "smollm2" and (run_dtype, weights) != (dtype, "native"):
                 continue
             t = time.perf_counter()
             if name == "smollm2":
-                loaded = load_model(None, device, run_dtype, show_progress=False)
+                loaded = load_model(None, device, run_dtype, show_progress=False, weights=weights)
                 model, tokenizer = loaded.model, loaded.tokenizer
             else:
                 model, tokenizer = random_model(SHAPES[name], device, run_dtype), None
@@ -167,7 +171,8 @@ def main() -> None:
                 rate = ferry_decode(engine, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, args.repeats)
                 gpu_ms = graph_step_ms(engine, batch, args.prompt_len + args.new_tokens)
                 rows.append({
-                    "model": name, "engine": f"ferry ({engine.decode_path})", "dtype": str(run_dtype).removeprefix("torch."),
+                    "model": name, "engine": f"ferry ({engine.decode_path})", "weights": weights,
+                    "dtype": str(run_dtype).removeprefix("torch."),
                     "batch": batch, "tokens_per_s": round(rate, 2), "aggregate_tokens_per_s": round(rate * batch, 1),
                     "roofline_tokens_per_s": round(roofline, 1), "roofline_fraction": round(rate / roofline, 3),
                     "load_s": round(load_s, 2), "weight_bytes_per_step": step_bytes,
@@ -189,9 +194,10 @@ def main() -> None:
             for batch in batches:
                 rate = hf_decode(hf, batch, args.prompt_len, min(args.new_tokens, 32), hf.config.vocab_size, device)
                 ferry_rate = max(r["tokens_per_s"] for r in rows if r["model"] == name and r["batch"] == batch
-                                 and r["engine"].startswith("ferry") and r["dtype"] == str(dtype).removeprefix("torch."))
+                                 and r["engine"].startswith("ferry") and r["dtype"] == str(dtype).removeprefix("torch.")
+                                 and r["weights"] == "native")
                 rows.append({
-                    "model": name, "engine": "transformers generate", "dtype": str(dtype).removeprefix("torch."),
+                    "model": name, "engine": "transformers generate", "weights": "native", "dtype": str(dtype).removeprefix("torch."),
                     "batch": batch, "tokens_per_s": round(rate, 2), "aggregate_tokens_per_s": round(rate * batch, 1),
                     "load_s": round(load_s, 2), "ferry_speedup": round(ferry_rate / rate, 2),
                 })
@@ -201,7 +207,7 @@ def main() -> None:
 
     meta = provenance(device) | {"copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "prompt_len": args.prompt_len,
                                  "new_tokens": args.new_tokens}
-    cols = ["model", "engine", "dtype", "batch", "tokens_per_s", "aggregate_tokens_per_s", "roofline_tokens_per_s",
+    cols = ["model", "engine", "weights", "dtype", "batch", "tokens_per_s", "aggregate_tokens_per_s", "roofline_tokens_per_s",
             "roofline_fraction", "graph_step_ms", "graph_roofline_fraction", "ferry_speedup", "load_s"]
     stem = f"{meta['date']}_decode_{device.type}{args.tag}"
     json_path, md_path = write_results(args.out, stem, meta, rows, cols)

@@ -20,10 +20,11 @@ class LLM:
         show_progress: bool = False,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        weights: str = "native",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress)
+        self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights)
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile)
 

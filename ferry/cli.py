@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ferry: distr
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF checkpoint folder [default: SmolLM2-135M-Instruct]")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N [default: cuda if present]")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 [default: bf16 on GPU, fp32 on CPU]")]
+WeightsOpt = Annotated[str, typer.Option(help="native, or int8 (weight-only, CPU with --dtype bf16)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log which paths ran and timings to stderr")]
 
 
@@ -57,6 +58,7 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")] = False,
+    weights: WeightsOpt = "native",
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -69,7 +71,7 @@ def generate(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
         )
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile, weights=weights)
         if verbose:
             _err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")
@@ -136,6 +138,7 @@ def chat(
     temperature: Annotated[float, typer.Option()] = 0.0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = "native",
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
@@ -146,7 +149,7 @@ def chat(
         from ferry.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights)
         _err(f"ferry: chatting with {llm.model_path.name} on {llm.device}; /exit to quit, /reset to start over")
         history: list[dict[str, str]] = []
         while True:

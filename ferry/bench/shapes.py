@@ -61,8 +61,13 @@ def random_model(
 
 
 def weight_bytes_per_token(model: LlamaForCausalLM) -> int:
-    """Bytes a decode step must read: every parameter once, except the embedding table (one row per token)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    """Bytes a decode step must read: every matmul weight once (int8 ones at a byte each, plus scales) and the
+    norms; not the embedding table, of which a step reads one row per token (a tied table counts as the head)."""
+    total = 0
+    for module in model.modules():
+        int8 = getattr(module, "int8", None)
+        if int8 is not None:
+            total += int8.values.numel() + int8.scales.numel() * int8.scales.element_size()
+        elif module is not model.embed_tokens:
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total

@@ -101,6 +101,12 @@ class LlamaForCausalLM(nn.Module):
         x = self.hidden_states(input_ids, positions, kv_caches, input_ids.shape[1])
         return self.lm_head(self.norm(x)).float()
 
+    def quantize_int8(self) -> None:
+        """Weight-only int8 for every matmul (projections and LM head); norms and embedding stay as loaded."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "quantize_int8"):
+                module.quantize_int8()
+
     def load(self, source: WeightSource, progress=None) -> None:
         """Fill every parameter from `source`; `progress(i, n)` is told after each layer."""
         self.embed_tokens.load(source, "model.embed_tokens")

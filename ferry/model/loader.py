@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from ferry.comm.group import ParallelGroup
-from ferry.errors import ModelNotFoundError
+from ferry.errors import FerryError, ModelNotFoundError
 from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
+from ferry.model.layers.quant import check_int8_supported
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights.gguf_file import GGUFWeights
@@ -68,16 +69,24 @@ def load_model(
     dtype: torch.dtype,
     group: ParallelGroup | None = None,
     show_progress: bool = True,
+    weights: str = "native",
 ) -> LoadedModel:
+    """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight."""
     group = group or ParallelGroup.single()
+    if weights not in ("native", "int8"):
+        raise FerryError(f"unknown weight format {weights!r} (choose native or int8)")
+    if weights == "int8":
+        check_int8_supported(device, dtype)
     started = time.perf_counter()
     resolved = Path(path).expanduser() if path else default_model_path()
     source, config, tokenizer = open_checkpoint(resolved)
     model = build_model(config, device, dtype, group)
     with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
         model.load(source, progress=advance)
+        if weights == "int8":
+            model.quantize_int8()
     seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s) in %.2f s", resolved.name, device, dtype, seconds)
+    log.info("loaded %s (%s, %s, %s weights) in %.2f s", resolved.name, device, dtype, weights, seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
+from ferry.model.layers.linear import QuantizableMatmul
+from ferry.model.layers.quant import quantize_rows_int8
 from ferry.model.layers.shard import shard_range
 from ferry.model.weights.source import WeightSource
 
@@ -31,11 +33,20 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.data.copy_(source.get(f"{name}.weight", dim=0, start=self.vocab_start, stop=self.vocab_stop))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, QuantizableMatmul):
     """Logits over this rank's vocabulary slice, gathered to the full vocabulary."""
 
+    tied = False
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.group.all_gather_last_dim(F.linear(hidden, self.weight))
+        return self.group.all_gather_last_dim(self.matmul(hidden))
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
+
+    def quantize_int8(self) -> None:
+        if self.tied:  # the shared table stays dense for the embedding lookup; the head gets an int8 copy
+            self.int8 = quantize_rows_int8(self.weight.data)
+        else:
+            super().quantize_int8()

@@ -10,11 +10,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
+from ferry.model.layers.quant import Int8Weight, int8_linear, quantize_rows_int8
 from ferry.model.layers.shard import shard_range
 from ferry.model.weights.source import WeightSource
 
 
-class ColumnParallelLinear(nn.Module):
+class QuantizableMatmul(nn.Module):
+    """x W^T with W dense (`weight`) or, after `quantize_int8()`, int8 rows with per-row scales."""
+
+    weight: nn.Parameter
+    int8: Int8Weight | None = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return int8_linear(x, self.int8)
+        return F.linear(x, self.weight)
+
+    def quantize_int8(self) -> None:
+        self.int8 = quantize_rows_int8(self.weight.data)
+        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)  # free the dense copy
+
+
+class ColumnParallelLinear(QuantizableMatmul):
     """y = x W^T with W's output rows made of one or more logical blocks, each split over the group.
 
     `block_sizes` lists the logical outputs fused into one matmul (e.g. gate and up projections), and
@@ -45,7 +62,8 @@ class ColumnParallelLinear(nn.Module):
         return [stop - start for start, stop in self.block_ranges]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = self.matmul(x)
+        return out + self.bias if self.bias is not None else out
 
     def load(self, source: WeightSource, names: list[str]) -> None:
         """Load each logical block's shard from the tensor named for it (names without `.weight`)."""
@@ -58,7 +76,7 @@ class ColumnParallelLinear(nn.Module):
             offset += stop - start
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableMatmul):
     """y = sum over ranks of x_r W_r^T: each rank holds a slice of the input features; one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, group: ParallelGroup, unit: int = 1) -> None:
@@ -71,7 +89,7 @@ class RowParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(x, self.weight))
+        return self.group.all_reduce(self.matmul(x))
 
     def load(self, source: WeightSource, name: str) -> None:
         start, stop = self.in_range
