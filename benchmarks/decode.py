@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also run Ferry with the compiled decode step (CUDA)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled runs")
+    ap.add_argument("--only-compiled", action="store_true", help="with --compile: skip the uncompiled Ferry runs")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--tag", default="", help="suffix for the result file name")
@@ -165,9 +167,9 @@ def main() -> None:
             load_s = time.perf_counter() - t
             step_bytes = weight_bytes_per_token(model)
             roofline = bandwidth / step_bytes
-            variants = [False, True] if args.compile and on_gpu else [False]
+            variants = ([True] if args.only_compiled else [False, True]) if args.compile and on_gpu else [False]
             for batch, compiled in [(b, c) for c in variants for b in batches]:
-                engine = Engine(model, tokenizer, compile=compiled)
+                engine = Engine(model, tokenizer, compile=compiled, compile_mode=args.compile_mode if compiled else None)
                 rate = ferry_decode(engine, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, args.repeats)
                 gpu_ms = graph_step_ms(engine, batch, args.prompt_len + args.new_tokens)
                 rows.append({

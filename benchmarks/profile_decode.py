@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
     cfg = model.config
     cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, torch.bfloat16, device)
     cache.ensure(args.batch, args.context)
-    forward = torch.compile(model, dynamic=False) if args.compile else model
+    forward = torch.compile(model, dynamic=False, mode=args.compile_mode) if args.compile else model
     ids = torch.randint(0, 1000, (args.batch, 1), device=device)
     pos = torch.full((args.batch, 1), args.context // 2, device=device)
     with torch.inference_mode():
@@ -63,7 +64,22 @@ def main() -> None:
             counts[family(evt.key)] += evt.count // 5
     step_us = sum(totals.values())
     floor_us = weight_bytes_per_token(model) / 2.93e12 * 1e6
-    print(f"{args.model} batch {args.batch} compile={args.compile}: kernels sum {step_us:.0f} us/step; "
+    # Time the step as a CUDA graph too: what decode really runs.
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode():
+        with torch.cuda.graph(graph):
+            forward(ids, pos, cache.layers, args.context)
+        times = []
+        for _ in range(30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+    times.sort()
+    print(f"graph replay median {times[len(times) // 2]:.0f} us")
+    print(f"{args.model} batch {args.batch} compile={args.compile} mode={args.compile_mode}: kernels sum {step_us:.0f} us/step; "
           f"weight-read floor at 2.93 TB/s {floor_us:.0f} us")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
         print(f"  {us:8.1f} us  {counts[name]:5d} kernels  {name}")

@@ -20,13 +20,14 @@ class LLM:
         show_progress: bool = False,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        compile_mode: str | None = None,
         weights: str = "native",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights)
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile)
+        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode)
 
     @property
     def model_path(self) -> Path:

@@ -58,6 +58,7 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")] = False,
+    compile_mode: Annotated[Optional[str], typer.Option(help="torch.compile mode, e.g. max-autotune-no-cudagraphs")] = None,
     weights: WeightsOpt = "native",
     verbose: VerboseOpt = False,
 ) -> None:
@@ -71,7 +72,7 @@ def generate(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
         )
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile, weights=weights)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights)
         if verbose:
             _err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")

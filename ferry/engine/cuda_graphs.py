@@ -63,12 +63,16 @@ class _CapturedStep:
 class DecodeGraphs:
     """Captures lazily on first use of a bucket; forgets everything when the cache is reallocated."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, compile: bool = False) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, cache: KVCache, compile: bool = False, compile_mode: str | None = None
+    ) -> None:
         self.cache = cache
         # torch.compile fuses the small elementwise kernels between the matmuls (norms, RoPE, SwiGLU, residual
-        # adds); inside a graph each would still cost GPU time. Shapes are static per bucket.
-        self.forward = torch.compile(model, dynamic=False) if compile else model
-        self.path = "cuda-graph+compile" if compile else "cuda-graph"
+        # adds); inside a graph each would still cost GPU time. Shapes are static per bucket. Mode
+        # "max-autotune-no-cudagraphs" also tunes Triton GEMV-shaped matmuls: on an H100 the Llama-3-8B step
+        # went from 6378 to 5895 us (benchmarks/results/2026-11-28_profile_decode_llama3-8b_h100.txt).
+        self.forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile else model
+        self.path = f"cuda-graph+compile{f'({compile_mode})' if compile_mode else ''}" if compile else "cuda-graph"
         self.graphs: dict[tuple[int, int], _CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
 

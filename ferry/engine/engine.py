@@ -49,6 +49,7 @@ class Engine:
         tokenizer: FerryTokenizer | None,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -59,7 +60,7 @@ class Engine:
             self.config.num_layers, model.kv_heads_per_rank, self.config.head_dim, self.dtype, self.device
         )
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs = DecodeGraphs(model, self.cache, compile=compile) if use_graphs else None
+        self.graphs = DecodeGraphs(model, self.cache, compile=compile, compile_mode=compile_mode) if use_graphs else None
         self.decode_path = self.graphs.path if self.graphs else "eager"
         log.info("engine on %s (%s), decode path: %s", self.device, self.dtype, self.decode_path)
 
