@@ -27,6 +27,8 @@ def family(name: str) -> str:
         return "matmul"
     if "fmha" in n or "attention" in n or "flash" in n:
         return "attention"
+    if "triton_tem" in n or ("triton" in n and "mm" in n):
+        return "matmul (triton template)"
     if "triton" in n:
         return "triton (fused elementwise)"
     return "other: " + name[:60]
