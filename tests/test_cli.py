@@ -66,3 +66,14 @@ def test_unsupported_architecture_is_named(tmp_path):
     out = ferry("generate", "x", "--model", str(tmp_path), "--device", "cpu")
     assert out.returncode == 2
     assert "GPTNeoXForCausalLM" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_repl_answers_and_keeps_history_until_exit():
+    out = subprocess.run(
+        [sys.executable, "-m", "ferry.cli", "chat", "--device", "cpu", "--max-tokens", "24"],
+        input="What is the capital of France?\nAnd of Italy?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if "assistant>" in line]
+    assert len(answers) == 2, out.stdout
+    assert "Paris" in answers[0] and "Rome" in answers[1], out.stdout
