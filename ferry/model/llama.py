@@ -63,6 +63,28 @@ class LlamaForCausalLM(nn.Module):
     def kv_heads_per_rank(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
 
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_len: int,
+        layers: range | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [batch, tokens, hidden] through `layers` (all by default), one KV cache per layer run.
+
+        A split deployment runs a prefix of the layers on one machine and the rest on another.
+        """
+        layers = layers if layers is not None else range(len(self.layers))
+        batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype)
+        for index, kv_cache in zip(layers, kv_caches, strict=True):
+            x = self.layers[index](x, batch, kv_cache)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head, fp32 logits."""
+        return self.lm_head(self.norm(hidden)).float()
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -71,11 +93,7 @@ class LlamaForCausalLM(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden]."""
-        x = self.embed_tokens(input_ids)
-        batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, batch, kv_cache)
-        return x
+        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, kv_len)
 
     def forward(
         self,
@@ -91,15 +109,14 @@ class LlamaForCausalLM(nn.Module):
             last = x[:, -1]
         else:
             last = x[torch.arange(x.shape[0], device=x.device), logits_index]
-        return self.lm_head(self.norm(last)).float()
+        return self.logits(last)
 
     def full_logits(
         self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """fp32 logits for every position of a fresh batch (what references are compared on)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        x = self.hidden_states(input_ids, positions, kv_caches, input_ids.shape[1])
-        return self.lm_head(self.norm(x)).float()
+        return self.logits(self.hidden_states(input_ids, positions, kv_caches, input_ids.shape[1]))
 
     def quantize_int8(self) -> None:
         """Weight-only int8 for every matmul (projections and LM head); norms and embedding stay as loaded."""
