@@ -16,15 +16,22 @@ class KVCache:
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
-    def ensure(self, batch: int, length: int) -> bool:
-        """Grow to hold `batch` sequences of `length` tokens; True when the tensors were reallocated."""
+    def ensure(self, batch: int, length: int, keep: bool = False) -> bool:
+        """Grow to hold `batch` sequences of `length` tokens; True when the tensors were reallocated.
+
+        With `keep`, what the old tensors held is copied over (a session that grows mid-sequence)."""
         if batch <= self.max_batch and length <= self.max_len:
             return False
+        old, (old_b, old_len) = self.layers, (self.max_batch, self.max_len)
         self.max_batch, self.max_len = max(batch, self.max_batch), max(length, self.max_len)
-        self.layers = []  # free the old tensors before allocating the new ones
+        if not keep:
+            self.layers = old = []  # free the old tensors before allocating the new ones
         shape = (self.max_batch, self.max_len, self.kv_heads, self.head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.num_layers)
         ]
+        for (k_new, v_new), (k_old, v_old) in zip(self.layers, old):
+            k_new[:old_b, :old_len].copy_(k_old)
+            v_new[:old_b, :old_len].copy_(v_old)
         return True

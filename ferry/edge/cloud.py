@@ -1,0 +1,200 @@
+"""The cloud side: serves layers K..L-1 and the LM head to many edge sessions, each with its own KV cache.
+
+One gRPC bidirectional stream is one session. The server never trusts a frame: a malformed, truncated or
+out-of-order frame gets an ERROR frame and that stream is closed; other sessions keep running. Limits: frame
+size (enforced by gRPC before Ferry sees the bytes), concurrent sessions, tokens per session, idle time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from ferry.edge.auth import token_matches
+from ferry.edge.codecs import Codec, CodecError
+from ferry.edge.protocol import METHOD, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
+from ferry.engine.kv_cache import KVCache
+from ferry.engine.sampling import Sampler, SamplingParams
+from ferry.errors import FerryError
+from ferry.model.loader import LoadedModel
+
+log = logging.getLogger("ferry.cloud")
+
+
+@dataclass(frozen=True)
+class CloudLimits:
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_sessions: int = 64
+    max_tokens_per_session: int = 8192
+    idle_timeout_s: float = 120.0
+
+
+class _Session:
+    """One edge's state: negotiated codec, KV cache for the cloud's layers, the current request's sampler."""
+
+    def __init__(self, server: CloudServer, session_id: int, codec: Codec) -> None:
+        self.server, self.id, self.codec = server, session_id, codec
+        model = server.loaded.model
+        self.cache = KVCache(
+            len(server.layers), model.kv_heads_per_rank, model.config.head_dim, server.dtype, server.device
+        )
+        self.request: int | None = None
+        self.sampler: Sampler | None = None
+        self.next_position = 0
+
+    def start_request(self, frame: Frame) -> None:
+        try:
+            params = SamplingParams(**{k: v for k, v in frame.meta.get("sampling", {}).items()
+                                       if k in ("temperature", "top_k", "top_p", "seed")})
+        except (TypeError, FerryError) as exc:
+            raise ProtocolError(f"bad sampling parameters: {exc}") from None
+        self.request, self.sampler, self.next_position = frame.request, Sampler(params, self.server.device), 0
+
+    @torch.inference_mode()
+    def hidden(self, frame: Frame) -> Frame:
+        if frame.request != self.request or self.sampler is None:
+            raise ProtocolError(f"HIDDEN for request {frame.request}, but the open request is {self.request}")
+        start, tokens, payload = frame.hidden_fields()
+        limit = self.server.limits.max_tokens_per_session
+        if tokens < 1 or start != self.next_position or start + tokens > limit:
+            raise ProtocolError(
+                f"HIDDEN covers positions [{start}, {start + tokens}); expected to start at {self.next_position}, "
+                f"within the session limit of {limit} tokens"
+            )
+        began = time.perf_counter()
+        config = self.server.loaded.config
+        x = self.codec.decode(payload, tokens, config.hidden_size)
+        x = x.to(self.server.device, self.server.dtype).unsqueeze(0)
+        self.cache.ensure(1, min(limit, max(256, 2 * (start + tokens))), keep=True)
+        positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
+        model = self.server.loaded.model
+        x = model.run_layers(x, positions, self.cache.layers, start + tokens, self.server.layers)
+        token = int(self.sampler(model.logits(x[:, -1]))[0])
+        self.next_position = start + tokens
+        return Frame.token(self.id, frame.request, token, start + tokens - 1, (time.perf_counter() - began) * 1000)
+
+
+class CloudServer:
+    def __init__(self, loaded: LoadedModel, split: int, token: str, limits: CloudLimits | None = None) -> None:
+        layers = loaded.config.num_layers
+        if not 0 < split < layers:
+            raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {split}")
+        self.loaded, self.split, self.token = loaded, split, token
+        self.layers = range(split, layers)
+        self.limits = limits or CloudLimits()
+        self.device = loaded.model.norm.weight.device
+        self.dtype = loaded.model.norm.weight.dtype
+        self.fingerprint = model_fingerprint(loaded.config)
+        self._lock = threading.Lock()
+        self._next_session = 1
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+
+    # --- gRPC plumbing ---------------------------------------------------------------------------------
+
+    def start(self, listen: str) -> int:
+        """Start serving on HOST:PORT (port 0 picks one); returns the bound port."""
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
+        )
+        size = self.limits.max_frame_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.limits.max_sessions + 4, thread_name_prefix="ferry-cloud"),
+            handlers=[handler],
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+            maximum_concurrent_rpcs=self.limits.max_sessions,
+        )
+        port = self._server.add_insecure_port(listen)
+        if port == 0:
+            raise FerryError(f"cannot listen on {listen!r}")
+        self._server.start()
+        self.port = port
+        log.info("cloud serving layers %d..%d on port %d", self.split, self.layers[-1], port)
+        return port
+
+    def wait(self) -> None:
+        assert self._server is not None
+        self._server.wait_for_termination()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 5)
+
+    def _session(self, request_iterator, context: grpc.ServicerContext):
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        if not token_matches(auth.removeprefix("Bearer "), self.token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared token")
+        watchdog = _IdleWatchdog(context, self.limits.idle_timeout_s)
+        session: _Session | None = None
+        try:
+            for raw in request_iterator:
+                watchdog.touch()
+                try:
+                    frame = Frame.decode(raw)
+                    if session is None:
+                        session, reply = self._hello(frame)
+                        yield reply.encode()
+                    elif frame.kind == Kind.REQUEST:
+                        session.start_request(frame)
+                    elif frame.kind == Kind.HIDDEN:
+                        yield session.hidden(frame).encode()
+                    elif frame.kind == Kind.END:
+                        session.request = None
+                    else:
+                        raise ProtocolError(f"unexpected {frame.kind.name} frame")
+                except (ProtocolError, CodecError) as exc:
+                    log.warning("closing session %s: %s", session.id if session else "?", exc)
+                    yield Frame.error(str(exc), session.id if session else 0).encode()
+                    return
+        finally:
+            watchdog.stop()
+
+    def _hello(self, frame: Frame) -> tuple[_Session, Frame]:
+        if frame.kind != Kind.HELLO:
+            raise ProtocolError(f"a session must start with HELLO, got {frame.kind.name}")
+        meta = frame.meta
+        if meta.get("model") != self.fingerprint:
+            raise ProtocolError(f"model mismatch: edge has {meta.get('model')}, cloud has {self.fingerprint}")
+        if meta.get("split") != self.split:
+            raise ProtocolError(f"split mismatch: edge runs layers 0..{meta.get('split')}, cloud starts at {self.split}")
+        try:
+            codec = Codec.parse(str(meta.get("codec", "")))
+        except CodecError as exc:
+            raise ProtocolError(str(exc)) from None
+        with self._lock:
+            session_id, self._next_session = self._next_session, self._next_session + 1
+        welcome = Frame(Kind.WELCOME, session_id, meta={
+            "codec": codec.name, "max_tokens_per_session": self.limits.max_tokens_per_session,
+            "max_frame_bytes": self.limits.max_frame_bytes,
+        })
+        return _Session(self, session_id, codec), welcome
+
+
+class _IdleWatchdog:
+    """Cancels a stream that sends nothing for `timeout` seconds, so an idle edge cannot hold a worker forever."""
+
+    def __init__(self, context: grpc.ServicerContext, timeout: float) -> None:
+        self.context, self.timeout = context, timeout
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout)):
+            if time.monotonic() - self.last > self.timeout:
+                log.warning("cancelling a session idle for %.0f s", self.timeout)
+                self.context.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,269 @@
+"""The edge side: keeps the text and layers 0..K-1, sends hidden states to the cloud, gets tokens back.
+
+Every wait has a timeout. When the link breaks, the edge reconnects (to the same or the next address) and
+resumes by replaying its token history in one HIDDEN frame, which rebuilds the new cloud session's KV cache;
+with `fallback="local"` it instead finishes the answer on its own copy of the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+import torch
+
+from ferry.edge.codecs import Codec
+from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint
+from ferry.engine.engine import Completion, Engine
+from ferry.engine.kv_cache import KVCache
+from ferry.engine.sampling import SamplingParams
+from ferry.engine.sequence import Sequence
+from ferry.errors import FerryError
+from ferry.model.loader import LoadedModel
+
+log = logging.getLogger("ferry.edge")
+_CLOSED = object()
+
+
+class LinkError(FerryError):
+    """The cloud could not be reached, refused us, or stopped answering."""
+
+
+@dataclass
+class LinkStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    round_trips: int = 0
+    wait_s: float = 0.0  # time blocked on the cloud's replies
+    cloud_compute_s: float = 0.0  # what the cloud reported spending on them
+    reconnects: int = 0
+    fallback_tokens: int = 0  # tokens finished locally after the link broke
+
+    @property
+    def link_s(self) -> float:
+        return max(0.0, self.wait_s - self.cloud_compute_s)
+
+    def as_dict(self, tokens: int, total_s: float) -> dict:
+        out = asdict(self)
+        per = max(tokens, 1)
+        out |= {
+            "bytes_sent_per_token": round(self.bytes_sent / per, 1),
+            "bytes_received_per_token": round(self.bytes_received / per, 1),
+            "link_s": round(self.link_s, 4),
+            "link_time_share": round(self.link_s / total_s, 3) if total_s > 0 else 0.0,
+        }
+        return out
+
+
+class _Link:
+    """One gRPC stream to one cloud address: frames out through a queue, frames in through a reader thread."""
+
+    def __init__(self, target: str, token: str, max_frame_bytes: int, timeout_s: float) -> None:
+        self.target, self.timeout_s = target, timeout_s
+        options = [("grpc.max_receive_message_length", max_frame_bytes), ("grpc.max_send_message_length", max_frame_bytes)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.outgoing: queue.Queue = queue.Queue()
+        self.incoming: queue.Queue = queue.Queue()
+        call = self.channel.stream_stream(METHOD)
+        self.call = call(iter(self.outgoing.get, _CLOSED), metadata=[("authorization", f"Bearer {token}")])
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self.call:
+                self.incoming.put(raw)
+            self.incoming.put(LinkError(f"cloud at {self.target} closed the session"))
+        except grpc.RpcError as exc:
+            self.incoming.put(LinkError(f"cloud at {self.target}: {exc.code().name}: {exc.details()}"))
+
+    def send(self, data: bytes) -> None:
+        self.outgoing.put(data)
+
+    def receive(self) -> bytes:
+        try:
+            item = self.incoming.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise LinkError(f"cloud at {self.target} did not answer within {self.timeout_s:.0f} s") from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.outgoing.put(_CLOSED)
+        self.call.cancel()
+        self.channel.close()
+
+
+class EdgeClient:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        clouds: list[str],
+        split: int,
+        token: str,
+        codec: str = "fp32",
+        timeout_s: float = 30.0,
+        reconnects: int = 2,
+        fallback: str | None = None,
+        max_frame_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        layers = loaded.config.num_layers
+        if not 0 < split < layers:
+            raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {split}")
+        if fallback not in (None, "local"):
+            raise FerryError(f"unknown fallback {fallback!r} (only 'local')")
+        self.loaded, self.clouds, self.split, self.token = loaded, clouds, split, token
+        self.codec = Codec.parse(codec)
+        self.timeout_s, self.reconnects, self.fallback = timeout_s, reconnects, fallback
+        self.max_frame_bytes = max_frame_bytes
+        model = loaded.model
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
+        self.cache = KVCache(split, model.kv_heads_per_rank, loaded.config.head_dim, self.dtype, self.device)
+        self.link: _Link | None = None
+        self.session = 0
+        self._next_request = 1
+
+    # --- connection -------------------------------------------------------------------------------------
+
+    def connect(self, attempt: int = 0) -> None:
+        target = self.clouds[attempt % len(self.clouds)]
+        self.close()
+        self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s)
+        hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
+                                         "codec": self.codec.name})
+        self.link.send(hello.encode())
+        reply = self._frame(self.link.receive())
+        if reply.kind != Kind.WELCOME:
+            raise LinkError(f"cloud at {target} answered HELLO with {reply.kind.name}")
+        self.session = reply.session
+        log.info("session %d with %s (codec %s, split %d)", self.session, target, self.codec.name, self.split)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    @staticmethod
+    def _frame(raw: bytes) -> Frame:
+        frame = Frame.decode(raw)
+        if frame.kind == Kind.ERROR:
+            raise LinkError(f"cloud refused: {frame.meta.get('error', 'unknown error')}")
+        return frame
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _local_hidden(self, ids: list[int], start: int) -> torch.Tensor:
+        """Layers 0..K-1 over tokens at positions [start, start + len(ids)); returns [tokens, hidden]."""
+        self.cache.ensure(1, max(256, 2 * (start + len(ids))), keep=True)
+        model = self.loaded.model
+        x = model.embed_tokens(torch.tensor([ids], device=self.device))
+        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
+        return model.run_layers(x, positions, self.cache.layers, start + len(ids), range(self.split))[0]
+
+    def _step(self, request: int, hidden: torch.Tensor, start: int, stats: LinkStats, prelude: list[bytes]) -> int:
+        assert self.link is not None
+        frames = [*prelude, Frame.hidden(self.session, request, start, hidden.shape[0], self.codec.encode(hidden)).encode()]
+        began = time.perf_counter()
+        for data in frames:
+            stats.bytes_sent += len(data)
+            self.link.send(data)
+        raw = self.link.receive()
+        stats.wait_s += time.perf_counter() - began
+        stats.bytes_received += len(raw)
+        stats.round_trips += 1
+        reply = self._frame(raw)
+        if reply.kind != Kind.TOKEN or reply.request != request:
+            raise ProtocolError(f"expected TOKEN for request {request}, got {reply.kind.name} for {reply.request}")
+        token, _position, cloud_ms = reply.token_fields()
+        stats.cloud_compute_s += cloud_ms / 1000
+        return token
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, on_token=None) -> tuple[Completion, LinkStats]:
+        config = self.loaded.config
+        if not prompt_ids:
+            raise FerryError("empty prompt")
+        if len(prompt_ids) + params.max_tokens > config.max_context:
+            raise FerryError(f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} exceeds the "
+                             f"context of {config.max_context}")
+        stats, seq = LinkStats(), Sequence(list(prompt_ids))
+        eos = frozenset() if params.ignore_eos else frozenset(self.loaded.tokenizer.eos_token_ids)
+        started = time.perf_counter()
+        if self.link is None:
+            try:
+                self.connect()
+            except (LinkError, ProtocolError):
+                if self.fallback != "local":
+                    raise
+                return self._finish_locally(seq, params, stats, started, on_token)
+        request = self._next_request
+        self._next_request += 1
+        sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed}
+        prelude = [Frame(Kind.REQUEST, self.session, request, meta={"sampling": sampling}).encode()]
+        pending_ids, start = list(prompt_ids), 0
+        attempt = 0
+        while not seq.finished:
+            hidden = self._local_hidden(pending_ids, start)
+            try:
+                token = self._step(request, hidden, start, stats, prelude)
+            except (LinkError, ProtocolError) as exc:
+                attempt += 1
+                log.warning("link failed (%s)", exc)
+                if attempt > self.reconnects:
+                    if self.fallback == "local":
+                        return self._finish_locally(seq, params, stats, started, on_token)
+                    raise LinkError(f"{exc}; gave up after {self.reconnects} reconnect(s)") from None
+                # Resume on a fresh session: replay the whole history so the cloud rebuilds its KV cache.
+                stats.reconnects += 1
+                try:
+                    self.connect(attempt)
+                except (LinkError, ProtocolError) as again:
+                    log.warning("reconnect failed (%s)", again)
+                    continue
+                request = self._next_request
+                self._next_request += 1
+                history = seq.prompt_ids + seq.output_ids
+                self.cache.ensure(1, max(256, 2 * len(history)), keep=True)
+                prelude = [Frame(Kind.REQUEST, self.session, request, meta={"sampling": sampling}).encode()]
+                pending_ids, start = history, 0
+                continue
+            prelude = []
+            delta = seq.append(token, self.loaded.tokenizer, eos, params.stop, params.max_tokens)
+            if on_token:
+                on_token(token, delta)
+            pending_ids, start = [token], len(seq.prompt_ids) + len(seq.output_ids) - 1
+        if self.link is not None:
+            self.link.send(Frame(Kind.END, self.session, request).encode())
+        return self._completion(seq, started), stats
+
+    def _finish_locally(self, seq: Sequence, params: SamplingParams, stats: LinkStats, started: float, on_token):
+        log.warning("finishing the answer locally (%d tokens so far)", len(seq.output_ids))
+        self.close()
+        engine = Engine(self.loaded.model, self.loaded.tokenizer, cuda_graphs=False)
+        remaining = params.max_tokens - len(seq.output_ids)
+        history = seq.prompt_ids + seq.output_ids
+        eos = frozenset() if params.ignore_eos else frozenset(self.loaded.tokenizer.eos_token_ids)
+        local = SamplingParams(**{**params.__dict__, "max_tokens": remaining})
+        for event in engine.stream([history], local):
+            stats.fallback_tokens += 1
+            delta = seq.append(event.token_id, self.loaded.tokenizer, eos, params.stop, params.max_tokens)
+            if on_token:
+                on_token(event.token_id, delta)
+            if seq.finished:
+                break
+        return self._completion(seq, started), stats
+
+    @staticmethod
+    def _completion(seq: Sequence, started: float) -> Completion:
+        first, last = seq.first_token_time or started, seq.last_token_time or started
+        n = len(seq.output_ids)
+        return Completion(
+            prompt_token_ids=seq.prompt_ids, token_ids=seq.output_ids, text=seq.text,
+            finish_reason=seq.finish_reason or "length", ttft_s=first - started,
+            tokens_per_s=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
+        )
