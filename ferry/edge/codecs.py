@@ -79,23 +79,31 @@ def _compress(compressor: str | None, payload: bytes) -> bytes:
 
 
 def _decompress(compressor: str | None, data: bytes, limit: int) -> bytes:
+    """Inflate one whole compressed frame: trailing bytes, a cut frame or an oversized output are errors."""
+    if compressor is None:
+        return data
     try:
         if compressor == "zstd":
             import zstandard
 
-            return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-        if compressor == "lz4":
+            # Check the declared size first, so a small frame cannot inflate into gigabytes.
+            declared = zstandard.frame_content_size(data)
+            if declared < 0 or declared > limit:
+                raise CodecError(f"zstd frame declares {declared} bytes (limit {limit})")
+            inflater = zstandard.ZstdDecompressor().decompressobj()
+            out = inflater.decompress(data)
+        else:
             import lz4.frame
 
-            out = lz4.frame.decompress(data)
-            if len(out) > limit:
-                raise CodecError("lz4 payload larger than the tensor it claims to be")
-            return out
+            inflater = lz4.frame.LZ4FrameDecompressor()
+            out = inflater.decompress(data, max_length=limit + 1)
     except CodecError:
         raise
     except Exception as exc:  # zstandard / lz4 raise their own error types on corrupt input
         raise CodecError(f"{compressor}: corrupt compressed payload ({exc})") from None
-    return data
+    if not inflater.eof or inflater.unused_data or len(out) > limit:
+        raise CodecError(f"{compressor}: payload is not exactly one compressed frame of the expected size")
+    return out
 
 
 def _exact(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:

@@ -42,12 +42,14 @@ class LinkStats:
     cloud_compute_s: float = 0.0  # what the cloud reported spending on them
     reconnects: int = 0
     fallback_tokens: int = 0  # tokens finished locally after the link broke
+    total_s: float = 0.0  # the whole request, as the edge saw it
 
     @property
     def link_s(self) -> float:
         return max(0.0, self.wait_s - self.cloud_compute_s)
 
-    def as_dict(self, tokens: int, total_s: float) -> dict:
+    def as_dict(self, tokens: int) -> dict:
+        total_s = self.total_s
         out = asdict(self)
         per = max(tokens, 1)
         out |= {
@@ -239,7 +241,7 @@ class EdgeClient:
             pending_ids, start = [token], len(seq.prompt_ids) + len(seq.output_ids) - 1
         if self.link is not None:
             self.link.send(Frame(Kind.END, self.session, request).encode())
-        return self._completion(seq, started), stats
+        return self._completion(seq, started, stats), stats
 
     def _finish_locally(self, seq: Sequence, params: SamplingParams, stats: LinkStats, started: float, on_token):
         log.warning("finishing the answer locally (%d tokens so far)", len(seq.output_ids))
@@ -256,10 +258,11 @@ class EdgeClient:
                 on_token(event.token_id, delta)
             if seq.finished:
                 break
-        return self._completion(seq, started), stats
+        return self._completion(seq, started, stats), stats
 
     @staticmethod
-    def _completion(seq: Sequence, started: float) -> Completion:
+    def _completion(seq: Sequence, started: float, stats: LinkStats) -> Completion:
+        stats.total_s = time.perf_counter() - started
         first, last = seq.first_token_time or started, seq.last_token_time or started
         n = len(seq.output_ids)
         return Completion(

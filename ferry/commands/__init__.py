@@ -1,0 +1,97 @@
+"""The `ferry` command's app and what its subcommands share: options, error handling, output.
+
+User mistakes (FerryError) print one line and exit 2; nothing else is caught."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ferry.errors import FerryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ferry: distributed LLM inference.")
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF checkpoint folder [default: SmolLM2-135M-Instruct]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N [default: cuda if present]")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 [default: bf16 on GPU, fp32 on CPU]")]
+WeightsOpt = Annotated[str, typer.Option(help="native, or int8 (weight-only, CPU with --dtype bf16)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log which paths ran and timings to stderr")]
+
+
+def err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="ferry: %(name)s: %(message)s"
+    )
+
+
+def run_guarded(fn) -> None:
+    try:
+        fn()
+    except FerryError as exc:
+        err(f"ferry: error: {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err("ferry: interrupted")
+        raise typer.Exit(130) from None
+
+
+MaxTokensOpt = Annotated[int, typer.Option(help="tokens to generate per prompt at most")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy")]
+TopPOpt = Annotated[float, typer.Option()]
+TopKOpt = Annotated[int, typer.Option(help="0 = off")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="same seed, same text")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="wrap each prompt in the model's chat template")]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")]
+
+
+def completion_json(prompt: str, c, **extra) -> dict:
+    return {
+        "prompt": prompt,
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "ttft_s": round(c.ttft_s, 6),
+        "tokens_per_s": round(c.tokens_per_s, 3),
+        **extra,
+    }
+
+
+def summary_line(completions) -> str:
+    total = sum(len(c.token_ids) for c in completions)
+    ttft = max(c.ttft_s for c in completions)
+    rate = sum(c.tokens_per_s for c in completions)
+    return f"ferry: {total} tokens generated, time to first token {ttft * 1000:.0f} ms, {rate:.1f} tokens/s"
+
+
+class StreamPrinter:
+    """Prints token text as it arrives; with several prompts, each run of text is tagged with its prompt."""
+
+    def __init__(self, out, count: int) -> None:
+        self.out, self.count, self.current = out, count, None
+
+    def write(self, index: int, text: str) -> None:
+        if not text:
+            return
+        if self.count > 1 and index != self.current:
+            self.out.write(("\n" if self.current is not None else "") + f"[{index}] ")
+            self.current = index
+        self.out.write(text)
+        self.out.flush()
+
+    def __call__(self, event) -> None:
+        self.write(event.index, event.text)
+
+    def close(self) -> None:
+        self.out.write("\n")
+        self.out.flush()

@@ -1,0 +1,188 @@
+"""`ferry cloud`, `ferry edge`, `ferry linkem`: one model split over a network link."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ferry.commands import (
+    ChatOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    SeedOpt,
+    StopOpt,
+    StreamOpt,
+    StreamPrinter,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    app,
+    completion_json,
+    err,
+    run_guarded,
+    setup_logging,
+    summary_line,
+)
+
+SplitOpt = Annotated[int, typer.Option("--split", help="the edge runs layers 0..K-1, the cloud K..L-1 and the head")]
+TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
+
+
+def _wait_for_signal(stop) -> None:
+    """Block until SIGINT/SIGTERM, then call `stop` (so the server shuts down cleanly, leaving no threads)."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()
+
+
+@app.command()
+def cloud(
+    split: SplitOpt,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on")] = "127.0.0.1:7070",
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    token_file: TokenFileOpt = None,
+    max_sessions: Annotated[int, typer.Option(help="concurrent edge sessions at most")] = 64,
+    max_tokens_per_session: Annotated[int, typer.Option(help="positions a session may reach")] = 8192,
+    max_frame_mb: Annotated[float, typer.Option(help="largest frame accepted, MiB")] = 16.0,
+    idle_timeout: Annotated[float, typer.Option(help="seconds before an idle session is closed")] = 120.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve layers K..L-1 and the LM head to edge sessions (Ctrl-C or SIGTERM to stop)."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.device import resolve_device, resolve_dtype
+        from ferry.edge.auth import load_token
+        from ferry.edge.cloud import CloudLimits, CloudServer
+        from ferry.model.loader import load_model
+
+        token = load_token(token_file)
+        dev = resolve_device(device)
+        loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
+        limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
+        server = CloudServer(loaded, split, token, limits)
+        port = server.start(listen)
+        err(f"ferry: cloud serving layers {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
+            f"on {listen.rpartition(':')[0]}:{port}")
+        _wait_for_signal(server.stop)
+
+    run_guarded(run)
+
+
+@app.command()
+def edge(
+    prompts: Annotated[list[str], typer.Argument(help="prompts, answered one after another")],
+    split: SplitOpt,
+    cloud: Annotated[str, typer.Option("--cloud", help="HOST:PORT of the cloud (comma list: tried in turn)")],
+    codec: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, each optionally +zstd or +lz4")] = "fp32",
+    model: ModelOpt = None,
+    max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    chat: ChatOpt = False,
+    stream: StreamOpt = False,
+    as_json: JsonOpt = False,
+    token_file: TokenFileOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for any reply")] = 30.0,
+    reconnects: Annotated[int, typer.Option(help="reconnect attempts (replaying the history) before giving up")] = 2,
+    fallback: Annotated[Optional[str], typer.Option(help="'local': finish on the edge's own model if the link is lost")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run layers 0..K-1 here and the rest on a `ferry cloud`; hidden states cross the link, tokens come back."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.device import resolve_device, resolve_dtype
+        from ferry.edge.auth import load_token
+        from ferry.edge.edge import EdgeClient
+        from ferry.engine.sampling import SamplingParams
+        from ferry.model.loader import load_model
+
+        token = load_token(token_file)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
+        )
+        dev = resolve_device(device)
+        loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
+        client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()], split, token, codec=codec,
+                            timeout_s=timeout, reconnects=reconnects, fallback=fallback)
+        out = sys.stderr if as_json else sys.stdout
+        printer = StreamPrinter(out, len(prompts)) if stream else None
+        results = []
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = loaded.tokenizer.encode_chat(prompt) if chat else loaded.tokenizer.encode(prompt)
+                on_token = (lambda _tok, text, i=i: printer.write(i, text)) if printer else None
+                results.append(client.generate(ids, params, on_token=on_token))
+        finally:
+            client.close()
+        if printer:
+            printer.close()
+        completions = [c for c, _ in results]
+        if as_json:
+            doc = {
+                "model": str(loaded.path), "device": str(dev), "dtype": str(loaded.model.norm.weight.dtype).removeprefix("torch."),
+                "split": split, "codec": client.codec.name,
+                "completions": [
+                    completion_json(p, c, link=stats.as_dict(len(c.token_ids)))
+                    for p, (c, stats) in zip(prompts, results, strict=True)
+                ],
+            }
+            print(json.dumps(doc), flush=True)
+            return
+        if not stream:
+            for i, c in enumerate(completions):
+                print(f"[{i}] {c.text}" if len(completions) > 1 else c.text, flush=True)
+        sent = sum(s.bytes_sent for _, s in results)
+        tokens = sum(len(c.token_ids) for c in completions)
+        err(f"{summary_line(completions)}; link: {sent / max(tokens, 1):.0f} bytes sent per token, "
+            f"{sum(s.round_trips for _, s in results)} round trips")
+
+    run_guarded(run)
+
+
+@app.command()
+def linkem(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to accept on")],
+    to: Annotated[str, typer.Option("--to", help="HOST:PORT to forward to")],
+    rtt: Annotated[str, typer.Option(help="round-trip time added, e.g. 50ms")] = "0ms",
+    jitter: Annotated[str, typer.Option(help="+- per-chunk one-way jitter, e.g. 5ms")] = "0ms",
+    rate: Annotated[Optional[str], typer.Option(help="bandwidth cap per direction, e.g. 20mbit")] = None,
+    reset_prob: Annotated[float, typer.Option(help="probability per chunk of resetting the connection")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Emulate a slow link: a TCP proxy adding delay, jitter, a bandwidth cap and resets."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.edge.linkem import LinkEmulator, LinkProfile, parse_address, parse_duration, parse_rate
+
+        profile = LinkProfile(parse_duration(rtt), parse_duration(jitter), parse_rate(rate) if rate else 0.0,
+                              reset_prob, seed)
+        emulator = LinkEmulator(parse_address(listen), parse_address(to), profile)
+        port = emulator.start_in_thread()
+        err(f"ferry: link emulator {listen.rpartition(':')[0]}:{port} -> {to} "
+            f"(rtt {rtt}, jitter {jitter}, rate {rate or 'unlimited'}, reset_prob {reset_prob})")
+        _wait_for_signal(emulator.stop)
+
+    run_guarded(run)
