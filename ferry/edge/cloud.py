@@ -18,7 +18,7 @@ import torch
 
 from ferry.edge.auth import token_matches
 from ferry.edge.codecs import Codec, CodecError
-from ferry.edge.protocol import METHOD, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
+from ferry.edge.protocol import FLAG_NO_REPLY, METHOD, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import Sampler, SamplingParams
 from ferry.errors import FerryError
@@ -57,7 +57,7 @@ class _Session:
         self.request, self.sampler, self.next_position = frame.request, Sampler(params, self.server.device), 0
 
     @torch.inference_mode()
-    def hidden(self, frame: Frame) -> Frame:
+    def hidden(self, frame: Frame) -> Frame | None:
         if frame.request != self.request or self.sampler is None:
             raise ProtocolError(f"HIDDEN for request {frame.request}, but the open request is {self.request}")
         start, tokens, payload = frame.hidden_fields()
@@ -75,8 +75,10 @@ class _Session:
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
         x = model.run_layers(x, positions, self.cache.layers, start + tokens, self.server.layers)
-        token = int(self.sampler(model.logits(x[:, -1]))[0])
         self.next_position = start + tokens
+        if frame.flags & FLAG_NO_REPLY:
+            return None
+        token = int(self.sampler(model.logits(x[:, -1]))[0])
         return Frame.token(self.id, frame.request, token, start + tokens - 1, (time.perf_counter() - began) * 1000)
 
 
@@ -143,7 +145,8 @@ class CloudServer:
                     elif frame.kind == Kind.REQUEST:
                         session.start_request(frame)
                     elif frame.kind == Kind.HIDDEN:
-                        yield session.hidden(frame).encode()
+                        if (reply := session.hidden(frame)) is not None:
+                            yield reply.encode()
                     elif frame.kind == Kind.END:
                         session.request = None
                     else:

@@ -128,6 +128,7 @@ class EdgeClient:
         self.cache = KVCache(split, model.kv_heads_per_rank, loaded.config.head_dim, self.dtype, self.device)
         self.link: _Link | None = None
         self.session = 0
+        self.tokens_per_frame = 1
         self._next_request = 1
 
     # --- connection -------------------------------------------------------------------------------------
@@ -143,6 +144,9 @@ class EdgeClient:
         if reply.kind != Kind.WELCOME:
             raise LinkError(f"cloud at {target} answered HELLO with {reply.kind.name}")
         self.session = reply.session
+        # Prefill is cut into frames that fit the cloud's limit (sized for fp32, the largest codec).
+        limit = int(reply.meta.get("max_frame_bytes", self.max_frame_bytes))
+        self.tokens_per_frame = max(1, (min(limit, self.max_frame_bytes) - 4096) // (4 * self.loaded.config.hidden_size + 64))
         log.info("session %d with %s (codec %s, split %d)", self.session, target, self.codec.name, self.split)
 
     def close(self) -> None:
@@ -169,8 +173,14 @@ class EdgeClient:
         return model.run_layers(x, positions, self.cache.layers, start + len(ids), range(self.split))[0]
 
     def _step(self, request: int, hidden: torch.Tensor, start: int, stats: LinkStats, prelude: list[bytes]) -> int:
+        """Send `hidden` (positions start..) in frames that fit the limit; wait for the token after the last."""
         assert self.link is not None
-        frames = [*prelude, Frame.hidden(self.session, request, start, hidden.shape[0], self.codec.encode(hidden)).encode()]
+        frames = list(prelude)
+        for offset in range(0, hidden.shape[0], self.tokens_per_frame):
+            chunk = hidden[offset : offset + self.tokens_per_frame]
+            last = offset + chunk.shape[0] == hidden.shape[0]
+            frames.append(Frame.hidden(self.session, request, start + offset, chunk.shape[0],
+                                       self.codec.encode(chunk), reply=last).encode())
         began = time.perf_counter()
         for data in frames:
             stats.bytes_sent += len(data)

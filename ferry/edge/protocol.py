@@ -25,6 +25,7 @@ HEADER = struct.Struct("<4sBBHQQII")
 HIDDEN_FIELDS = struct.Struct("<II")  # start position, tokens
 TOKEN_FIELDS = struct.Struct("<iIf")  # token id, position it was sampled for, cloud compute ms
 MAX_META_BYTES = 64 * 1024
+FLAG_NO_REPLY = 1  # HIDDEN: a prefill chunk that is not the last; the cloud caches it and answers nothing
 
 SERVICE = "ferry.edge.v1.Link"
 METHOD = f"/{SERVICE}/Session"
@@ -51,16 +52,18 @@ class Frame:
     request: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     body: bytes = b""
+    flags: int = 0
 
     def encode(self) -> bytes:
         meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
-        return HEADER.pack(MAGIC, VERSION, self.kind, 0, self.session, self.request, len(meta), len(self.body)) + meta + self.body
+        header = HEADER.pack(MAGIC, VERSION, self.kind, self.flags, self.session, self.request, len(meta), len(self.body))
+        return header + meta + self.body
 
     @classmethod
     def decode(cls, data: bytes) -> Frame:
         if len(data) < HEADER.size:
             raise ProtocolError(f"frame of {len(data)} bytes is shorter than the {HEADER.size}-byte header")
-        magic, version, kind, _flags, session, request, meta_len, body_len = HEADER.unpack_from(data)
+        magic, version, kind, flags, session, request, meta_len, body_len = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise ProtocolError("not a Ferry frame (bad magic)")
         if version != VERSION:
@@ -79,13 +82,14 @@ class Frame:
                 raise ProtocolError(f"frame metadata is not JSON ({exc})") from None
             if not isinstance(meta, dict):
                 raise ProtocolError("frame metadata must be a JSON object")
-        return cls(kind, session, request, meta, bytes(data[HEADER.size + meta_len :]))
+        return cls(kind, session, request, meta, bytes(data[HEADER.size + meta_len :]), flags)
 
     # --- typed helpers for the binary frames ---------------------------------------------------------
 
     @classmethod
-    def hidden(cls, session: int, request: int, start: int, tokens: int, payload: bytes) -> Frame:
-        return cls(Kind.HIDDEN, session, request, body=HIDDEN_FIELDS.pack(start, tokens) + payload)
+    def hidden(cls, session: int, request: int, start: int, tokens: int, payload: bytes, reply: bool = True) -> Frame:
+        return cls(Kind.HIDDEN, session, request, body=HIDDEN_FIELDS.pack(start, tokens) + payload,
+                   flags=0 if reply else FLAG_NO_REPLY)
 
     def hidden_fields(self) -> tuple[int, int, bytes]:
         if len(self.body) < HIDDEN_FIELDS.size:

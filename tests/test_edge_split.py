@@ -1,0 +1,210 @@
+"""Split inference on loopback: exact tokens for several split points, isolation between sessions, auth,
+hostile frames, and what the edge does when the cloud dies (error, reconnect + replay, local fallback)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import grpc
+import pytest
+
+from ferry.edge.cloud import CloudLimits, CloudServer
+from ferry.edge.edge import EdgeClient, LinkError
+from ferry.edge.linkem import LinkEmulator, LinkProfile
+from ferry.edge.protocol import METHOD, Frame, Kind, model_fingerprint
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+
+TOKEN = "test-token-" + os.urandom(4).hex()
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+PROMPTS = ["What is the capital of France?", "Write a short poem about rivers.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(ferry_smollm) -> list[list[int]]:
+    return [ferry_smollm.tokenizer.encode_chat(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(ferry_smollm, prompt_ids) -> list[list[int]]:
+    """What `ferry generate` produces for the same prompts (one by one, greedy)."""
+    engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
+    return [engine.generate([ids], GREEDY)[0].token_ids for ids in prompt_ids]
+
+
+@pytest.fixture
+def cloud_factory(ferry_smollm):
+    servers = []
+
+    def start(split: int, **limits) -> CloudServer:
+        server = CloudServer(ferry_smollm, split, TOKEN, CloudLimits(**limits) if limits else None)
+        server.start("127.0.0.1:0")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def _edge(loaded, server_or_targets, split, **kw) -> EdgeClient:
+    targets = server_or_targets if isinstance(server_or_targets, list) else [f"127.0.0.1:{server_or_targets.port}"]
+    return EdgeClient(loaded, targets, split, kw.pop("token", TOKEN), timeout_s=kw.pop("timeout_s", 20), **kw)
+
+
+@pytest.mark.parametrize("split", [1, 15, 29])
+def test_fp32_split_gives_exactly_the_tokens_of_local_generation(ferry_smollm, cloud_factory, prompt_ids, reference, split):
+    client = _edge(ferry_smollm, cloud_factory(split), split, codec="fp32")
+    try:
+        got = [client.generate(ids, GREEDY)[0].token_ids for ids in prompt_ids]
+    finally:
+        client.close()
+    assert got == reference
+
+
+def test_two_edges_at_once_do_not_disturb_each_other(ferry_smollm, cloud_factory, prompt_ids, reference):
+    server = cloud_factory(10)
+    results: dict[int, list[int]] = {}
+    errors = []
+
+    def run(i: int) -> None:
+        client = _edge(ferry_smollm, server, 10)
+        try:
+            results[i] = client.generate(prompt_ids[i], GREEDY)[0].token_ids
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert results == {0: reference[0], 1: reference[1]}
+
+
+def test_int8_codec_keeps_greedy_tokens_and_reports_link_figures(ferry_smollm, cloud_factory, prompt_ids, reference):
+    client = _edge(ferry_smollm, cloud_factory(15), 15, codec="int8")
+    try:
+        completion, stats = client.generate(prompt_ids[0], GREEDY)
+    finally:
+        client.close()
+    assert completion.token_ids == reference[0]
+    figures = stats.as_dict(len(completion.token_ids))
+    assert figures["round_trips"] == GREEDY.max_tokens
+    assert 0 < figures["bytes_sent_per_token"] and 0 <= figures["link_time_share"] <= 1
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_cloud_refuses_a_missing_or_wrong_token(ferry_smollm, cloud_factory, prompt_ids, token):
+    server = cloud_factory(5)
+    client = _edge(ferry_smollm, server, 5, token=token or "")
+    with pytest.raises(LinkError, match="UNAUTHENTICATED"):
+        client.generate(prompt_ids[0], GREEDY)
+    client.close()
+
+
+def _raw_session(port: int, frames: list[bytes], token: str = TOKEN) -> list[bytes]:
+    """Send raw byte frames on one stream; return what came back (stops at the stream's end)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(METHOD)(iter(frames), metadata=[("authorization", f"Bearer {token}")], timeout=10)
+        try:
+            return list(call)
+        except grpc.RpcError as exc:
+            return [exc.code()]
+
+
+def test_hundreds_of_hostile_frames_do_not_crash_the_cloud(ferry_smollm, cloud_factory, prompt_ids, reference):
+    server = cloud_factory(8, max_frame_bytes=64 * 1024)
+    rng = random.Random(7)
+    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(ferry_smollm.config), "split": 8, "codec": "fp32"}).encode()
+    valid_hidden = Frame.hidden(1, 1, 0, 2, b"\x00" * 10).encode()
+    hostile = []
+    for i in range(300):
+        kind = i % 6
+        if kind == 0:
+            hostile.append([bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))])  # garbage
+        elif kind == 1:
+            hostile.append([hello[: rng.randrange(1, len(hello))]])  # truncated HELLO
+        elif kind == 2:
+            hostile.append([b"\x00" * (64 * 1024 + 1)])  # oversized: refused by the transport
+        elif kind == 3:
+            hostile.append([hello, valid_hidden])  # HIDDEN with no REQUEST and a payload of the wrong size
+        elif kind == 4:
+            hostile.append([Frame.hidden(0, 0, 0, 1, b"").encode()])  # no HELLO first
+        else:
+            hostile.append([hello, Frame(Kind.REQUEST, 1, 1, meta={"sampling": {"top_p": 7}}).encode()])
+    for frames in hostile:
+        replies = _raw_session(server.port, frames)
+        assert replies, "every hostile stream gets an answer"
+        last = replies[-1]
+        assert isinstance(last, grpc.StatusCode) or Frame.decode(last).kind == Kind.ERROR
+    client = _edge(ferry_smollm, server, 8)
+    try:
+        assert client.generate(prompt_ids[0], GREEDY)[0].token_ids == reference[0]
+    finally:
+        client.close()
+
+
+def test_session_limit_and_per_session_token_limit_are_enforced(ferry_smollm, cloud_factory, prompt_ids):
+    server = cloud_factory(4, max_tokens_per_session=len(prompt_ids[0]) + 4)
+    client = _edge(ferry_smollm, server, 4, reconnects=0)
+    with pytest.raises(LinkError, match="session limit"):
+        client.generate(prompt_ids[0], GREEDY)
+    client.close()
+
+
+def _stop_after(server: CloudServer, n: int):
+    seen = []
+
+    def on_token(token, text):
+        seen.append(token)
+        if len(seen) == n:
+            server.stop(0)
+
+    return on_token
+
+
+def test_edge_exits_with_a_clear_error_when_the_cloud_dies(ferry_smollm, cloud_factory, prompt_ids):
+    server = cloud_factory(12)
+    client = _edge(ferry_smollm, server, 12, reconnects=0, timeout_s=5)
+    with pytest.raises(LinkError, match="gave up"):
+        client.generate(prompt_ids[0], GREEDY, on_token=_stop_after(server, 5))
+    client.close()
+
+
+def test_local_fallback_finishes_the_answer_exactly(ferry_smollm, cloud_factory, prompt_ids, reference):
+    server = cloud_factory(12)
+    client = _edge(ferry_smollm, server, 12, reconnects=0, timeout_s=5, fallback="local")
+    completion, stats = client.generate(prompt_ids[1], GREEDY, on_token=_stop_after(server, 5))
+    client.close()
+    assert completion.token_ids == reference[1]
+    assert stats.fallback_tokens == GREEDY.max_tokens - 5
+
+
+def test_reconnect_replays_history_to_another_cloud(ferry_smollm, cloud_factory, prompt_ids, reference):
+    first, second = cloud_factory(12), cloud_factory(12)
+    targets = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+    client = _edge(ferry_smollm, targets, 12, reconnects=2, timeout_s=5)
+    completion, stats = client.generate(prompt_ids[2], GREEDY, on_token=_stop_after(first, 7))
+    client.close()
+    assert completion.token_ids == reference[2]
+    assert stats.reconnects >= 1
+
+
+def test_split_through_the_link_emulator_is_exact_and_pays_the_rtt(ferry_smollm, cloud_factory, prompt_ids, reference):
+    server = cloud_factory(20)
+    emulator = LinkEmulator(("127.0.0.1", 0), ("127.0.0.1", server.port), LinkProfile(rtt_s=0.02, rate_bps=50e6))
+    port = emulator.start_in_thread()
+    client = _edge(ferry_smollm, [f"127.0.0.1:{port}"], 20, codec="int8+zstd")
+    try:
+        completion, stats = client.generate(prompt_ids[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    finally:
+        client.close()
+        emulator.stop()
+    assert completion.token_ids == reference[0][:8]
+    assert stats.wait_s >= 8 * 0.02  # every round trip crossed the emulated 20 ms RTT
