@@ -38,13 +38,12 @@ SplitOpt = Annotated[int, typer.Option("--split", help="the edge runs layers 0..
 TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
 
 
-def _wait_for_signal(stop) -> None:
-    """Block until SIGINT/SIGTERM, then call `stop` (so the server shuts down cleanly, leaving no threads)."""
+def _stop_signal() -> threading.Event:
+    """An event set by SIGINT/SIGTERM; installed before a server starts, so no signal finds it unprotected."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop()
+    return done
 
 
 @app.command()
@@ -71,6 +70,7 @@ def cloud(
         from ferry.model.loader import load_model
 
         token = load_token(token_file)
+        stopping = _stop_signal()
         dev = resolve_device(device)
         loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
@@ -78,7 +78,8 @@ def cloud(
         port = server.start(listen)
         err(f"ferry: cloud serving layers {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
             f"on {listen.rpartition(':')[0]}:{port}")
-        _wait_for_signal(server.stop)
+        stopping.wait()
+        server.stop()
 
     run_guarded(run)
 
@@ -180,9 +181,11 @@ def linkem(
         profile = LinkProfile(parse_duration(rtt), parse_duration(jitter), parse_rate(rate) if rate else 0.0,
                               reset_prob, seed)
         emulator = LinkEmulator(parse_address(listen), parse_address(to), profile)
+        stopping = _stop_signal()
         port = emulator.start_in_thread()
         err(f"ferry: link emulator {listen.rpartition(':')[0]}:{port} -> {to} "
             f"(rtt {rtt}, jitter {jitter}, rate {rate or 'unlimited'}, reset_prob {reset_prob})")
-        _wait_for_signal(emulator.stop)
+        stopping.wait()
+        emulator.stop()
 
     run_guarded(run)

@@ -1,0 +1,81 @@
+"""`ferry cloud` + `ferry edge` as separate processes on loopback, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+PROMPT = "What is the capital of France?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ferry(*args: str, token: str | None = "cli-secret", timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"}
+    if token:
+        env["FERRY_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "ferry.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cloud_process():
+    port = _free_port()
+    env = {**os.environ, "FERRY_TOKEN": "cli-secret"}
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", "12", "--listen",
+                             f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    yield proc, port
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
+    _, port = cloud_process
+    local = _ferry("generate", "--chat", PROMPT, "--max-tokens", "16", "--json", "--device", "cpu")
+    edge = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "--chat", PROMPT, "--max-tokens", "16",
+                  "--json", "--device", "cpu", "--codec", "fp32")
+    assert local.returncode == 0 and edge.returncode == 0, edge.stderr
+    ours, theirs = json.loads(edge.stdout), json.loads(local.stdout)
+    assert ours["completions"][0]["token_ids"] == theirs["completions"][0]["token_ids"]
+    assert "Paris" in ours["completions"][0]["text"]
+    link = ours["completions"][0]["link"]
+    assert link["round_trips"] == len(ours["completions"][0]["token_ids"]) and link["bytes_sent_per_token"] > 0
+
+
+def test_edge_without_the_token_is_refused_with_one_line(cloud_process):
+    _, port = cloud_process
+    out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", token=None)
+    assert out.returncode == 2 and "FERRY_TOKEN" in out.stderr and "Traceback" not in out.stderr
+    out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", token="wrong")
+    assert out.returncode == 2 and "UNAUTHENTICATED" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cloud_stops_cleanly_on_sigterm():
+    port = _free_port()
+    env = {**os.environ, "FERRY_TOKEN": "x"}
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", "3", "--listen",
+                             f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    proc.terminate()
+    assert proc.wait(20) == 0
