@@ -208,3 +208,55 @@ def test_split_through_the_link_emulator_is_exact_and_pays_the_rtt(ferry_smollm,
         emulator.stop()
     assert completion.token_ids == reference[0][:8]
     assert stats.wait_s >= 8 * 0.02  # every round trip crossed the emulated 20 ms RTT
+
+
+@pytest.fixture(scope="module")
+def int8_draft():
+    import torch
+
+    from ferry.model.loader import load_model
+
+    return load_model(None, torch.device("cpu"), torch.bfloat16, show_progress=False, weights="int8")
+
+
+def test_speculative_rounds_give_exactly_the_tokens_of_plain_split(ferry_smollm, cloud_factory, prompt_ids, reference,
+                                                                  int8_draft):
+    from ferry.edge.speculative import Drafter
+
+    server = cloud_factory(15)
+    client = _edge(ferry_smollm, server, 15, codec="int8", drafter=Drafter(int8_draft), gamma_max=6)
+    try:
+        results = [client.generate(ids, GREEDY) for ids in prompt_ids]
+    finally:
+        client.close()
+    assert [c.token_ids for c, _ in results] == reference
+    for _, stats in results:
+        assert stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
+        assert stats.round_trips < GREEDY.max_tokens  # rounds carried more than one token each
+
+
+def test_speculative_rounds_refuse_sampling(ferry_smollm, cloud_factory, prompt_ids, int8_draft):
+    from ferry.edge.speculative import Drafter
+    from ferry.errors import FerryError
+
+    client = _edge(ferry_smollm, cloud_factory(15), 15, drafter=Drafter(int8_draft))
+    with pytest.raises(FerryError, match="greedy"):
+        client.generate(prompt_ids[0], SamplingParams(max_tokens=4, temperature=0.8, seed=1))
+    client.close()
+
+
+def test_gamma_grows_with_acceptance_and_shrinks_with_rejections():
+    from ferry.edge.speculative import GammaController
+
+    sure, unsure = GammaController(gamma_max=12), GammaController(gamma_max=12)
+    for _ in range(20):
+        sure.update(gamma=8, accepted=8, overhead_s=0.1, draft_s=0.08)
+        unsure.update(gamma=8, accepted=0, overhead_s=0.1, draft_s=0.08)
+    assert sure.choose() > unsure.choose() >= 1
+    slow_link = GammaController(gamma_max=12)
+    for _ in range(20):
+        slow_link.update(gamma=4, accepted=2, overhead_s=0.5, draft_s=0.04)
+    fast_link = GammaController(gamma_max=12)
+    for _ in range(20):
+        fast_link.update(gamma=4, accepted=2, overhead_s=0.005, draft_s=0.04)
+    assert slow_link.choose() >= fast_link.choose()

@@ -56,30 +56,54 @@ class _Session:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
         self.request, self.sampler, self.next_position = frame.request, Sampler(params, self.server.device), 0
 
-    @torch.inference_mode()
-    def hidden(self, frame: Frame) -> Frame | None:
+    def _run(self, frame: Frame, start: int, tokens: int, payload: bytes) -> torch.Tensor:
+        """Decode, check and run this frame's hidden states through the cloud's layers; [1, tokens, hidden]."""
         if frame.request != self.request or self.sampler is None:
-            raise ProtocolError(f"HIDDEN for request {frame.request}, but the open request is {self.request}")
-        start, tokens, payload = frame.hidden_fields()
+            raise ProtocolError(f"{frame.kind.name} for request {frame.request}, but the open request is {self.request}")
         limit = self.server.limits.max_tokens_per_session
         if tokens < 1 or start != self.next_position or start + tokens > limit:
             raise ProtocolError(
-                f"HIDDEN covers positions [{start}, {start + tokens}); expected to start at {self.next_position}, "
-                f"within the session limit of {limit} tokens"
+                f"{frame.kind.name} covers positions [{start}, {start + tokens}); expected to start at "
+                f"{self.next_position}, within the session limit of {limit} tokens"
             )
-        began = time.perf_counter()
         config = self.server.loaded.config
         x = self.codec.decode(payload, tokens, config.hidden_size)
         x = x.to(self.server.device, self.server.dtype).unsqueeze(0)
         self.cache.ensure(1, min(limit, max(256, 2 * (start + tokens))), keep=True)
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
-        x = model.run_layers(x, positions, self.cache.layers, start + tokens, self.server.layers)
         self.next_position = start + tokens
+        return model.run_layers(x, positions, self.cache.layers, start + tokens, self.server.layers)
+
+    @torch.inference_mode()
+    def hidden(self, frame: Frame) -> Frame | None:
+        began = time.perf_counter()
+        start, tokens, payload = frame.hidden_fields()
+        x = self._run(frame, start, tokens, payload)
         if frame.flags & FLAG_NO_REPLY:
             return None
-        token = int(self.sampler(model.logits(x[:, -1]))[0])
+        token = int(self.sampler(self.server.loaded.model.logits(x[:, -1]))[0])
         return Frame.token(self.id, frame.request, token, start + tokens - 1, (time.perf_counter() - began) * 1000)
+
+    @torch.inference_mode()
+    def verify(self, frame: Frame) -> Frame:
+        """One forward over pending + drafted tokens; accept the drafts the target's greedy choice agrees with.
+
+        KV entries past the accepted prefix are rolled back by moving `next_position`: the next frame starts
+        there and overwrites them.
+        """
+        began = time.perf_counter()
+        if self.sampler is None or not self.sampler.params.greedy:
+            raise ProtocolError("speculative rounds need greedy sampling (temperature 0)")
+        start, tokens, draft, payload = frame.verify_fields()
+        x = self._run(frame, start, tokens, payload)
+        pending = tokens - len(draft)
+        choices = self.server.loaded.model.logits(x[0, pending - 1 :]).argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and choices[accepted] == draft[accepted]:
+            accepted += 1
+        self.next_position = start + pending + accepted
+        return Frame.verdict(self.id, frame.request, accepted, choices[accepted], (time.perf_counter() - began) * 1000)
 
 
 class CloudServer:
@@ -147,6 +171,8 @@ class CloudServer:
                     elif frame.kind == Kind.HIDDEN:
                         if (reply := session.hidden(frame)) is not None:
                             yield reply.encode()
+                    elif frame.kind == Kind.VERIFY:
+                        yield session.verify(frame).encode()
                     elif frame.kind == Kind.END:
                         session.request = None
                     else:

@@ -18,6 +18,7 @@ import torch
 
 from ferry.edge.codecs import Codec
 from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint
+from ferry.edge.speculative import Drafter, GammaController, timed
 from ferry.engine.engine import Completion, Engine
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
@@ -43,6 +44,8 @@ class LinkStats:
     reconnects: int = 0
     fallback_tokens: int = 0  # tokens finished locally after the link broke
     total_s: float = 0.0  # the whole request, as the edge saw it
+    drafted: int = 0  # speculative rounds: tokens the edge proposed
+    accepted: int = 0  # ... and the cloud agreed with
 
     @property
     def link_s(self) -> float:
@@ -57,6 +60,7 @@ class LinkStats:
             "bytes_received_per_token": round(self.bytes_received / per, 1),
             "link_s": round(self.link_s, 4),
             "link_time_share": round(self.link_s / total_s, 3) if total_s > 0 else 0.0,
+            "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
         }
         return out
 
@@ -113,6 +117,8 @@ class EdgeClient:
         reconnects: int = 2,
         fallback: str | None = None,
         max_frame_bytes: int = 16 * 1024 * 1024,
+        drafter: Drafter | None = None,
+        gamma_max: int = 8,
     ) -> None:
         layers = loaded.config.num_layers
         if not 0 < split < layers:
@@ -129,6 +135,8 @@ class EdgeClient:
         self.link: _Link | None = None
         self.session = 0
         self.tokens_per_frame = 1
+        self.drafter = drafter
+        self.gamma = GammaController(gamma_max) if drafter else None
         self._next_request = 1
 
     # --- connection -------------------------------------------------------------------------------------
@@ -172,15 +180,9 @@ class EdgeClient:
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         return model.run_layers(x, positions, self.cache.layers, start + len(ids), range(self.split))[0]
 
-    def _step(self, request: int, hidden: torch.Tensor, start: int, stats: LinkStats, prelude: list[bytes]) -> int:
-        """Send `hidden` (positions start..) in frames that fit the limit; wait for the token after the last."""
+    def _exchange(self, frames: list[bytes], stats: LinkStats) -> Frame:
+        """Send frames, wait for the one reply they ask for; count bytes, round trips and time blocked."""
         assert self.link is not None
-        frames = list(prelude)
-        for offset in range(0, hidden.shape[0], self.tokens_per_frame):
-            chunk = hidden[offset : offset + self.tokens_per_frame]
-            last = offset + chunk.shape[0] == hidden.shape[0]
-            frames.append(Frame.hidden(self.session, request, start + offset, chunk.shape[0],
-                                       self.codec.encode(chunk), reply=last).encode())
         began = time.perf_counter()
         for data in frames:
             stats.bytes_sent += len(data)
@@ -189,12 +191,45 @@ class EdgeClient:
         stats.wait_s += time.perf_counter() - began
         stats.bytes_received += len(raw)
         stats.round_trips += 1
-        reply = self._frame(raw)
+        return self._frame(raw)
+
+    def _step(self, request: int, hidden: torch.Tensor, start: int, stats: LinkStats, prelude: list[bytes]) -> int:
+        """Send `hidden` (positions start..) in frames that fit the limit; wait for the token after the last."""
+        frames = list(prelude)
+        for offset in range(0, hidden.shape[0], self.tokens_per_frame):
+            chunk = hidden[offset : offset + self.tokens_per_frame]
+            last = offset + chunk.shape[0] == hidden.shape[0]
+            frames.append(Frame.hidden(self.session, request, start + offset, chunk.shape[0],
+                                       self.codec.encode(chunk), reply=last).encode())
+        reply = self._exchange(frames, stats)
         if reply.kind != Kind.TOKEN or reply.request != request:
             raise ProtocolError(f"expected TOKEN for request {request}, got {reply.kind.name} for {reply.request}")
         token, _position, cloud_ms = reply.token_fields()
         stats.cloud_compute_s += cloud_ms / 1000
         return token
+
+    def _speculative_round(self, request: int, seq: Sequence, start: int, stats: LinkStats, remaining: int) -> list[int]:
+        """Draft gamma tokens, send pending + drafts in one VERIFY, return the accepted drafts + the cloud's token."""
+        assert self.drafter is not None and self.gamma is not None
+        history = seq.prompt_ids + seq.output_ids
+        gamma = max(1, min(self.gamma.choose(), remaining - 1, self.tokens_per_frame - 1))
+        draft, draft_s = timed(self.drafter.draft, history, gamma)
+        pending = history[start:]
+        hidden = self._local_hidden(pending + draft, start)
+        frame = Frame.verify(self.session, request, start, len(pending) + gamma, draft, self.codec.encode(hidden))
+        began = time.perf_counter()
+        reply = self._exchange([frame.encode()], stats)
+        if reply.kind != Kind.VERDICT or reply.request != request:
+            raise ProtocolError(f"expected VERDICT for request {request}, got {reply.kind.name}")
+        accepted, token, cloud_ms = reply.verdict_fields()
+        if accepted > gamma:
+            raise ProtocolError(f"cloud accepted {accepted} of {gamma} drafts")
+        stats.cloud_compute_s += cloud_ms / 1000
+        stats.drafted += gamma
+        stats.accepted += accepted
+        self.drafter.rollback(len(history) + min(accepted, gamma - 1))
+        self.gamma.update(gamma, accepted, time.perf_counter() - began, draft_s)
+        return draft[:accepted] + [token]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_token=None) -> tuple[Completion, LinkStats]:
         config = self.loaded.config
@@ -217,12 +252,19 @@ class EdgeClient:
         self._next_request += 1
         sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed}
         prelude = [Frame(Kind.REQUEST, self.session, request, meta={"sampling": sampling}).encode()]
+        if self.drafter is not None:
+            if not params.greedy:
+                raise FerryError("speculative rounds need greedy sampling (--temperature 0)")
+            self.drafter.reset()
         pending_ids, start = list(prompt_ids), 0
         attempt = 0
         while not seq.finished:
-            hidden = self._local_hidden(pending_ids, start)
             try:
-                token = self._step(request, hidden, start, stats, prelude)
+                if self.drafter is not None and start > 0:
+                    remaining = params.max_tokens - len(seq.output_ids)
+                    new_tokens = self._speculative_round(request, seq, start, stats, remaining)
+                else:
+                    new_tokens = [self._step(request, self._local_hidden(pending_ids, start), start, stats, prelude)]
             except (LinkError, ProtocolError) as exc:
                 attempt += 1
                 log.warning("link failed (%s)", exc)
@@ -245,10 +287,14 @@ class EdgeClient:
                 pending_ids, start = history, 0
                 continue
             prelude = []
-            delta = seq.append(token, self.loaded.tokenizer, eos, params.stop, params.max_tokens)
-            if on_token:
-                on_token(token, delta)
-            pending_ids, start = [token], len(seq.prompt_ids) + len(seq.output_ids) - 1
+            for token in new_tokens:
+                delta = seq.append(token, self.loaded.tokenizer, eos, params.stop, params.max_tokens)
+                if on_token:
+                    on_token(token, delta)
+                if seq.finished:
+                    break
+            # The newest token is the one neither side has run yet.
+            pending_ids, start = [seq.output_ids[-1]], len(seq.prompt_ids) + len(seq.output_ids) - 1
         if self.link is not None:
             self.link.send(Frame(Kind.END, self.session, request).encode())
         return self._completion(seq, started, stats), stats

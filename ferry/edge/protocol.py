@@ -24,6 +24,8 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHQQII")
 HIDDEN_FIELDS = struct.Struct("<II")  # start position, tokens
 TOKEN_FIELDS = struct.Struct("<iIf")  # token id, position it was sampled for, cloud compute ms
+VERDICT_FIELDS = struct.Struct("<Iif")  # drafts accepted, the token after them, cloud compute ms
+MAX_DRAFT = 64
 MAX_META_BYTES = 64 * 1024
 FLAG_NO_REPLY = 1  # HIDDEN: a prefill chunk that is not the last; the cloud caches it and answers nothing
 
@@ -43,6 +45,8 @@ class Kind(IntEnum):
     TOKEN = 5  # cloud -> edge: the token sampled after the last hidden state
     END = 6  # edge -> cloud: request finished
     ERROR = 7  # either way: what was wrong; the stream closes after it
+    VERIFY = 8  # edge -> cloud: hidden states of pending tokens + drafted tokens, and the draft ids
+    VERDICT = 9  # cloud -> edge: how many drafts the target agrees with, and its own next token
 
 
 @dataclass
@@ -105,6 +109,30 @@ class Frame:
         if len(self.body) != TOKEN_FIELDS.size:
             raise ProtocolError("TOKEN frame has the wrong size")
         return TOKEN_FIELDS.unpack(self.body)
+
+    @classmethod
+    def verify(cls, session: int, request: int, start: int, tokens: int, draft: list[int], payload: bytes) -> Frame:
+        body = HIDDEN_FIELDS.pack(start, tokens) + struct.pack(f"<I{len(draft)}i", len(draft), *draft) + payload
+        return cls(Kind.VERIFY, session, request, body=body)
+
+    def verify_fields(self) -> tuple[int, int, list[int], bytes]:
+        start, tokens, rest = self.hidden_fields()
+        if len(rest) < 4:
+            raise ProtocolError("VERIFY frame too short")
+        (n,) = struct.unpack_from("<I", rest)
+        if n < 1 or n > MAX_DRAFT or n >= tokens or len(rest) < 4 + 4 * n:
+            raise ProtocolError(f"VERIFY frame with {n} drafts over {tokens} tokens is malformed")
+        draft = list(struct.unpack_from(f"<{n}i", rest, 4))
+        return start, tokens, draft, rest[4 + 4 * n :]
+
+    @classmethod
+    def verdict(cls, session: int, request: int, accepted: int, token_id: int, cloud_ms: float) -> Frame:
+        return cls(Kind.VERDICT, session, request, body=VERDICT_FIELDS.pack(accepted, token_id, cloud_ms))
+
+    def verdict_fields(self) -> tuple[int, int, float]:
+        if len(self.body) != VERDICT_FIELDS.size:
+            raise ProtocolError("VERDICT frame has the wrong size")
+        return VERDICT_FIELDS.unpack(self.body)
 
     @classmethod
     def error(cls, message: str, session: int = 0, request: int = 0) -> Frame:
