@@ -260,3 +260,27 @@ def test_gamma_grows_with_acceptance_and_shrinks_with_rejections():
     for _ in range(20):
         fast_link.update(gamma=4, accepted=2, overhead_s=0.005, draft_s=0.04)
     assert slow_link.choose() >= fast_link.choose()
+
+
+def test_split_auto_measures_and_picks_a_feasible_k(ferry_smollm, cloud_factory, prompt_ids, reference):
+    server = cloud_factory(3)
+    client = _edge(ferry_smollm, server, None, min_edge_layers=6)
+    try:
+        completion, _ = client.generate(prompt_ids[0], GREEDY)
+    finally:
+        client.close()
+    assert completion.token_ids == reference[0]
+    table = client.split_table
+    assert [r["split"] for r in table] and min(r["split"] for r in table) == 6
+    assert client.split == table[0]["split"] and all(r["predicted_s"] > 0 for r in table)
+
+
+def test_planner_keeps_slow_compute_on_the_fast_side():
+    from ferry.edge.split_planner import ComputeProfile, LinkProfile, predict
+
+    link = LinkProfile(rtt_s=0.05, bandwidth_Bps=2.5e6)
+    slow_edge = predict(30, ComputeProfile(0.010, 0.0), ComputeProfile(0.001, 0.002), link, 600, 1e-5)
+    slow_cloud = predict(30, ComputeProfile(0.001, 0.0), ComputeProfile(0.010, 0.002), link, 600, 1e-5)
+    assert slow_edge[0]["split"] == 1 and slow_cloud[0]["split"] == 29
+    limited = predict(30, ComputeProfile(0.010, 0.0), ComputeProfile(0.001, 0.002), link, 600, 1e-5, min_edge_layers=8)
+    assert limited[0]["split"] == 8

@@ -34,7 +34,8 @@ from ferry.commands import (
     summary_line,
 )
 
-SplitOpt = Annotated[int, typer.Option("--split", help="the edge runs layers 0..K-1, the cloud K..L-1 and the head")]
+SplitOpt = Annotated[int, typer.Option("--split", help="smallest split K served: an edge runs layers 0..K-1, "
+                                                      "the cloud K..L-1 and the head")]
 TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
 
 
@@ -48,7 +49,7 @@ def _stop_signal() -> threading.Event:
 
 @app.command()
 def cloud(
-    split: SplitOpt,
+    split: SplitOpt = 1,
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve on")] = "127.0.0.1:7070",
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -76,7 +77,7 @@ def cloud(
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
         server = CloudServer(loaded, split, token, limits)
         port = server.start(listen)
-        err(f"ferry: cloud serving layers {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
+        err(f"ferry: cloud serving splits {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
             f"on {listen.rpartition(':')[0]}:{port}")
         stopping.wait()
         server.stop()
@@ -87,9 +88,13 @@ def cloud(
 @app.command()
 def edge(
     prompts: Annotated[list[str], typer.Argument(help="prompts, answered one after another")],
-    split: SplitOpt,
     cloud: Annotated[str, typer.Option("--cloud", help="HOST:PORT of the cloud (comma list: tried in turn)")],
+    split: Annotated[str, typer.Option(help="K: run layers 0..K-1 here; 'auto': choose K from measurements")] = "auto",
+    min_edge_layers: Annotated[int, typer.Option(help="with --split auto: keep at least this many layers here")] = 1,
     codec: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, each optionally +zstd or +lz4")] = "fp32",
+    draft: Annotated[Optional[str], typer.Option(help="speculative rounds with this draft: 'int8' (the model with int8 "
+                                                     "weights) or a model path with the same tokenizer")] = None,
+    gamma_max: Annotated[int, typer.Option(help="most tokens drafted per round")] = 8,
     model: ModelOpt = None,
     max_tokens: MaxTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
@@ -124,8 +129,21 @@ def edge(
         )
         dev = resolve_device(device)
         loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
-        client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()], split, token, codec=codec,
-                            timeout_s=timeout, reconnects=reconnects, fallback=fallback)
+        from ferry.edge.split_planner import format_table
+        from ferry.edge.speculative import Drafter
+        from ferry.errors import FerryError
+
+        if split != "auto" and not split.isdigit():
+            raise FerryError(f"--split must be a layer count or 'auto', got {split!r}")
+        drafter = None
+        if draft == "int8":
+            drafter = Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False, weights="int8"))
+        elif draft:
+            drafter = Drafter(load_model(Path(draft), dev, resolve_dtype(dtype, dev), show_progress=False))
+        client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()],
+                            None if split == "auto" else int(split), token, codec=codec, timeout_s=timeout,
+                            reconnects=reconnects, fallback=fallback, drafter=drafter, gamma_max=gamma_max,
+                            min_edge_layers=min_edge_layers)
         out = sys.stderr if as_json else sys.stdout
         printer = StreamPrinter(out, len(prompts)) if stream else None
         results = []
@@ -138,11 +156,13 @@ def edge(
             client.close()
         if printer:
             printer.close()
+        if verbose and client.split_table:
+            err("ferry: --split auto predictions (best first was chosen):\n" + format_table(client.split_table))
         completions = [c for c, _ in results]
         if as_json:
             doc = {
                 "model": str(loaded.path), "device": str(dev), "dtype": str(loaded.model.norm.weight.dtype).removeprefix("torch."),
-                "split": split, "codec": client.codec.name,
+                "split": client.split, "codec": client.codec.name, "draft": draft,
                 "completions": [
                     completion_json(p, c, link=stats.as_dict(len(c.token_ids)))
                     for p, (c, stats) in zip(prompts, results, strict=True)

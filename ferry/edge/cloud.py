@@ -38,12 +38,11 @@ class CloudLimits:
 class _Session:
     """One edge's state: negotiated codec, KV cache for the cloud's layers, the current request's sampler."""
 
-    def __init__(self, server: CloudServer, session_id: int, codec: Codec) -> None:
+    def __init__(self, server: CloudServer, session_id: int, codec: Codec, split: int) -> None:
         self.server, self.id, self.codec = server, session_id, codec
         model = server.loaded.model
-        self.cache = KVCache(
-            len(server.layers), model.kv_heads_per_rank, model.config.head_dim, server.dtype, server.device
-        )
+        self.layers = range(split, model.config.num_layers)
+        self.cache = KVCache(len(self.layers), model.kv_heads_per_rank, model.config.head_dim, server.dtype, server.device)
         self.request: int | None = None
         self.sampler: Sampler | None = None
         self.next_position = 0
@@ -73,7 +72,7 @@ class _Session:
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
         self.next_position = start + tokens
-        return model.run_layers(x, positions, self.cache.layers, start + tokens, self.server.layers)
+        return model.run_layers(x, positions, self.cache.layers, start + tokens, self.layers)
 
     @torch.inference_mode()
     def hidden(self, frame: Frame) -> Frame | None:
@@ -107,12 +106,13 @@ class _Session:
 
 
 class CloudServer:
-    def __init__(self, loaded: LoadedModel, split: int, token: str, limits: CloudLimits | None = None) -> None:
+    """Serves any split K >= `min_split` (each session says its K in HELLO), so edges can choose K themselves."""
+
+    def __init__(self, loaded: LoadedModel, min_split: int, token: str, limits: CloudLimits | None = None) -> None:
         layers = loaded.config.num_layers
-        if not 0 < split < layers:
-            raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {split}")
-        self.loaded, self.split, self.token = loaded, split, token
-        self.layers = range(split, layers)
+        if not 0 < min_split < layers:
+            raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {min_split}")
+        self.loaded, self.min_split, self.token = loaded, min_split, token
         self.limits = limits or CloudLimits()
         self.device = loaded.model.norm.weight.device
         self.dtype = loaded.model.norm.weight.dtype
@@ -121,6 +121,15 @@ class CloudServer:
         self._next_session = 1
         self._server: grpc.Server | None = None
         self.port: int | None = None
+        self._profile = None  # measured on the first PING
+
+    def compute_profile(self):
+        with self._lock:
+            if self._profile is None:
+                from ferry.edge.split_planner import measure_compute
+
+                self._profile = measure_compute(self.loaded)
+            return self._profile
 
     # --- gRPC plumbing ---------------------------------------------------------------------------------
 
@@ -141,7 +150,7 @@ class CloudServer:
             raise FerryError(f"cannot listen on {listen!r}")
         self._server.start()
         self.port = port
-        log.info("cloud serving layers %d..%d on port %d", self.split, self.layers[-1], port)
+        log.info("cloud serving splits %d..%d on port %d", self.min_split, self.loaded.config.num_layers - 1, port)
         return port
 
     def wait(self) -> None:
@@ -163,7 +172,9 @@ class CloudServer:
                 watchdog.touch()
                 try:
                     frame = Frame.decode(raw)
-                    if session is None:
+                    if session is None and frame.kind == Kind.PING:
+                        yield self._pong(frame).encode()
+                    elif session is None:
                         session, reply = self._hello(frame)
                         yield reply.encode()
                     elif frame.kind == Kind.REQUEST:
@@ -190,8 +201,10 @@ class CloudServer:
         meta = frame.meta
         if meta.get("model") != self.fingerprint:
             raise ProtocolError(f"model mismatch: edge has {meta.get('model')}, cloud has {self.fingerprint}")
-        if meta.get("split") != self.split:
-            raise ProtocolError(f"split mismatch: edge runs layers 0..{meta.get('split')}, cloud starts at {self.split}")
+        split = meta.get("split")
+        if not isinstance(split, int) or not self.min_split <= split < self.loaded.config.num_layers:
+            raise ProtocolError(f"split {split!r} is not served here (this cloud serves {self.min_split}.."
+                                f"{self.loaded.config.num_layers - 1})")
         try:
             codec = Codec.parse(str(meta.get("codec", "")))
         except CodecError as exc:
@@ -202,7 +215,13 @@ class CloudServer:
             "codec": codec.name, "max_tokens_per_session": self.limits.max_tokens_per_session,
             "max_frame_bytes": self.limits.max_frame_bytes,
         })
-        return _Session(self, session_id, codec), welcome
+        return _Session(self, session_id, codec, split), welcome
+
+    def _pong(self, frame: Frame) -> Frame:
+        profile = self.compute_profile()
+        return Frame(Kind.PONG, meta={"received": len(frame.body), "layer_s": profile.layer_s,
+                                      "head_s": profile.head_s, "min_split": self.min_split,
+                                      "num_layers": self.loaded.config.num_layers})
 
 
 class _IdleWatchdog:

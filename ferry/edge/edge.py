@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -110,7 +111,7 @@ class EdgeClient:
         self,
         loaded: LoadedModel,
         clouds: list[str],
-        split: int,
+        split: int | None,
         token: str,
         codec: str = "fp32",
         timeout_s: float = 30.0,
@@ -119,10 +120,14 @@ class EdgeClient:
         max_frame_bytes: int = 16 * 1024 * 1024,
         drafter: Drafter | None = None,
         gamma_max: int = 8,
+        min_edge_layers: int = 1,
     ) -> None:
+        """`split=None` chooses K on the first connection from measurements (see split_planner)."""
         layers = loaded.config.num_layers
-        if not 0 < split < layers:
+        if split is not None and not 0 < split < layers:
             raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {split}")
+        if not 0 < min_edge_layers < layers:
+            raise FerryError(f"--min-edge-layers must be between 1 and {layers - 1}, got {min_edge_layers}")
         if fallback not in (None, "local"):
             raise FerryError(f"unknown fallback {fallback!r} (only 'local')")
         self.loaded, self.clouds, self.split, self.token = loaded, clouds, split, token
@@ -131,7 +136,11 @@ class EdgeClient:
         self.max_frame_bytes = max_frame_bytes
         model = loaded.model
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
-        self.cache = KVCache(split, model.kv_heads_per_rank, loaded.config.head_dim, self.dtype, self.device)
+        self.min_edge_layers = min_edge_layers
+        self.split_table: list[dict] = []  # the --split auto predictions, best first
+        self.cache: KVCache | None = None
+        if split is not None:
+            self._use_split(split)
         self.link: _Link | None = None
         self.session = 0
         self.tokens_per_frame = 1
@@ -141,10 +150,52 @@ class EdgeClient:
 
     # --- connection -------------------------------------------------------------------------------------
 
+    def _use_split(self, split: int) -> None:
+        model = self.loaded.model
+        self.split = split
+        self.cache = KVCache(split, model.kv_heads_per_rank, self.loaded.config.head_dim, self.dtype, self.device)
+
+    def _choose_split(self) -> None:
+        """Probe the link and both sides' compute, predict time per token for every K, take the best."""
+        from ferry.edge.split_planner import ComputeProfile, LinkProfile, measure_compute, predict
+
+        assert self.link is not None
+        def ping(size: int) -> tuple[float, dict]:
+            began = time.perf_counter()
+            self.link.send(Frame(Kind.PING, body=bytes(size)).encode())
+            reply = self._frame(self.link.receive())
+            if reply.kind != Kind.PONG:
+                raise ProtocolError(f"expected PONG, got {reply.kind.name}")
+            return time.perf_counter() - began, reply.meta
+
+        _, meta = ping(1)  # the cloud profiles itself on the first PING
+        rtt = statistics.median(ping(1)[0] for _ in range(3))
+        big = min(256 * 1024, self.max_frame_bytes // 2)
+        t_big = statistics.median(ping(big)[0] for _ in range(2))
+        bandwidth = big / max(t_big - rtt, 1e-6)
+        sample = torch.randn(1, self.loaded.config.hidden_size)
+        began = time.perf_counter()
+        for _ in range(20):
+            encoded = self.codec.encode(sample)
+            self.codec.decode(encoded, 1, sample.shape[1])
+        codec_s = (time.perf_counter() - began) / 20
+        edge = measure_compute(self.loaded)
+        cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]))
+        self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth),
+                                   len(encoded) + 40, codec_s, self.min_edge_layers, int(meta.get("min_split", 1)))
+        if not self.split_table:
+            raise LinkError("no split point satisfies --min-edge-layers and the cloud's range")
+        best = self.split_table[0]
+        log.info("split auto: K=%d predicted %.1f ms/token (rtt %.1f ms, %.1f MB/s)", best["split"],
+                 best["predicted_s"] * 1e3, rtt * 1e3, bandwidth / 1e6)
+        self._use_split(best["split"])
+
     def connect(self, attempt: int = 0) -> None:
         target = self.clouds[attempt % len(self.clouds)]
         self.close()
         self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s)
+        if self.cache is None:
+            self._choose_split()
         hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
                                          "codec": self.codec.name})
         self.link.send(hello.encode())
@@ -174,6 +225,7 @@ class EdgeClient:
     @torch.inference_mode()
     def _local_hidden(self, ids: list[int], start: int) -> torch.Tensor:
         """Layers 0..K-1 over tokens at positions [start, start + len(ids)); returns [tokens, hidden]."""
+        assert self.cache is not None
         self.cache.ensure(1, max(256, 2 * (start + len(ids))), keep=True)
         model = self.loaded.model
         x = model.embed_tokens(torch.tensor([ids], device=self.device))
@@ -282,7 +334,6 @@ class EdgeClient:
                 request = self._next_request
                 self._next_request += 1
                 history = seq.prompt_ids + seq.output_ids
-                self.cache.ensure(1, max(256, 2 * len(history)), keep=True)
                 prelude = [Frame(Kind.REQUEST, self.session, request, meta={"sampling": sampling}).encode()]
                 pending_ids, start = history, 0
                 continue

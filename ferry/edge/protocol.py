@@ -47,6 +47,8 @@ class Kind(IntEnum):
     ERROR = 7  # either way: what was wrong; the stream closes after it
     VERIFY = 8  # edge -> cloud: hidden states of pending tokens + drafted tokens, and the draft ids
     VERDICT = 9  # cloud -> edge: how many drafts the target agrees with, and its own next token
+    PING = 10  # edge -> cloud, before HELLO: probes the link (any body up to the frame limit)
+    PONG = 11  # cloud -> edge: body size echoed in meta, plus the cloud's per-layer compute profile
 
 
 @dataclass
