@@ -284,3 +284,29 @@ def test_planner_keeps_slow_compute_on_the_fast_side():
     assert slow_edge[0]["split"] == 1 and slow_cloud[0]["split"] == 29
     limited = predict(30, ComputeProfile(0.010, 0.0), ComputeProfile(0.001, 0.002), link, 600, 1e-5, min_edge_layers=8)
     assert limited[0]["split"] == 8
+
+
+def test_tls_session_is_exact_and_plaintext_clients_are_refused(ferry_smollm, prompt_ids, reference, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    server = CloudServer(ferry_smollm, 10, TOKEN)
+    port = server.start("127.0.0.1:0", tls=(key.read_bytes(), cert.read_bytes()))
+    try:
+        client = EdgeClient(ferry_smollm, [f"localhost:{port}"], 10, TOKEN, tls_ca=cert.read_bytes(), timeout_s=20)
+        try:
+            assert client.generate(prompt_ids[0], GREEDY)[0].token_ids == reference[0]
+        finally:
+            client.close()
+        plain = EdgeClient(ferry_smollm, [f"127.0.0.1:{port}"], 10, TOKEN, timeout_s=5, reconnects=0)
+        with pytest.raises(LinkError):
+            plain.generate(prompt_ids[0], GREEDY)
+        plain.close()
+    finally:
+        server.stop(0)

@@ -68,20 +68,21 @@ def codec_table(loaded: LoadedModel, split: int, codecs: list[str], text: str | 
 
 
 def plot(rows: list[dict], path) -> None:
+    """Two bar charts side by side: bytes per decode token, and top-1 disagreement with the fp32 split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        ax.scatter(r["bytes_per_token"], 1 - r["top1_agreement"] + 1e-4)
-        ax.annotate(r["codec"], (r["bytes_per_token"], 1 - r["top1_agreement"] + 1e-4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("bytes per decode token (hidden state)")
-    ax.set_ylabel("top-1 disagreement with fp32 (+1e-4)")
-    ax.set_title("Edge -> cloud hidden-state codecs")
+    names = [r["codec"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.barh(names, [r["bytes_per_token"] for r in rows], color="tab:blue")
+    left.set_xlabel("bytes per decode token (hidden state)")
+    left.invert_yaxis()
+    right.barh(names, [100 * (1 - r["top1_agreement"]) for r in rows], color="tab:red")
+    right.set_xlabel("top-1 disagreement with fp32, % (teacher-forced)")
+    right.invert_yaxis()
+    fig.suptitle("Edge -> cloud hidden-state codecs (SmolLM2-135M)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -36,6 +36,17 @@ from ferry.commands import (
 
 SplitOpt = Annotated[int, typer.Option("--split", help="smallest split K served: an edge runs layers 0..K-1, "
                                                       "the cloud K..L-1 and the head")]
+def _read(path: Path | None, what: str) -> bytes | None:
+    from ferry.errors import FerryError
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FerryError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+
+
 TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
 
 
@@ -59,6 +70,8 @@ def cloud(
     max_tokens_per_session: Annotated[int, typer.Option(help="positions a session may reach")] = 8192,
     max_frame_mb: Annotated[float, typer.Option(help="largest frame accepted, MiB")] = 16.0,
     idle_timeout: Annotated[float, typer.Option(help="seconds before an idle session is closed")] = 120.0,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate: serve TLS (with --tls-key)")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key for --tls-cert")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve layers K..L-1 and the LM head to edge sessions (Ctrl-C or SIGTERM to stop)."""
@@ -71,12 +84,17 @@ def cloud(
         from ferry.model.loader import load_model
 
         token = load_token(token_file)
+        if (tls_cert is None) != (tls_key is None):
+            from ferry.errors import FerryError
+
+            raise FerryError("--tls-cert and --tls-key go together")
+        tls = (_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate")) if tls_cert else None
         stopping = _stop_signal()
         dev = resolve_device(device)
         loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
         server = CloudServer(loaded, split, token, limits)
-        port = server.start(listen)
+        port = server.start(listen, tls)
         err(f"ferry: cloud serving splits {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
             f"on {listen.rpartition(':')[0]}:{port}")
         stopping.wait()
@@ -111,6 +129,7 @@ def edge(
     timeout: Annotated[float, typer.Option(help="seconds to wait for any reply")] = 30.0,
     reconnects: Annotated[int, typer.Option(help="reconnect attempts (replaying the history) before giving up")] = 2,
     fallback: Annotated[Optional[str], typer.Option(help="'local': finish on the edge's own model if the link is lost")] = None,
+    tls_ca: Annotated[Optional[Path], typer.Option(help="PEM CA certificate: connect with TLS, verifying the cloud")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run layers 0..K-1 here and the rest on a `ferry cloud`; hidden states cross the link, tokens come back."""
@@ -143,7 +162,7 @@ def edge(
         client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()],
                             None if split == "auto" else int(split), token, codec=codec, timeout_s=timeout,
                             reconnects=reconnects, fallback=fallback, drafter=drafter, gamma_max=gamma_max,
-                            min_edge_layers=min_edge_layers)
+                            min_edge_layers=min_edge_layers, tls_ca=_read(tls_ca, "TLS CA certificate"))
         out = sys.stderr if as_json else sys.stdout
         printer = StreamPrinter(out, len(prompts)) if stream else None
         results = []

@@ -133,8 +133,8 @@ class CloudServer:
 
     # --- gRPC plumbing ---------------------------------------------------------------------------------
 
-    def start(self, listen: str) -> int:
-        """Start serving on HOST:PORT (port 0 picks one); returns the bound port."""
+    def start(self, listen: str, tls: tuple[bytes, bytes] | None = None) -> int:
+        """Start serving on HOST:PORT (port 0 picks one); returns the bound port. `tls`: (key PEM, cert PEM)."""
         handler = grpc.method_handlers_generic_handler(
             SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
         )
@@ -145,7 +145,10 @@ class CloudServer:
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
             maximum_concurrent_rpcs=self.limits.max_sessions,
         )
-        port = self._server.add_insecure_port(listen)
+        if tls is not None:
+            port = self._server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
+        else:
+            port = self._server.add_insecure_port(listen)
         if port == 0:
             raise FerryError(f"cannot listen on {listen!r}")
         self._server.start()

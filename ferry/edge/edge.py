@@ -69,10 +69,13 @@ class LinkStats:
 class _Link:
     """One gRPC stream to one cloud address: frames out through a queue, frames in through a reader thread."""
 
-    def __init__(self, target: str, token: str, max_frame_bytes: int, timeout_s: float) -> None:
+    def __init__(self, target: str, token: str, max_frame_bytes: int, timeout_s: float, tls_ca: bytes | None) -> None:
         self.target, self.timeout_s = target, timeout_s
         options = [("grpc.max_receive_message_length", max_frame_bytes), ("grpc.max_send_message_length", max_frame_bytes)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        if tls_ca is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.outgoing: queue.Queue = queue.Queue()
         self.incoming: queue.Queue = queue.Queue()
         call = self.channel.stream_stream(METHOD)
@@ -121,6 +124,7 @@ class EdgeClient:
         drafter: Drafter | None = None,
         gamma_max: int = 8,
         min_edge_layers: int = 1,
+        tls_ca: bytes | None = None,
     ) -> None:
         """`split=None` chooses K on the first connection from measurements (see split_planner)."""
         layers = loaded.config.num_layers
@@ -134,6 +138,7 @@ class EdgeClient:
         self.codec = Codec.parse(codec)
         self.timeout_s, self.reconnects, self.fallback = timeout_s, reconnects, fallback
         self.max_frame_bytes = max_frame_bytes
+        self.tls_ca = tls_ca  # PEM of the CA that signed the cloud's certificate; None: plaintext (loopback, tunnels)
         model = loaded.model
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.min_edge_layers = min_edge_layers
@@ -193,7 +198,7 @@ class EdgeClient:
     def connect(self, attempt: int = 0) -> None:
         target = self.clouds[attempt % len(self.clouds)]
         self.close()
-        self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s)
+        self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s, self.tls_ca)
         if self.cache is None:
             self._choose_split()
         hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
