@@ -4,7 +4,6 @@ User mistakes (FerryError) print one line and exit 2; nothing else is caught."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

@@ -18,7 +18,7 @@ import torch
 
 from ferry.edge.auth import token_matches
 from ferry.edge.codecs import Codec, CodecError
-from ferry.edge.protocol import FLAG_NO_REPLY, METHOD, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
+from ferry.edge.protocol import FLAG_NO_REPLY, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import Sampler, SamplingParams
 from ferry.errors import FerryError
