@@ -22,12 +22,14 @@ class LLM:
         compile: bool = False,
         compile_mode: str | None = None,
         weights: str = "native",
+        sync_output: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights)
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode)
+        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
+                             sync_output=sync_output)
 
     @property
     def model_path(self) -> Path:

@@ -51,6 +51,8 @@ def generate(
     compile: Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")] = False,
     compile_mode: Annotated[Optional[str], typer.Option(help="torch.compile mode, e.g. max-autotune-no-cudagraphs")] = None,
     weights: WeightsOpt = "native",
+    sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
+                                                                   "next (the old, slower mode; for comparison)")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -63,7 +65,8 @@ def generate(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
         )
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
+                  sync_output=sync_output)
         if verbose:
             err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ferry.comm.copy_stream import CopyStream
+from ferry.comm.pinned_pool import PinnedBufferPool
 from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
 from ferry.engine.kv_cache import KVCache
+from ferry.engine.readback import TokenReadback
 from ferry.engine.sampling import Sampler, SamplingParams
 from ferry.engine.sequence import Sequence
 from ferry.errors import InvalidRequestError
@@ -50,6 +53,8 @@ class Engine:
         cuda_graphs: bool | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        sync_output: bool = False,
+        pinned_pool: PinnedBufferPool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -62,7 +67,12 @@ class Engine:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs = DecodeGraphs(model, self.cache, compile=compile, compile_mode=compile_mode) if use_graphs else None
         self.decode_path = self.graphs.path if self.graphs else "eager"
-        log.info("engine on %s (%s), decode path: %s", self.device, self.dtype, self.decode_path)
+        # Async readback: step N+1 is enqueued before step N's tokens are read (see readback.py).
+        self.sync_output = sync_output
+        self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=64 << 20, pin=self.device.type == "cuda")
+        self.readback = TokenReadback(self.pinned_pool, CopyStream(self.device))
+        log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
+                 "sync" if sync_output else "async")
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not prompts:
@@ -123,16 +133,24 @@ class Engine:
         # row decodes more than max_tokens steps), so a step uploads nothing.
         positions = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)
         longest = max(len(p) for p in prompts)
+
+        def next_step(step: int, current: torch.Tensor) -> torch.Tensor:
+            positions.add_(1)
+            return sampler(self._decode(current.view(batch, 1), positions, longest + step + 1))
+
         for step in range(params.max_tokens):
-            for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            pending = self.readback.start(tokens)
+            upcoming = None
+            if not self.sync_output and step + 1 < params.max_tokens:
+                upcoming = next_step(step, tokens)  # the GPU runs step N+1 while the host handles step N
+            for i, (seq, token) in enumerate(zip(seqs, pending.result(), strict=True)):
                 if seq.finished:
                     continue
                 delta = seq.append(token, self.tokenizer, eos, params.stop, params.max_tokens)
                 yield TokenEvent(i, token, delta, seq.finish_reason)
             if all(s.finished for s in seqs):
                 return
-            positions += 1
-            tokens = sampler(self._decode(tokens.view(batch, 1), positions, longest + step + 1))
+            tokens = upcoming if upcoming is not None else next_step(step, tokens)
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         width = max(len(p) for p in prompts)

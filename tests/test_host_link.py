@@ -1,0 +1,100 @@
+"""Host <-> device link pieces that have a CPU meaning: the pinned pool's reuse, bounds, thread safety and
+in-flight guard, and async token readback giving exactly the synchronous mode's outputs."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ferry.comm.pinned_pool import PinnedBufferPool, size_class
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+
+
+class SlowCopy:
+    """A fence for a copy that has not finished until the test says so."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+
+def test_released_buffers_are_reused_by_size_class():
+    pool = PinnedBufferPool(max_bytes=1 << 20, pin=False)
+    a = pool.acquire(5000)
+    assert a.size_class == size_class(5000) == 8192 and a.tensor.numel() == 8192
+    pool.release(a)
+    b = pool.acquire(7000)
+    assert b is a and pool.stats.hits == 1 and pool.stats.misses == 1
+    c = pool.acquire(100)  # another class: a new buffer
+    assert c is not a and c.size_class == 4096 and pool.stats.bytes_pinned == 8192 + 4096
+
+
+def test_buffer_is_not_handed_out_while_its_copy_is_in_flight():
+    pool = PinnedBufferPool(max_bytes=1 << 20, pin=False)
+    buf = pool.acquire(4096)
+    slow = SlowCopy()
+    pool.release(buf, fence=slow)
+    other = pool.acquire(4096)
+    assert other is not buf and pool.stats.waits_on_fence == 1
+    slow.done.set()  # the copy finished
+    assert pool.acquire(4096) is buf
+
+
+def test_pool_is_bounded_and_evicts_only_idle_buffers():
+    pool = PinnedBufferPool(max_bytes=3 * 4096, pin=False)
+    held = [pool.acquire(4096) for _ in range(3)]
+    with pytest.raises(MemoryError, match="pinned pool is full"):
+        pool.acquire(4096)
+    slow = SlowCopy()
+    pool.release(held[0], fence=slow)
+    with pytest.raises(MemoryError):
+        pool.acquire(8192)  # the only free buffer is still in flight: nothing may be evicted
+    pool.release(held[1])
+    big = pool.acquire(8192)  # the idle 4 KiB buffer is evicted to make room
+    assert big.size_class == 8192 and pool.stats.bytes_pinned <= pool.max_bytes
+
+
+def test_pool_is_thread_safe():
+    pool = PinnedBufferPool(max_bytes=64 << 20, pin=False)
+    in_use: set[int] = set()
+    lock, errors = threading.Lock(), []
+
+    def worker() -> None:
+        for _ in range(300):
+            buf = pool.acquire(4096)
+            with lock:
+                if id(buf) in in_use:
+                    errors.append("handed out twice")
+                in_use.add(id(buf))
+            buf.tensor[0] = 1
+            with lock:
+                in_use.discard(id(buf))
+            pool.release(buf)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert pool.stats.hits + pool.stats.misses == 8 * 300 and pool.stats.misses <= 8
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(max_tokens=20, ignore_eos=True),
+     SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+     SamplingParams(max_tokens=40, stop=("\n\n",))],
+)
+def test_async_readback_gives_exactly_the_synchronous_outputs(ferry_smollm, params):
+    tok = ferry_smollm.tokenizer
+    prompts = [tok.encode_chat("Name two planets."), tok.encode("Once upon a time"), tok.encode("1, 2, 3,")]
+    outputs = []
+    for sync in (True, False):
+        engine = Engine(ferry_smollm.model, tok, sync_output=sync)
+        outputs.append([(c.token_ids, c.text, c.finish_reason) for c in engine.generate(prompts, params)])
+    assert outputs[0] == outputs[1]
