@@ -54,7 +54,8 @@ def test_pool_is_bounded_and_evicts_only_idle_buffers():
     with pytest.raises(MemoryError):
         pool.acquire(8192)  # the only free buffer is still in flight: nothing may be evicted
     pool.release(held[1])
-    big = pool.acquire(8192)  # the idle 4 KiB buffer is evicted to make room
+    pool.release(held[2])
+    big = pool.acquire(8192)  # the two idle 4 KiB buffers are evicted to make room; the in-flight one stays
     assert big.size_class == 8192 and pool.stats.bytes_pinned <= pool.max_bytes
 
 
