@@ -99,3 +99,28 @@ def test_async_readback_gives_exactly_the_synchronous_outputs(ferry_smollm, para
         engine = Engine(ferry_smollm.model, tok, sync_output=sync)
         outputs.append([(c.token_ids, c.text, c.finish_reason) for c in engine.generate(prompts, params)])
     assert outputs[0] == outputs[1]
+
+
+def test_packed_upload_round_trips_every_field_with_one_copy():
+    import torch
+
+    from ferry.comm.copy_stream import CopyStream
+    from ferry.comm.step_packer import ALIGN, StepPacker, layout
+
+    fields = {
+        "ids": torch.randint(0, 50000, (3, 7)),
+        "positions": torch.arange(21, dtype=torch.int32).view(3, 7),
+        "lengths": torch.tensor([7, 5, 2], dtype=torch.int16),
+        "temperature": torch.tensor([0.0, 0.7, 1.3]),
+        "flags": torch.tensor([True, False, True]),
+    }
+    offsets, total = layout(fields)
+    assert all(at % ALIGN == 0 for at, _ in offsets.values()) and total >= sum(n for _, n in offsets.values())
+    packer = StepPacker(torch.device("cpu"), PinnedBufferPool(pin=False), CopyStream(torch.device("cpu")))
+    first = packer.upload(fields)
+    second = packer.upload({k: v.clone() * 0 if v.dtype != torch.bool else ~v for k, v in fields.items()})
+    assert packer.uploads == 2
+    for name, t in fields.items():  # the first step's views survive the second upload (two staging slots)
+        assert first[name].dtype == t.dtype and first[name].shape == t.shape
+        assert torch.equal(first[name], t), name
+    assert torch.equal(second["flags"], ~fields["flags"])

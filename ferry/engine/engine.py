@@ -15,6 +15,7 @@ import torch
 
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
+from ferry.comm.step_packer import StepPacker
 from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.readback import TokenReadback
@@ -70,7 +71,9 @@ class Engine:
         # Async readback: step N+1 is enqueued before step N's tokens are read (see readback.py).
         self.sync_output = sync_output
         self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=64 << 20, pin=self.device.type == "cuda")
-        self.readback = TokenReadback(self.pinned_pool, CopyStream(self.device))
+        copy = CopyStream(self.device)
+        self.readback = TokenReadback(self.pinned_pool, copy)
+        self.packer = StepPacker(self.device, self.pinned_pool, copy)
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
 
@@ -157,10 +160,10 @@ class Engine:
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        inputs = self.packer.upload({"ids": ids, "last": last})  # one H2D copy for the step's inputs
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.model(ids, positions, self.cache.layers, width, logits_index=last)
+        return self.model(inputs["ids"], positions, self.cache.layers, width, logits_index=inputs["last"])
 
     def _decode(self, ids: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
         if self.graphs is not None:
