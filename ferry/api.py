@@ -23,10 +23,12 @@ class LLM:
         compile_mode: str | None = None,
         weights: str = "native",
         sync_output: bool = False,
+        offload_weights: float = 0.0,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights)
+        self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights,
+                                 offload_fraction=offload_weights)
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                              sync_output=sync_output)

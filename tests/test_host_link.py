@@ -124,3 +124,35 @@ def test_packed_upload_round_trips_every_field_with_one_copy():
         assert first[name].dtype == t.dtype and first[name].shape == t.shape
         assert torch.equal(first[name], t), name
     assert torch.equal(second["flags"], ~fields["flags"])
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_streamed_weights_give_identical_output_and_prefetch_one_layer_ahead(ferry_smollm, fraction):
+    import torch
+
+    from ferry.model.loader import load_model
+
+    streamed = load_model(None, torch.device("cpu"), torch.float32, show_progress=False, offload_fraction=fraction)
+    streamer = streamed.model.weight_streamer
+    n = round(fraction * streamed.config.num_layers)
+    assert streamer.streamed == list(range(streamed.config.num_layers - n, streamed.config.num_layers))
+    tok = ferry_smollm.tokenizer
+    prompts = [tok.encode_chat("Name a red fruit."), tok.encode("The ocean is")]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = [c.token_ids for c in Engine(ferry_smollm.model, tok).generate(prompts, params)]
+    assert [c.token_ids for c in Engine(streamed.model, tok).generate(prompts, params)] == ref
+    # Double buffering: the copy of each streamed layer is queued before the previous layer runs.
+    trace = streamer.trace
+    for prev, nxt in zip(streamer.streamed, streamer.streamed[1:]):
+        assert trace.index(("copy", nxt)) < trace.index(("run", prev))
+    assert sum(1 for kind, _ in trace if kind == "copy") == n  # one copy per streamed layer per forward
+
+
+def test_offload_fraction_outside_zero_one_is_refused():
+    import torch
+
+    from ferry.errors import FerryError
+    from ferry.model.loader import load_model
+
+    with pytest.raises(FerryError, match="fraction"):
+        load_model(None, torch.device("cpu"), torch.float32, show_progress=False, offload_fraction=1.5)

@@ -53,6 +53,7 @@ def generate(
     weights: WeightsOpt = "native",
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
+    offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -66,7 +67,7 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
         )
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
-                  sync_output=sync_output)
+                  sync_output=sync_output, offload_weights=offload_weights)
         if verbose:
             err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")

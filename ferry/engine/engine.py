@@ -66,6 +66,9 @@ class Engine:
             self.config.num_layers, model.kv_heads_per_rank, self.config.head_dim, self.dtype, self.device
         )
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and getattr(model, "weight_streamer", None) is not None:
+            log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
+            use_graphs = False
         self.graphs = DecodeGraphs(model, self.cache, compile=compile, compile_mode=compile_mode) if use_graphs else None
         self.decode_path = self.graphs.path if self.graphs else "eager"
         # Async readback: step N+1 is enqueued before step N's tokens are read (see readback.py).

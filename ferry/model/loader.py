@@ -70,13 +70,20 @@ def load_model(
     group: ParallelGroup | None = None,
     show_progress: bool = True,
     weights: str = "native",
+    offload_fraction: float = 0.0,
 ) -> LoadedModel:
-    """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight."""
+    """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight.
+    `offload_fraction`: that share of decoder layers lives in (pinned) host memory and is streamed to the device
+    ahead of its use (see ferry/comm/weight_stream.py)."""
     group = group or ParallelGroup.single()
     if weights not in ("native", "int8"):
         raise FerryError(f"unknown weight format {weights!r} (choose native or int8)")
     if weights == "int8":
         check_int8_supported(device, dtype)
+    if not 0.0 <= offload_fraction <= 1.0:
+        raise FerryError(f"--offload-weights must be a fraction in [0, 1], got {offload_fraction}")
+    if offload_fraction and weights != "native":
+        raise FerryError("--offload-weights streams native weights; it does not combine with --weights int8")
     started = time.perf_counter()
     resolved = Path(path).expanduser() if path else default_model_path()
     source, config, tokenizer = open_checkpoint(resolved)
@@ -85,9 +92,24 @@ def load_model(
         model.load(source, progress=advance)
         if weights == "int8":
             model.quantize_int8()
+    if offload_fraction:
+        stream_layers(model, offload_fraction)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s, %s weights) in %.2f s", resolved.name, device, dtype, weights, seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
+
+
+def stream_layers(model: LlamaForCausalLM, fraction: float) -> None:
+    """Move the last `fraction` of decoder layers to host memory, streamed in on each forward."""
+    from ferry.comm.weight_stream import LayerStreamer
+
+    count = round(fraction * len(model.layers))
+    streamed = list(range(len(model.layers) - count, len(model.layers)))
+    device = model.norm.weight.device
+    model.weight_streamer = LayerStreamer(list(model.layers), streamed, device)
+    model.register_forward_pre_hook(lambda module, args: module.weight_streamer.start())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the layers' device copies were released for the two slots
 
 
 class _progress:
