@@ -20,8 +20,13 @@ log = logging.getLogger("ferry.stream")
 
 
 class LayerStreamer:
-    def __init__(self, layers: list[nn.Module], streamed: list[int], device: torch.device, pin: bool | None = None):
-        self.layers, self.streamed, self.device = layers, sorted(streamed), device
+    def __init__(
+        self, layers: list[nn.Module], streamed: list[int], device: torch.device, pin: bool | None = None,
+        prefetch: bool = True,
+    ):
+        """`pin=False, prefetch=False` is the naive path (pageable memory, each layer copied when reached), kept
+        so benchmarks can measure it beside the streamed one."""
+        self.layers, self.streamed, self.device, self.prefetch = layers, sorted(streamed), device, prefetch
         self.copy = CopyStream(device)
         pin = device.type == "cuda" if pin is None else pin
         self.trace: list[tuple[str, int]] = []  # ("copy", j) / ("run", i) in issue order, for tests and --verbose
@@ -67,7 +72,7 @@ class LayerStreamer:
 
     def start(self) -> None:
         """Call before each forward: queue the first streamed layer's copy."""
-        if self.streamed:
+        if self.streamed and self.prefetch:
             self.trace.clear()
             self._issue(self.streamed[0])
 
@@ -80,7 +85,7 @@ class LayerStreamer:
                 self._issue(i)
                 fence = self._fences.pop(i)
             self.copy.wait_on_compute(fence)
-            if position + 1 < len(self.streamed):
+            if self.prefetch and position + 1 < len(self.streamed):
                 self._issue(self.streamed[position + 1])  # overlaps this layer's compute
             self.trace.append(("run", i))
 
