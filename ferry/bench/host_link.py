@@ -63,7 +63,6 @@ def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
             rows.append({"test": "bandwidth", "direction": direction, "mode": mode, "bytes": size,
                          "us": round(seconds * 1e6, 1), "GBps": round(size / seconds / 1e9, 2)})
         pool.release(buf)
-        del dev, pageable
     return rows
 
 
@@ -108,3 +107,57 @@ def overlap(device: torch.device) -> list[dict]:
     return [{"test": "copy/compute overlap", "mode": "512 MiB H2D on the copy stream under an 8192^3 bf16 matmul",
              "us": round(t_both * 1e6, 1), "matmul_us": round(t_mm * 1e6, 1), "copy_us": round(t_copy * 1e6, 1),
              "overlap": round((t_mm + t_copy - t_both) / min(t_mm, t_copy), 3)}]
+
+
+def run_host_bench(device: torch.device, max_size_mb: int, out, log=print) -> str:
+    """Run every measurement this machine allows; write JSON, markdown and PNG; return the markdown."""
+    from pathlib import Path
+
+    from ferry.bench.report import provenance, write_results
+
+    out = Path(out)
+    if device.type != "cuda":
+        log("ferry: no CUDA device: there is no host<->device link to measure here. Measuring host memory "
+            "copies (the 'device' side is host memory too) and the packing cost instead; pinned memory, "
+            "copy-stream overlap and PCIe bandwidth need a GPU.")
+    sizes = [s for s in SIZES if s <= max_size_mb << 20]
+    rows = bandwidth_rows(device, sizes) + small_vs_packed(device) + overlap(device)
+    meta = provenance(device) | {"link": "PCIe host<->device" if device.type == "cuda" else "host memory only (no GPU)"}
+    stem = f"{meta['date']}_host_link_{device.type}"
+    cols = ["test", "direction", "mode", "bytes", "us", "GBps", "speedup", "overlap"]
+    json_path, md_path = write_results(out, stem, meta, rows, cols)
+    try:
+        plot_bandwidth(rows, out / f"{stem}.png")
+    except ImportError:
+        log("ferry: matplotlib not installed; no PNG written (pip install 'ferry[bench]')")
+    log(f"ferry: wrote {json_path}, {md_path}")
+    return md_path.read_text()
+
+
+def plot_bandwidth(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["test"] == "bandwidth":
+            series.setdefault(f"{r['direction']} {r['mode']}", []).append((r["bytes"], r["GBps"]))
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per copy")
+    ax.set_ylabel("GB/s")
+    ax.legend(fontsize=8)
+    ax.set_title("Host <-> device copies")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # runnable without the CLI's dependencies: python -m ferry.bench.host_link [cuda]
+    import sys
+
+    run_host_bench(torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda"), 1024, "benchmarks/results")

@@ -62,49 +62,10 @@ def bench_host(
     setup_logging(verbose)
 
     def run() -> None:
-        from ferry.bench.host_link import SIZES, bandwidth_rows, overlap, small_vs_packed
-        from ferry.bench.report import provenance, write_results
+        from ferry.bench.host_link import run_host_bench
         from ferry.device import resolve_device
 
-        dev = resolve_device(device)
-        if dev.type != "cuda":
-            err("ferry: no CUDA device: there is no host<->device link to measure here. Measuring host memory "
-                "copies (the 'device' side is host memory too) and the packing cost instead; pinned memory, "
-                "copy-stream overlap and PCIe bandwidth need a GPU.")
-        sizes = [s for s in SIZES if s <= max_size_mb << 20]
-        rows = bandwidth_rows(dev, sizes) + small_vs_packed(dev) + overlap(dev)
-        meta = provenance(dev) | {"link": "PCIe host<->device" if dev.type == "cuda" else "host memory only (no GPU)"}
-        stem = f"{meta['date']}_host_link_{dev.type}"
-        cols = ["test", "direction", "mode", "bytes", "us", "GBps", "speedup", "overlap"]
-        json_path, md_path = write_results(out, stem, meta, rows, cols)
-        try:
-            _plot_bandwidth(rows, out / f"{stem}.png")
-        except ImportError:
-            err("ferry: matplotlib not installed; no PNG written (pip install 'ferry[bench]')")
-        print(md_path.read_text())
-        err(f"ferry: wrote {json_path}, {md_path}")
+        print(run_host_bench(resolve_device(device), max_size_mb, out, log=err))
 
     run_guarded(run)
 
-
-def _plot_bandwidth(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if r["test"] == "bandwidth":
-            series.setdefault(f"{r['direction']} {r['mode']}", []).append((r["bytes"], r["GBps"]))
-    for name, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("bytes per copy")
-    ax.set_ylabel("GB/s")
-    ax.legend(fontsize=8)
-    ax.set_title("Host <-> device copies")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
