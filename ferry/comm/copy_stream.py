@@ -7,7 +7,18 @@ returned fence is already complete, so the same calling code runs (and is tested
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("ferry.copy")
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("host<->device copy from pageable memory (synchronous, ~7x slower than pinned): %s", reason)
 
 
 class _Done:
@@ -30,7 +41,10 @@ class CopyStream:
             return _Done()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        pinned = (src.device.type == "cpu" and src.is_pinned()) or (dst.device.type == "cpu" and dst.is_pinned())
+        host = src if src.device.type == "cpu" else dst if dst.device.type == "cpu" else None
+        pinned = host is not None and host.is_pinned()
+        if host is not None and not pinned:
+            _warn_once(f"a {tuple(host.shape)} {host.dtype} buffer was not allocated pinned")
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=pinned)
             event = torch.cuda.Event()
