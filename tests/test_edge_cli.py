@@ -28,19 +28,25 @@ def _ferry(*args: str, token: str | None = "cli-secret", timeout: float = 300) -
                           timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def cloud_process():
+def _start_cloud(split: int, token: str) -> tuple[subprocess.Popen, int]:
+    """A `ferry cloud` process, returned once its port accepts connections (or it has died: the test sees why)."""
     port = _free_port()
-    env = {**os.environ, "FERRY_TOKEN": "cli-secret"}
-    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", "4", "--listen",
+    env = {**os.environ, "FERRY_TOKEN": token}
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", str(split), "--listen",
                              f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
+        time.sleep(0.1)
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def cloud_process():
+    proc, port = _start_cloud(4, "cli-secret")
+    assert proc.poll() is None, proc.stderr.read()
     yield proc, port
     proc.terminate()
     proc.wait(30)
@@ -77,16 +83,7 @@ def test_edge_without_the_token_is_refused_with_one_line(cloud_process):
 
 
 def test_cloud_stops_cleanly_on_sigterm():
-    port = _free_port()
-    env = {**os.environ, "FERRY_TOKEN": "x"}
-    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", "3", "--listen",
-                             f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    proc, _ = _start_cloud(3, "x")
     proc.terminate()
     try:
         assert proc.wait(60) == 0, proc.stderr.read()

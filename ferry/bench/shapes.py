@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ferry.comm.group import ParallelGroup
@@ -25,21 +27,7 @@ LLAMA3_8B = ModelConfig(
     eos_token_ids=(128001,),
 )
 
-LLAMA3_70B = ModelConfig(
-    architecture="llama",
-    vocab_size=128256,
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_layers=80,
-    num_heads=64,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-    eos_token_ids=(128001,),
-)
+LLAMA3_70B = replace(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64)
 
 SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
