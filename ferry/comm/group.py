@@ -28,12 +28,15 @@ class ParallelGroup:
             dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
-    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's `tensor` along the last dimension (ranks may hold different widths)."""
+    def all_gather_last_dim(self, tensor: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along the last dimension; rank r holds `widths[r]` columns.
+
+        Collectives need equal sizes, so each rank pads to the widest shard and the padding is cut after."""
         if self.world_size == 1:
             return tensor
-        widths = [torch.empty((), dtype=torch.long, device=tensor.device) for _ in range(self.world_size)]
-        dist.all_gather(widths, torch.tensor(tensor.shape[-1], device=tensor.device), group=self.process_group)
-        parts = [tensor.new_empty((*tensor.shape[:-1], int(w))) for w in widths]
+        widest = max(widths)
+        if tensor.shape[-1] < widest:
+            tensor = torch.nn.functional.pad(tensor, (0, widest - tensor.shape[-1]))
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat([part[..., :w] for part, w in zip(parts, widths, strict=True)], dim=-1)

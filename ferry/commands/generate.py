@@ -54,6 +54,8 @@ def generate(
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
+    tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -62,10 +64,15 @@ def generate(
     def run() -> None:
         from ferry.api import LLM
         from ferry.engine.sampling import SamplingParams
+        from ferry.parallel.launch import under_torchrun
 
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
+            ignore_eos=ignore_eos,
         )
+        if tp > 1 or under_torchrun():
+            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp)
+            return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
                   sync_output=sync_output, offload_weights=offload_weights)
         if verbose:
@@ -92,6 +99,46 @@ def generate(
         err(summary_line(completions))
 
     run_guarded(run)
+
+
+def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp) -> None:
+    """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
+    from pathlib import Path
+
+    import torch
+
+    from ferry.device import resolve_device
+    from ferry.engine.engine import Completion
+    from ferry.model.default_model import default_model_path
+    from ferry.model.loader import open_checkpoint
+    from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
+    from ferry.parallel.layout import check_device_count, check_tensor_parallel
+    from ferry.parallel.tp_generate import GenerateJob, run_generate
+
+    dev = resolve_device(device)
+    path = Path(model).expanduser() if model else default_model_path()
+    _, config, _ = open_checkpoint(path)
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat)
+    if under_torchrun():
+        group = torchrun_group(dev.type)
+        check_tensor_parallel(config, group.world_size)
+        result = run_generate(group, job)
+        if group.rank != 0:
+            return
+    else:
+        check_tensor_parallel(config, tp)
+        check_device_count(dev.type, tp, torch.cuda.device_count() if dev.type == "cuda" else 0)
+        result = spawn(tp, dev.type, run_generate, (job,))
+    completions = [Completion(**c) for c in result.pop("completions")]
+    if as_json:
+        doc = {k: result[k] for k in ("model", "device", "dtype", "tp", "load_s", "peak_host_mb_per_rank")}
+        doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
+        print(json.dumps(doc), flush=True)
+        return
+    for i, c in enumerate(completions):
+        print(f"[{i}] {c.text}" if len(completions) > 1 else c.text, flush=True)
+    err(f"{summary_line(completions)} (tp={result['tp']}, peak host memory per rank "
+        f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB)")
 
 
 @app.command()

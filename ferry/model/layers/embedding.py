@@ -9,7 +9,7 @@ from torch import nn
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.linear import QuantizableMatmul
 from ferry.model.layers.quant import quantize_rows_int8
-from ferry.model.layers.shard import shard_range
+from ferry.model.layers.shard import shard_range, shard_sizes
 from ferry.model.weights.source import WeightSource
 
 
@@ -18,6 +18,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group = group
         self.vocab_start, self.vocab_stop = shard_range(vocab_size, group.world_size, group.rank)
+        self.shard_widths = shard_sizes(vocab_size, group.world_size)
         self.weight = nn.Parameter(torch.empty(self.vocab_stop - self.vocab_start, dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ class ParallelLMHead(VocabParallelEmbedding, QuantizableMatmul):
     tied = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.group.all_gather_last_dim(self.matmul(hidden))
+        return self.group.all_gather_last_dim(self.matmul(hidden), self.shard_widths)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight

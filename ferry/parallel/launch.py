@@ -1,0 +1,135 @@
+"""Run one function on `tp` ranks: spawned worker processes (rank 0's result comes back), or under torchrun.
+
+Every rank runs the same engine steps in lockstep (SPMD); collectives have a timeout; the parent watches every
+child and, when one dies, stops the rest and names the rank that failed. Children die with the parent
+(PR_SET_PDEATHSIG), so a killed `ferry` leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ferry.comm.group import ParallelGroup
+from ferry.errors import FerryError
+
+log = logging.getLogger("ferry.launch")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "npu": "hccl"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's finally block still reaps children
+
+
+def init_group(rank: int, world: int, device_type: str, init_method: str, timeout_s: float) -> ParallelGroup:
+    backend = BACKENDS.get(device_type)
+    if backend is None:
+        raise FerryError(f"no torch.distributed backend known for device type {device_type!r}")
+    if device_type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD)
+
+
+def _worker(rank, world, device_type, init_method, timeout_s, fn, args, results) -> None:
+    _die_with_parent()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    try:
+        group = init_group(rank, world, device_type, init_method, timeout_s)
+        result = fn(group, *args)
+        if rank == 0:
+            results.put(("ok", result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except FerryError as exc:
+        results.put(("error", rank, str(exc), ""))
+        raise SystemExit(2) from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        results.put(("crash", rank, f"{type(exc).__name__}: {reason[:300]}", traceback.format_exc(limit=8)))
+        raise SystemExit(1) from None
+
+
+def spawn(world: int, device_type: str, fn: Callable[..., Any], args: tuple, timeout_s: float = 300.0) -> Any:
+    """Run fn(group, *args) on `world` spawned ranks; return rank 0's result."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, fn, args, results),
+                         name=f"ferry-rank{r}", daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    log.info("spawned %d ranks (%s, %s)", world, device_type, BACKENDS[device_type])
+    try:
+        outcome = None
+        while outcome is None:
+            try:
+                outcome = results.get(timeout=0.2)
+            except queue.Empty:
+                if dead := _died(procs):
+                    raise FerryError(f"{dead}; stopped the other ranks")
+        if outcome[0] != "ok":
+            _, rank, reason, trace = outcome
+            log.debug("rank %d traceback:\n%s", rank, trace)
+            time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
+            dead = _died(procs, exclude=rank)
+            raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
+        payload = outcome[1]
+        deadline = time.monotonic() + 30
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        return payload
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _died(procs: list, exclude: int | None = None) -> str | None:
+    """Describe the first rank that exited abnormally (killed by a signal or non-zero), if any."""
+    for rank, p in enumerate(procs):
+        code = p.exitcode
+        if rank == exclude or code in (None, 0):
+            continue
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"rank {rank} {how}"
+    return None
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def torchrun_group(device_type: str, timeout_s: float = 300.0) -> ParallelGroup:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return init_group(rank, world, device_type, "env://", timeout_s)
