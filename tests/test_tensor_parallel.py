@@ -18,25 +18,12 @@ from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.parallel.launch import spawn
 from ferry.parallel.layout import check_device_count, check_tensor_parallel
+from ferry.bench.tp_quality import compare, full_logits_on_ranks
 from ferry.parallel.tp_generate import GenerateJob, run_generate
 
 PROMPTS = ("The capital of France is", "def add(a, b):", "Once upon a time, in a quiet village,",
            "List three colours:", "Water freezes at", "My favourite book is")
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
-
-
-def _logits_on_ranks(group, path: str, ids: list[list[int]]):
-    from ferry.engine.kv_cache import KVCache
-    from ferry.model.loader import load_model
-
-    torch.set_num_threads(1)
-    loaded = load_model(path, torch.device("cpu"), torch.float32, group=group, show_progress=False)
-    cfg = loaded.config
-    cache = KVCache(cfg.num_layers, loaded.model.kv_heads_per_rank, cfg.head_dim, torch.float32, torch.device("cpu"))
-    x = torch.tensor(ids)
-    cache.ensure(*x.shape)
-    with torch.inference_mode():
-        return loaded.model.full_logits(x, cache.layers)
 
 
 @pytest.mark.parametrize("tp", [2, 3])
@@ -50,7 +37,7 @@ def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp
     cache.ensure(*x.shape)
     with torch.inference_mode():
         ref = ferry_smollm.model.full_logits(x, cache.layers)
-    ours = spawn(tp, "cpu", _logits_on_ranks, (str(smollm_path), ids))
+    ours = spawn(tp, "cpu", full_logits_on_ranks, (str(smollm_path), ids))
     err = float((ours - ref).abs().max())
     print(f"tp={tp}: max |logit error| vs tp=1 = {err:.2e}")
     assert err < 1e-3  # same fp32 maths, different summation order across ranks
@@ -124,3 +111,17 @@ def test_killing_one_rank_ends_the_run_quickly_with_no_processes_left():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, smollm_path):
+    """Off by default; when on, teacher-forced agreement and perplexity on the shipped text stay close."""
+    from ferry.bench.edge_codecs import eval_text
+
+    ids = [ferry_smollm.tokenizer.encode(eval_text())[:192]]
+    exact = spawn(2, "cpu", full_logits_on_ranks, (str(smollm_path), ids))
+    compressed = spawn(2, "cpu", full_logits_on_ranks, (str(smollm_path), ids), compression="int8")
+    quality = compare(exact, compressed, ids)
+    print(f"int8 all-reduce vs exact (tp=2): {quality}")
+    assert 0 < quality["max_logit_error"]  # the compressed path really ran
+    assert quality["top1_agreement"] >= 0.95
+    assert abs(quality["perplexity_variant"] - quality["perplexity_exact"]) / quality["perplexity_exact"] < 0.05

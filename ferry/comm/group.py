@@ -17,15 +17,24 @@ class ParallelGroup:
     rank: int = 0
     world_size: int = 1
     process_group: dist.ProcessGroup | None = None
+    compression: str | None = None  # "int8": lossy all-reduce of row-parallel outputs (see compressed.py)
 
     @classmethod
     def single(cls) -> ParallelGroup:
         return cls()
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the group in place and return it."""
-        if self.world_size > 1:
-            dist.all_reduce(tensor, group=self.process_group)
+    def all_reduce(self, tensor: torch.Tensor, compressible: bool = False) -> torch.Tensor:
+        """Sum `tensor` over the group and return the sum (in place unless the compressed path runs).
+
+        `compressible`: the caller tolerates the lossy path when the group is configured for one (row-parallel
+        layer outputs do; the vocabulary-parallel embedding, where one rank holds each row exactly, does not)."""
+        if self.world_size == 1:
+            return tensor
+        if compressible and self.compression == "int8":
+            from ferry.comm.compressed import int8_all_reduce
+
+            return int8_all_reduce(tensor, self.process_group)
+        dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor, widths: list[int]) -> torch.Tensor:

@@ -56,6 +56,8 @@ def generate(
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
     tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
+    compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
+                                                                     "outputs (per-token scales); off by default")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -71,7 +73,7 @@ def generate(
             ignore_eos=ignore_eos,
         )
         if tp > 1 or under_torchrun():
-            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp)
+            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
                   sync_output=sync_output, offload_weights=offload_weights)
@@ -101,7 +103,7 @@ def generate(
     run_guarded(run)
 
 
-def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp) -> None:
+def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression) -> None:
     """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
     from pathlib import Path
 
@@ -115,12 +117,16 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp) -> No
     from ferry.parallel.layout import check_device_count, check_tensor_parallel
     from ferry.parallel.tp_generate import GenerateJob, run_generate
 
+    from ferry.errors import FerryError
+
+    if compression not in (None, "int8"):
+        raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
     dev = resolve_device(device)
     path = Path(model).expanduser() if model else default_model_path()
     _, config, _ = open_checkpoint(path)
     job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat)
     if under_torchrun():
-        group = torchrun_group(dev.type)
+        group = torchrun_group(dev.type, compression=compression)
         check_tensor_parallel(config, group.world_size)
         result = run_generate(group, job)
         if group.rank != 0:
@@ -128,7 +134,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp) -> No
     else:
         check_tensor_parallel(config, tp)
         check_device_count(dev.type, tp, torch.cuda.device_count() if dev.type == "cuda" else 0)
-        result = spawn(tp, dev.type, run_generate, (job,))
+        result = spawn(tp, dev.type, run_generate, (job,), compression=compression)
     completions = [Completion(**c) for c in result.pop("completions")]
     if as_json:
         doc = {k: result[k] for k in ("model", "device", "dtype", "tp", "load_s", "peak_host_mb_per_rank")}

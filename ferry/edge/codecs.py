@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ferry.comm.int8_rows import Int8Rows, dequantize_rows, quantize_rows
 from ferry.errors import FerryError
 
 BASE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -152,17 +153,16 @@ def _dec_float(dtype: torch.dtype):
 
 
 def _enc_int8(x: torch.Tensor) -> bytes:
-    idx, vals, rest = _split_outliers(x, OUTLIERS_PER_TOKEN)
-    scale = rest.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(rest / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-    return _outlier_bytes(idx, vals) + scale.to(torch.float32).numpy().tobytes() + q.numpy().tobytes()
+    rows = quantize_rows(x, OUTLIERS_PER_TOKEN)
+    return (_outlier_bytes(rows.outlier_index, rows.outlier_value) + rows.scales.numpy().tobytes()
+            + rows.values.numpy().tobytes())
 
 
 def _dec_int8(data: bytes, tokens: int, dim: int) -> torch.Tensor:
     idx, vals, at = _read_outliers(data, tokens, dim)
     scale = torch.from_numpy(_exact(data[at : at + 4 * tokens], np.float32, tokens).copy())
     q = torch.from_numpy(_exact(data[at + 4 * tokens :], np.int8, tokens * dim).copy()).reshape(tokens, dim)
-    return (q.float() * scale.unsqueeze(1)).scatter(1, idx, vals)
+    return dequantize_rows(Int8Rows(q, scale, idx, vals))
 
 
 def _enc_int4(x: torch.Tensor) -> bytes:

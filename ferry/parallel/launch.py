@@ -43,7 +43,9 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent's finally block still reaps children
 
 
-def init_group(rank: int, world: int, device_type: str, init_method: str, timeout_s: float) -> ParallelGroup:
+def init_group(
+    rank: int, world: int, device_type: str, init_method: str, timeout_s: float, compression: str | None = None
+) -> ParallelGroup:
     backend = BACKENDS.get(device_type)
     if backend is None:
         raise FerryError(f"no torch.distributed backend known for device type {device_type!r}")
@@ -51,16 +53,16 @@ def init_group(rank: int, world: int, device_type: str, init_method: str, timeou
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD)
+    return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD, compression=compression)
 
 
-def _worker(rank, world, device_type, init_method, timeout_s, fn, args, results) -> None:
+def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results) -> None:
     _die_with_parent()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     try:
-        group = init_group(rank, world, device_type, init_method, timeout_s)
+        group = init_group(rank, world, device_type, init_method, timeout_s, compression)
         result = fn(group, *args)
         if rank == 0:
             results.put(("ok", result))
@@ -75,12 +77,15 @@ def _worker(rank, world, device_type, init_method, timeout_s, fn, args, results)
         raise SystemExit(1) from None
 
 
-def spawn(world: int, device_type: str, fn: Callable[..., Any], args: tuple, timeout_s: float = 300.0) -> Any:
+def spawn(
+    world: int, device_type: str, fn: Callable[..., Any], args: tuple, timeout_s: float = 300.0,
+    compression: str | None = None,
+) -> Any:
     """Run fn(group, *args) on `world` spawned ranks; return rank 0's result."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, fn, args, results),
+    procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results),
                          name=f"ferry-rank{r}", daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -130,6 +135,6 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def torchrun_group(device_type: str, timeout_s: float = 300.0) -> ParallelGroup:
+def torchrun_group(device_type: str, timeout_s: float = 300.0, compression: str | None = None) -> ParallelGroup:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return init_group(rank, world, device_type, "env://", timeout_s)
+    return init_group(rank, world, device_type, "env://", timeout_s, compression)

@@ -89,7 +89,7 @@ class RowParallelLinear(QuantizableMatmul):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(self.matmul(x))
+        return self.group.all_reduce(self.matmul(x), compressible=True)
 
     def load(self, source: WeightSource, name: str) -> None:
         start, stop = self.in_range
