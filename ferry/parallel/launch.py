@@ -12,6 +12,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -65,7 +66,9 @@ def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, a
         group = init_group(rank, world, device_type, init_method, timeout_s, compression)
         result = fn(group, *args)
         if rank == 0:
-            results.put(("ok", result))
+            # Plain pickle copies tensor data: the queue's own pickler would pass tensors as shared-memory
+            # handles, which die with this process before the parent unpickles them.
+            results.put(("ok", pickle.dumps(result)))
         dist.barrier()
         dist.destroy_process_group()
     except FerryError as exc:
@@ -104,7 +107,7 @@ def spawn(
             time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
             dead = _died(procs, exclude=rank)
             raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
-        payload = outcome[1]
+        payload = pickle.loads(outcome[1])
         deadline = time.monotonic() + 30
         for p in procs:
             p.join(max(0.1, deadline - time.monotonic()))
