@@ -125,3 +125,26 @@ def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, s
     assert 0 < quality["max_logit_error"]  # the compressed path really ran
     assert quality["top1_agreement"] >= 0.95
     assert abs(quality["perplexity_variant"] - quality["perplexity_exact"]) / quality["perplexity_exact"] < 0.05
+
+
+def test_the_same_command_runs_under_torchrun(ferry_smollm):
+    import json
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "ferry.cli", "generate",
+                          PROMPTS[0], "--device", "cpu", "--max-tokens", "12", "--ignore-eos", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)  # only rank 0 printed
+    ids = [ferry_smollm.tokenizer.encode(PROMPTS[0])]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    reference = Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, params)[0].token_ids
+    assert doc["tp"] == 2 and doc["completions"][0]["token_ids"] == reference
