@@ -27,18 +27,13 @@ from ferry.edge.speculative import Drafter  # noqa: E402
 from ferry.engine.engine import Engine  # noqa: E402
 from ferry.engine.sampling import SamplingParams  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
+from ferry.parallel.launch import free_port  # noqa: E402
 
 TOKEN = "bench-" + os.urandom(6).hex()
 PROMPTS = [
     "What is the capital of France?", "Write a short poem about rivers.", "Explain what a CPU cache is.",
     "Give three tips for learning a language.", "Describe a sunset over the sea.", "What is photosynthesis?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:

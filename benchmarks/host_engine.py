@@ -48,8 +48,7 @@ def pinned_h2d_bandwidth(device: torch.device) -> float:
 
 @torch.inference_mode()
 def offload_step_s(model, steps: int = 5) -> float:
-    cfg = model.config
-    cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, torch.bfloat16, torch.device("cuda"))
+    cache = KVCache.for_model(model)
     cache.ensure(1, 64)
     ids = torch.tensor([[1000]], device="cuda")
     times = []

@@ -44,8 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda")
     model = random_model(SHAPES[args.model], device, torch.bfloat16)
-    cfg = model.config
-    cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, torch.bfloat16, device)
+    cache = KVCache.for_model(model)
     cache.ensure(args.batch, args.context)
     forward = torch.compile(model, dynamic=False, mode=args.compile_mode) if args.compile else model
     ids = torch.randint(0, 1000, (args.batch, 1), device=device)

@@ -11,13 +11,9 @@ import time
 
 import pytest
 
+from ferry.parallel.launch import free_port
+
 PROMPT = "What is the capital of France?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ferry(*args: str, token: str | None = "cli-secret", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -30,7 +26,7 @@ def _ferry(*args: str, token: str | None = "cli-secret", timeout: float = 300) -
 
 def _start_cloud(split: int, token: str) -> tuple[subprocess.Popen, int]:
     """A `ferry cloud` process, returned once its port accepts connections (or it has died: the test sees why)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FERRY_TOKEN": token}
     proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", str(split), "--listen",
                              f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)

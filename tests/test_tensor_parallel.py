@@ -16,7 +16,7 @@ import torch
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
-from ferry.parallel.launch import spawn
+from ferry.parallel.launch import free_port, spawn
 from ferry.parallel.layout import check_device_count, check_tensor_parallel
 from ferry.bench.tp_quality import compare, full_logits_on_ranks
 from ferry.parallel.tp_generate import GenerateJob, run_generate
@@ -134,12 +134,7 @@ def test_the_same_command_runs_under_torchrun(ferry_smollm):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not Path(torchrun).exists():
         pytest.skip("torchrun not installed")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "ferry.cli", "generate",
+    out = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ferry.cli", "generate",
                           PROMPTS[0], "--device", "cpu", "--max-tokens", "12", "--ignore-eos", "--json"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]

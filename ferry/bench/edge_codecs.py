@@ -26,7 +26,7 @@ def _split_logits(loaded: LoadedModel, ids: torch.Tensor, split: int, codec: Cod
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     ids = ids.to(device)
     positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, dtype, device)
+    cache = KVCache.for_model(model)
     cache.ensure(1, ids.shape[1])
     x = model.run_layers(model.embed_tokens(ids), positions, cache.layers[:split], ids.shape[1], range(split))
     if codec is not None:

@@ -15,9 +15,8 @@ def full_logits_on_ranks(group: ParallelGroup, path: str, ids: list[list[int]]) 
 
     torch.set_num_threads(1)
     loaded = load_model(path, torch.device("cpu"), torch.float32, group=group, show_progress=False)
-    cfg = loaded.config
     x = torch.tensor(ids)
-    cache = KVCache(cfg.num_layers, loaded.model.kv_heads_per_rank, cfg.head_dim, torch.float32, torch.device("cpu"))
+    cache = KVCache.for_model(loaded.model)
     cache.ensure(*x.shape)
     with torch.inference_mode():
         return loaded.model.full_logits(x, cache.layers)

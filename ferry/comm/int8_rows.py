@@ -20,12 +20,15 @@ class Int8Rows(NamedTuple):
     outlier_value: torch.Tensor  # [rows, k], the exact values
 
 
-def quantize_rows(x: torch.Tensor, outliers: int = 8) -> Int8Rows:
-    x = x.float()
-    k = min(outliers, x.shape[1])
+def split_outliers(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: (indices [rows, k] of the k largest |x|, their values, x with them zeroed)."""
+    k = min(k, x.shape[1])
     idx = x.abs().topk(k, dim=1).indices
-    vals = x.gather(1, idx)
-    rest = x.scatter(1, idx, 0.0)
+    return idx, x.gather(1, idx), x.scatter(1, idx, 0.0)
+
+
+def quantize_rows(x: torch.Tensor, outliers: int = 8) -> Int8Rows:
+    idx, vals, rest = split_outliers(x.float(), outliers)
     scales = rest.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(rest / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return Int8Rows(q, scales, idx, vals)

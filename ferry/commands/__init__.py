@@ -66,6 +66,12 @@ def completion_json(prompt: str, c, **extra) -> dict:
     }
 
 
+def print_completions(completions) -> None:
+    """Each completion's text on stdout; with several, each tagged with its prompt's index."""
+    for i, c in enumerate(completions):
+        print(f"[{i}] {c.text}" if len(completions) > 1 else c.text, flush=True)
+
+
 def summary_line(completions) -> str:
     total = sum(len(c.token_ids) for c in completions)
     ttft = max(c.ttft_s for c in completions)

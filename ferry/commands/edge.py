@@ -29,6 +29,7 @@ from ferry.commands import (
     app,
     completion_json,
     err,
+    print_completions,
     run_guarded,
     setup_logging,
     summary_line,
@@ -190,8 +191,7 @@ def edge(
             print(json.dumps(doc), flush=True)
             return
         if not stream:
-            for i, c in enumerate(completions):
-                print(f"[{i}] {c.text}" if len(completions) > 1 else c.text, flush=True)
+            print_completions(completions)
         sent = sum(s.bytes_sent for _, s in results)
         tokens = sum(len(c.token_ids) for c in completions)
         err(f"{summary_line(completions)}; link: {sent / max(tokens, 1):.0f} bytes sent per token, "

@@ -27,6 +27,7 @@ from ferry.commands import (
     app,
     completion_json,
     err,
+    print_completions,
     run_guarded,
     setup_logging,
     summary_line,
@@ -95,9 +96,7 @@ def generate(
             print(json.dumps(doc), flush=True)
             return
         if not stream:
-            for i, c in enumerate(completions):
-                prefix = f"[{i}] " if len(completions) > 1 else ""
-                print(f"{prefix}{c.text}", flush=True)
+            print_completions(completions)
         err(summary_line(completions))
 
     run_guarded(run)
@@ -141,8 +140,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
         doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
         print(json.dumps(doc), flush=True)
         return
-    for i, c in enumerate(completions):
-        print(f"[{i}] {c.text}" if len(completions) > 1 else c.text, flush=True)
+    print_completions(completions)
     err(f"{summary_line(completions)} (tp={result['tp']}, peak host memory per rank "
         f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB)")
 

@@ -42,7 +42,7 @@ class _Session:
         self.server, self.id, self.codec = server, session_id, codec
         model = server.loaded.model
         self.layers = range(split, model.config.num_layers)
-        self.cache = KVCache(len(self.layers), model.kv_heads_per_rank, model.config.head_dim, server.dtype, server.device)
+        self.cache = KVCache.for_model(model, len(self.layers))
         self.request: int | None = None
         self.sampler: Sampler | None = None
         self.next_position = 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ferry.comm.int8_rows import Int8Rows, dequantize_rows, quantize_rows
+from ferry.comm.int8_rows import Int8Rows, dequantize_rows, quantize_rows, split_outliers
 from ferry.errors import FerryError
 
 BASE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -113,15 +113,6 @@ def _exact(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count)
 
 
-def _split_outliers(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token: (indices [t, k] of the k largest |x|, their values, x with them zeroed)."""
-    k = min(k, x.shape[1])
-    idx = x.abs().topk(k, dim=1).indices
-    vals = x.gather(1, idx)
-    rest = x.scatter(1, idx, 0.0)
-    return idx, vals, rest
-
-
 def _outlier_bytes(idx: torch.Tensor, vals: torch.Tensor) -> bytes:
     return idx.to(torch.int32).numpy().astype(np.uint16).tobytes() + vals.to(torch.float16).numpy().tobytes()
 
@@ -169,7 +160,7 @@ def _enc_int4(x: torch.Tensor) -> bytes:
     tokens, dim = x.shape
     if dim % INT4_GROUP or dim % 2:
         raise CodecError(f"int4 needs a hidden size divisible by {INT4_GROUP}, got {dim}")
-    idx, vals, rest = _split_outliers(x, OUTLIERS_PER_TOKEN)
+    idx, vals, rest = split_outliers(x, OUTLIERS_PER_TOKEN)
     groups = rest.view(tokens, dim // INT4_GROUP, INT4_GROUP)
     scale = groups.abs().amax(dim=2).clamp(min=1e-12) / 7.0
     q = torch.round(groups / scale.unsqueeze(2)).clamp(-7, 7).to(torch.int16) + 8  # 1..15 in a nibble

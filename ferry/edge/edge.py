@@ -23,7 +23,7 @@ from ferry.edge.speculative import Drafter, GammaController, timed
 from ferry.engine.engine import Completion, Engine
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
-from ferry.engine.sequence import Sequence
+from ferry.engine.sequence import Sequence, stop_token_ids
 from ferry.errors import FerryError
 from ferry.model.loader import LoadedModel
 
@@ -156,9 +156,8 @@ class EdgeClient:
     # --- connection -------------------------------------------------------------------------------------
 
     def _use_split(self, split: int) -> None:
-        model = self.loaded.model
         self.split = split
-        self.cache = KVCache(split, model.kv_heads_per_rank, self.loaded.config.head_dim, self.dtype, self.device)
+        self.cache = KVCache.for_model(self.loaded.model, split)
 
     def _choose_split(self) -> None:
         """Probe the link and both sides' compute, predict time per token for every K, take the best."""
@@ -296,7 +295,7 @@ class EdgeClient:
             raise FerryError(f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} exceeds the "
                              f"context of {config.max_context}")
         stats, seq = LinkStats(), Sequence(list(prompt_ids))
-        eos = frozenset() if params.ignore_eos else frozenset(self.loaded.tokenizer.eos_token_ids)
+        eos = stop_token_ids(params, self.loaded.tokenizer)
         started = time.perf_counter()
         if self.link is None:
             try:
@@ -361,7 +360,7 @@ class EdgeClient:
         engine = Engine(self.loaded.model, self.loaded.tokenizer, cuda_graphs=False)
         remaining = params.max_tokens - len(seq.output_ids)
         history = seq.prompt_ids + seq.output_ids
-        eos = frozenset() if params.ignore_eos else frozenset(self.loaded.tokenizer.eos_token_ids)
+        eos = stop_token_ids(params, self.loaded.tokenizer)
         local = SamplingParams(**{**params.__dict__, "max_tokens": remaining})
         for event in engine.stream([history], local):
             stats.fallback_tokens += 1
@@ -375,10 +374,4 @@ class EdgeClient:
     @staticmethod
     def _completion(seq: Sequence, started: float, stats: LinkStats) -> Completion:
         stats.total_s = time.perf_counter() - started
-        first, last = seq.first_token_time or started, seq.last_token_time or started
-        n = len(seq.output_ids)
-        return Completion(
-            prompt_token_ids=seq.prompt_ids, token_ids=seq.output_ids, text=seq.text,
-            finish_reason=seq.finish_reason or "length", ttft_s=first - started,
-            tokens_per_s=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
-        )
+        return Completion.from_sequence(seq, started)

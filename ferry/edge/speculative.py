@@ -20,9 +20,8 @@ class Drafter:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        model, cfg = loaded.model, loaded.config
-        self.device = model.norm.weight.device
-        self.cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, model.norm.weight.dtype, self.device)
+        self.device = loaded.model.norm.weight.device
+        self.cache = KVCache.for_model(loaded.model)
         self.fed = 0  # tokens of the sequence whose K/V the cache holds (positions 0..fed-1)
 
     def reset(self) -> None:

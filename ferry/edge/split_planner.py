@@ -36,8 +36,8 @@ class LinkProfile:
 def measure_compute(loaded: LoadedModel, steps: int = 8, context: int = 64) -> ComputeProfile:
     """Median time of a decode step's layers and head on this machine (after a warm-up step)."""
     model, cfg = loaded.model, loaded.config
-    device, dtype = model.norm.weight.device, model.norm.weight.dtype
-    cache = KVCache(cfg.num_layers, model.kv_heads_per_rank, cfg.head_dim, dtype, device)
+    device = model.norm.weight.device
+    cache = KVCache.for_model(model)
     cache.ensure(1, context + steps + 2)
     x = model.embed_tokens(torch.tensor([[1]], device=device))
     layers, heads = [], []

@@ -20,7 +20,7 @@ from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.readback import TokenReadback
 from ferry.engine.sampling import Sampler, SamplingParams
-from ferry.engine.sequence import Sequence
+from ferry.engine.sequence import Sequence, stop_token_ids
 from ferry.errors import InvalidRequestError
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
@@ -45,6 +45,21 @@ class Completion:
     ttft_s: float
     tokens_per_s: float
 
+    @classmethod
+    def from_sequence(cls, seq: Sequence, started: float) -> Completion:
+        """`started`: when the request began (time to first token counts from it)."""
+        first, last = seq.first_token_time or started, seq.last_token_time or started
+        n = len(seq.output_ids)
+        return cls(
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=seq.output_ids,
+            text=seq.text,
+            finish_reason=seq.finish_reason or "length",
+            ttft_s=first - started,
+            # Decode rate: tokens after the first over the time after the first.
+            tokens_per_s=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
+        )
+
 
 class Engine:
     def __init__(
@@ -62,9 +77,7 @@ class Engine:
         self.config = model.config
         self.device = model.norm.weight.device
         self.dtype = model.norm.weight.dtype
-        self.cache = KVCache(
-            self.config.num_layers, model.kv_heads_per_rank, self.config.head_dim, self.dtype, self.device
-        )
+        self.cache = KVCache.for_model(model)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
@@ -108,20 +121,7 @@ class Engine:
         for event in self._run(seqs, params):
             if on_token:
                 on_token(event)
-        return [
-            Completion(
-                prompt_token_ids=s.prompt_ids,
-                token_ids=s.output_ids,
-                text=s.text,
-                finish_reason=s.finish_reason or "length",
-                ttft_s=s.first_token_time - started,
-                # Decode rate: tokens after the first over the time after the first.
-                tokens_per_s=(len(s.output_ids) - 1) / (s.last_token_time - s.first_token_time)
-                if len(s.output_ids) > 1 and s.last_token_time > s.first_token_time
-                else 0.0,
-            )
-            for s in seqs
-        ]
+        return [Completion.from_sequence(s, started) for s in seqs]
 
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence], params: SamplingParams) -> Iterator[TokenEvent]:
@@ -132,7 +132,7 @@ class Engine:
         if self.cache.ensure(rows, max(len(p) for p in prompts) + params.max_tokens) and self.graphs:
             self.graphs.reset()
         sampler = Sampler(params, self.device)
-        eos = frozenset() if params.ignore_eos or not self.tokenizer else frozenset(self.tokenizer.eos_token_ids)
+        eos = stop_token_ids(params, self.tokenizer)
 
         tokens = sampler(self._prefill(prompts))
         # Positions advance on the device (+1 per step, finished rows too: they stay within the cache because no

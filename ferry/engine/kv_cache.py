@@ -12,6 +12,14 @@ class KVCache:
         self.max_batch = self.max_len = 0
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    @classmethod
+    def for_model(cls, model, num_layers: int | None = None) -> KVCache:
+        """An empty cache shaped for `model`'s layers on this rank (the first `num_layers`, default all), in the
+        model's dtype and on its device."""
+        weight = model.norm.weight
+        layers = model.config.num_layers if num_layers is None else num_layers
+        return cls(layers, model.kv_heads_per_rank, model.config.head_dim, weight.dtype, weight.device)
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8

@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 from ferry.model.tokenizer import FerryTokenizer
 
 
+def stop_token_ids(params, tokenizer: FerryTokenizer | None) -> frozenset[int]:
+    """The token ids that end a sequence for these sampling parameters (none with ignore_eos or no tokenizer)."""
+    if params.ignore_eos or tokenizer is None:
+        return frozenset()
+    return frozenset(tokenizer.eos_token_ids)
+
+
 @dataclass
 class Sequence:
     prompt_ids: list[int]

@@ -31,7 +31,8 @@ log = logging.getLogger("ferry.launch")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "npu": "hccl"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -87,7 +88,7 @@ def spawn(
     """Run fn(group, *args) on `world` spawned ranks; return rank 0's result."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results),
                          name=f"ferry-rank{r}", daemon=True) for r in range(world)]
     for p in procs:
