@@ -51,12 +51,21 @@ def _read(path: Path | None, what: str) -> bytes | None:
 TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
 
 
-def _stop_signal() -> threading.Event:
-    """An event set by SIGINT/SIGTERM; installed before a server starts, so no signal finds it unprotected."""
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    return done
+class _StopSignal:
+    """Set by SIGINT/SIGTERM; installed before a server starts, so no signal finds it unprotected.
+
+    `wait` polls: a process-directed signal may land on a gRPC or torch thread, and Python runs handlers only in
+    the main thread between bytecodes, so a main thread parked in an untimed lock wait could sleep through it.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._event.set())
+
+    def wait(self) -> None:
+        while not self._event.wait(0.25):
+            pass
 
 
 @app.command()
@@ -90,7 +99,7 @@ def cloud(
 
             raise FerryError("--tls-cert and --tls-key go together")
         tls = (_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate")) if tls_cert else None
-        stopping = _stop_signal()
+        stopping = _StopSignal()
         dev = resolve_device(device)
         loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
@@ -220,7 +229,7 @@ def linkem(
         profile = LinkProfile(parse_duration(rtt), parse_duration(jitter), parse_rate(rate) if rate else 0.0,
                               reset_prob, seed)
         emulator = LinkEmulator(parse_address(listen), parse_address(to), profile)
-        stopping = _stop_signal()
+        stopping = _StopSignal()
         port = emulator.start_in_thread()
         err(f"ferry: link emulator {listen.rpartition(':')[0]}:{port} -> {to} "
             f"(rtt {rtt}, jitter {jitter}, rate {rate or 'unlimited'}, reset_prob {reset_prob})")
