@@ -16,6 +16,7 @@ import torch
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
+from ferry.model.layers.heads import HeadShard
 from ferry.parallel.launch import free_port, spawn
 from ferry.parallel.layout import check_device_count, check_tensor_parallel
 from ferry.bench.tp_quality import compare, full_logits_on_ranks
@@ -26,7 +27,7 @@ PROMPTS = ("The capital of France is", "def add(a, b):", "Once upon a time, in a
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp", [2, 3, 4])  # 4 > SmolLM2's 3 KV heads: KV heads replicated
 def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode("Tensor parallel ranks each hold a slice of every layer.")]
     x = torch.tensor(ids)
@@ -43,7 +44,7 @@ def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp
     assert err < 1e-3  # same fp32 maths, different summation order across ranks
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp", [2, 3, 4])
 def test_tp_greedy_tokens_match_tp1(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS]
     reference = [c.token_ids for c in Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, GREEDY)]
@@ -53,11 +54,72 @@ def test_tp_greedy_tokens_match_tp1(ferry_smollm, smollm_path, tp):
 
 
 def test_layouts_that_cannot_work_are_refused_by_name(ferry_smollm):
-    check_tensor_parallel(ferry_smollm.config, 3)
-    with pytest.raises(FerryError, match="3 KV heads"):
-        check_tensor_parallel(ferry_smollm.config, 4)
+    check_tensor_parallel(ferry_smollm.config, 4)  # KV heads replicated
+    with pytest.raises(FerryError, match="more ranks than this model's 9 attention heads"):
+        check_tensor_parallel(ferry_smollm.config, 10)
     with pytest.raises(FerryError, match="needs 4 cuda devices, but 2 are present"):
         check_device_count("cuda", 4, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 2), (32, 8), (64, 8), (12, 4), (7, 1)])
+def test_head_shards_cover_every_query_head_once_with_the_kv_heads_it_reads(heads, kv_heads):
+    group = heads // kv_heads
+    for tp in range(1, heads + 1):
+        shards = [HeadShard.for_rank(heads, kv_heads, tp, r) for r in range(tp)]
+        owned = [q for s in shards for q in range(s.q_start, s.q_stop)]
+        assert owned == list(range(heads)), (tp, shards)
+        for s in shards:
+            assert s.num_heads >= 1
+            for q, local_kv in zip(range(s.q_start, s.q_stop), s.kv_of_query):
+                assert s.kv_start + local_kv == q // group
+            assert set(s.kv_of_query) == set(range(s.num_kv_heads))  # no KV head held for nothing
+            assert s.replicates_kv == (tp > kv_heads and s.num_heads < group * s.num_kv_heads)
+        # Balance: query heads differ by at most one between ranks when KV heads are replicated.
+        if tp > kv_heads:
+            assert max(s.num_heads for s in shards) - min(s.num_heads for s in shards) <= 1
+
+
+def test_smollm2_tp4_replicates_kv_heads_as_documented():
+    shards = [HeadShard.for_rank(9, 3, 4, r) for r in range(4)]
+    assert [(s.q_start, s.q_stop, s.kv_start, s.kv_stop) for s in shards] == [
+        (0, 3, 0, 1), (3, 5, 1, 2), (5, 7, 1, 3), (7, 9, 2, 3)]
+    assert HeadShard.for_rank(8, 2, 3, 1).local_group is None  # queries 3,4,5 read KV heads 0,1,1: gathered
+
+
+def _uneven_gqa_checkpoint(folder: Path) -> Path:
+    """A random Llama with 8 query / 2 KV heads: at tp=3 rank 1 holds queries 3..5 over KV heads 0 and 1 unequally."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=2, intermediate_size=96, vocab_size=128,
+                                      tie_word_embeddings=False, max_position_embeddings=256)
+    torch.manual_seed(7)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0, 1 / param.shape[-1] ** 0.5 if param.dim() == 2 and "embed" not in name else 1)
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_replicated_kv_heads_with_unequal_local_groups_match_tp1(tmp_path):
+    from ferry.engine.kv_cache import KVCache
+    from ferry.model.loader import load_model
+
+    folder = _uneven_gqa_checkpoint(tmp_path)
+    ids = [torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()]
+    loaded = load_model(folder, torch.device("cpu"), torch.float32, show_progress=False)
+    cache = KVCache.for_model(loaded.model)
+    cache.ensure(1, 40)
+    with torch.inference_mode():
+        ref = loaded.model.full_logits(torch.tensor(ids), cache.layers)
+    ours = spawn(3, "cpu", full_logits_on_ranks, (str(folder), ids))
+    assert float((ours - ref).abs().max()) < 1e-4
 
 
 def test_tp_on_cuda_without_gpus_is_a_clear_error():

@@ -1,26 +1,22 @@
-"""Which tensor-parallel layouts a model supports.
+"""Which tensor-parallel layouts a model supports (the head rule itself lives in ferry.model.layers.heads).
 
-Rule: KV heads are split as evenly as possible over the ranks (the first ranks take one more), and each rank
-takes the query heads of its KV heads (the whole group of each), so attention never crosses ranks. Head counts
-need not divide: SmolLM2's 9 query / 3 KV heads split 6+3 queries (2+1 KV heads) at tp=2. MLP columns and the
-vocabulary split the same way, unevenly when they must. A rank needs at least one KV head: tp above the KV-head
-count would need replicated KV heads, which Ferry does not do yet, so it is refused by name.
+MLP columns and the vocabulary split as evenly as possible, unevenly when they must; attention heads follow
+`HeadShard`, replicating KV heads when ranks outnumber them. Refused by name: tp < 1 and tp above the
+query-head count.
 """
 
 from __future__ import annotations
 
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
+from ferry.model.layers.heads import HeadShard
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     if tp < 1:
         raise FerryError(f"--tp must be >= 1, got {tp}")
-    if tp > config.num_kv_heads:
-        raise FerryError(
-            f"--tp {tp} is more ranks than this model's {config.num_kv_heads} KV heads; use --tp <= "
-            f"{config.num_kv_heads} (KV-head replication across ranks is not supported yet)"
-        )
+    for rank in range(tp):
+        HeadShard.for_rank(config.num_heads, config.num_kv_heads, tp, rank)
 
 
 def check_device_count(device_type: str, tp: int, available: int) -> None:

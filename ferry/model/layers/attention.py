@@ -16,7 +16,7 @@ from torch import nn
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
-from ferry.model.layers.shard import shard_range
+from ferry.model.layers.heads import HeadShard
 from ferry.model.weights.source import WeightSource
 
 
@@ -54,21 +54,23 @@ class Attention(nn.Module):
         group: ParallelGroup,
     ) -> None:
         super().__init__()
-        kv_start, kv_stop = shard_range(num_kv_heads, group.world_size, group.rank)
-        self.num_kv_heads = kv_stop - kv_start
-        self.group_size = num_heads // num_kv_heads
-        self.num_heads = self.num_kv_heads * self.group_size
-        self.head_dim = head_dim
-        # Query heads are cut along KV-head groups so each rank's queries find their keys locally.
-        q_unit = head_dim * self.group_size
+        heads = HeadShard.for_rank(num_heads, num_kv_heads, group.world_size, group.rank)
+        self.heads = heads
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, head_dim
+        # Each rank's queries find their keys locally: folded per KV head when the local groups are equal,
+        # else (some replicated layouts) K/V are gathered per query head.
+        self.group_size = heads.local_group
+        self._kv_index: torch.Tensor | None = None  # built on first use: modules are created on the meta device
+        q_rows = (heads.q_start * head_dim, heads.q_stop * head_dim)
+        kv_rows = (heads.kv_start * head_dim, heads.kv_stop * head_dim)
         self.qkv_proj = ColumnParallelLinear(
             hidden_size,
             [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
             group,
             bias=bias,
-            units=[q_unit, head_dim, head_dim],
+            block_ranges=[q_rows, kv_rows, kv_rows],
         )
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, group, unit=q_unit)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, group, in_range=q_rows)
 
     def forward(
         self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
@@ -88,6 +90,11 @@ class Attention(nn.Module):
         keys = k_cache[:bsz, : batch.kv_len].transpose(1, 2)
         values = v_cache[:bsz, : batch.kv_len].transpose(1, 2)
 
+        if group is None:
+            if self._kv_index is None or self._kv_index.device != x.device:
+                self._kv_index = torch.tensor(self.heads.kv_of_query, device=x.device)
+            keys, values = keys.index_select(1, self._kv_index), values.index_select(1, self._kv_index)
+            n_kv, group = self.num_heads, 1
         # Fold each KV head's query group into the query axis: SDPA then needs no K/V repetition.
         q = q.view(bsz, tokens, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(bsz, n_kv, group * tokens, hd)
         mask = batch.mask.unsqueeze(2).expand(bsz, 1, group, tokens, batch.kv_len).reshape(bsz, 1, group * tokens, batch.kv_len)

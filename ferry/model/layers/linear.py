@@ -35,7 +35,8 @@ class ColumnParallelLinear(QuantizableMatmul):
     """y = x W^T with W's output rows made of one or more logical blocks, each split over the group.
 
     `block_sizes` lists the logical outputs fused into one matmul (e.g. gate and up projections), and
-    `unit` the granule a block may be cut at (a head's width for attention projections).
+    `unit` the granule a block may be cut at (a head's width for attention projections). `block_ranges` gives
+    each block's [start, stop) rows explicitly instead, for layouts that are not an even split (replicated KV heads).
     """
 
     def __init__(
@@ -45,14 +46,17 @@ class ColumnParallelLinear(QuantizableMatmul):
         group: ParallelGroup,
         bias: bool = False,
         units: list[int] | None = None,
+        block_ranges: list[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         self.group = group
-        units = units or [1] * len(block_sizes)
-        self.block_ranges: list[tuple[int, int]] = []
-        for size, unit in zip(block_sizes, units, strict=True):
-            start, stop = shard_range(size // unit, group.world_size, group.rank)
-            self.block_ranges.append((start * unit, stop * unit))
+        if block_ranges is None:
+            units = units or [1] * len(block_sizes)
+            block_ranges = []
+            for size, unit in zip(block_sizes, units, strict=True):
+                start, stop = shard_range(size // unit, group.world_size, group.rank)
+                block_ranges.append((start * unit, stop * unit))
+        self.block_ranges = list(block_ranges)
         self.out_features = sum(stop - start for start, stop in self.block_ranges)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
@@ -79,11 +83,16 @@ class ColumnParallelLinear(QuantizableMatmul):
 class RowParallelLinear(QuantizableMatmul):
     """y = sum over ranks of x_r W_r^T: each rank holds a slice of the input features; one all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, unit: int = 1) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, group: ParallelGroup, unit: int = 1,
+        in_range: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.group = group
-        start, stop = shard_range(in_features // unit, group.world_size, group.rank)
-        self.in_range = (start * unit, stop * unit)
+        if in_range is None:
+            start, stop = shard_range(in_features // unit, group.world_size, group.rank)
+            in_range = (start * unit, stop * unit)
+        self.in_range = in_range
         self.weight = nn.Parameter(
             torch.empty(out_features, self.in_range[1] - self.in_range[0]), requires_grad=False
         )
