@@ -1,4 +1,4 @@
-"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`; `LLM(model, tp=2)` for tensor parallelism."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from pathlib import Path
 from ferry.device import resolve_device, resolve_dtype
 from ferry.engine.engine import Completion, Engine, TokenEvent
 from ferry.engine.sampling import SamplingParams
-from ferry.model.loader import load_model
+from ferry.errors import FerryError
 
 
 class LLM:
+    """One model, loaded once. With `tp` > 1 the weights live in `tp` worker processes (one per GPU, or gloo
+    processes on CPU), each holding its shard; this object drives them and keeps only the tokenizer. Call
+    `close()` (or use `with LLM(...) as llm:`) to stop them early; they also stop when the object goes away."""
+
     def __init__(
         self,
         model: str | Path | None = None,
@@ -24,18 +28,52 @@ class LLM:
         weights: str = "native",
         sync_output: bool = False,
         offload_weights: float = 0.0,
+        tp: int = 1,
+        compressed_allreduce: str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.tp = tp
+        self.workers = None
+        self.engine: Engine | None = None
+        engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
+                              sync_output=sync_output)
+        if tp > 1 or compressed_allreduce:
+            self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce)
+            return
+        from ferry.model.loader import load_model
+
         self.loaded = load_model(model, self.device, self.dtype, show_progress=show_progress, weights=weights,
                                  offload_fraction=offload_weights)
+        self.model_path = self.loaded.path
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
-                             sync_output=sync_output)
+        self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
+
+    def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression) -> None:
+        import torch
+
+        from ferry.model.default_model import default_model_path
+        from ferry.model.loader import open_checkpoint
+        from ferry.parallel.layout import check_device_count, check_tensor_parallel
+        from ferry.parallel.workers import TensorParallelWorkers, WorkerSpec
+
+        if weights != "native" or offload_weights:
+            raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
+        if compression not in (None, "int8"):
+            raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
+        path = Path(model).expanduser() if model else default_model_path()
+        _, config, self.tokenizer = open_checkpoint(path)
+        check_tensor_parallel(config, self.tp)
+        check_device_count(self.device.type, self.tp,
+                           torch.cuda.device_count() if self.device.type == "cuda" else 0)
+        self.model_path = path
+        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options)
+        self.workers = TensorParallelWorkers(spec, self.tp, compression=compression)
 
     @property
-    def model_path(self) -> Path:
-        return self.loaded.path
+    def parallel_info(self) -> dict:
+        """tp, device, dtype and each rank's peak host memory after loading (MB); tp=1 reports only tp."""
+        return dict(self.workers.info) if self.workers else {"tp": 1}
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
@@ -47,8 +85,31 @@ class LLM:
         chat: bool = False,
         on_token: Callable[[TokenEvent], None] | None = None,
     ) -> list[Completion]:
-        ids = [self.encode(p, chat) for p in prompts]
-        return self.engine.generate(ids, params or SamplingParams(), on_token=on_token)
+        return self.generate_ids([self.encode(p, chat) for p in prompts], params, on_token)
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[Completion]:
+        params = params or SamplingParams()
+        if self.workers:
+            return self.workers.generate(prompts, params, on_token)
+        return self.engine.generate(prompts, params, on_token=on_token)
 
     def stream(self, prompts: list[str], params: SamplingParams | None = None, chat: bool = False) -> Iterator[TokenEvent]:
-        return self.engine.stream([self.encode(p, chat) for p in prompts], params or SamplingParams())
+        ids, params = [self.encode(p, chat) for p in prompts], params or SamplingParams()
+        if self.workers:
+            return (e for e in self.workers.stream(ids, params) if isinstance(e, TokenEvent))
+        return self.engine.stream(ids, params)
+
+    def close(self) -> None:
+        if self.workers:
+            self.workers.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -205,3 +205,56 @@ def test_the_same_command_runs_under_torchrun(ferry_smollm):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     reference = Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, params)[0].token_ids
     assert doc["tp"] == 2 and doc["completions"][0]["token_ids"] == reference
+
+
+@pytest.fixture(scope="module")
+def llm_tp2(smollm_path):
+    from ferry.api import LLM
+
+    with LLM(str(smollm_path), device="cpu", tp=2) as llm:
+        yield llm
+
+
+def test_python_api_tp2_serves_many_requests_like_tp1(ferry_smollm, llm_tp2):
+    engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
+    ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    for params in (GREEDY, seeded):  # two requests to the same loaded ranks
+        ours = llm_tp2.generate(list(PROMPTS[:3]), params)
+        assert [c.token_ids for c in ours] == [c.token_ids for c in engine.generate(ids, params)]
+    info = llm_tp2.parallel_info
+    assert info["tp"] == 2 and len(info["peak_host_mb_per_rank"]) == 2
+
+
+def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
+    # Ranks that drew different samples would feed different tokens and break apart (or hang at EOS).
+    params = SamplingParams(max_tokens=24, temperature=1.0)
+    runs = [llm_tp2.generate([PROMPTS[2]], params)[0] for _ in range(2)]
+    assert all(r.token_ids for r in runs) and runs[0].token_ids != runs[1].token_ids  # really sampled
+    events = list(llm_tp2.stream([PROMPTS[0]], GREEDY))
+    assert "".join(e.text for e in events) == llm_tp2.generate([PROMPTS[0]], GREEDY)[0].text
+
+
+def test_python_api_tp_rank_death_is_named_and_close_leaves_nothing(smollm_path):
+    from ferry.api import LLM
+
+    llm = LLM(str(smollm_path), device="cpu", tp=2)
+    procs = llm.workers._procs
+    os.kill(procs[1].pid, signal.SIGKILL)
+    started = time.time()
+    with pytest.raises(FerryError, match="rank 1 killed by signal 9"):
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=400, ignore_eos=True))
+    assert time.time() - started < 60
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(FerryError, match="stopped"):
+        llm.generate([PROMPTS[0]], GREEDY)
+
+
+def test_chat_with_tp2_answers_and_exits_cleanly():
+    out = subprocess.run(
+        [sys.executable, "-m", "ferry.cli", "chat", "--device", "cpu", "--max-tokens", "16", "--tp", "2"],
+        input="What is the capital of France?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tensor parallel" in out.stderr
+    assert "Paris" in out.stdout, out.stdout

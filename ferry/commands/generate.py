@@ -74,7 +74,13 @@ def generate(
             ignore_eos=ignore_eos,
         )
         if tp > 1 or under_torchrun():
-            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce)
+            if weights != "native" or offload_weights:
+                from ferry.errors import FerryError
+
+                raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
+            engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
+                                  sync_output=sync_output)
+            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
                   sync_output=sync_output, offload_weights=offload_weights)
@@ -102,7 +108,7 @@ def generate(
     run_guarded(run)
 
 
-def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression) -> None:
+def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression, engine_options) -> None:
     """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
     from pathlib import Path
 
@@ -123,7 +129,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
     dev = resolve_device(device)
     path = Path(model).expanduser() if model else default_model_path()
     _, config, _ = open_checkpoint(path)
-    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat)
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options)
     if under_torchrun():
         group = torchrun_group(dev.type, compression=compression)
         check_tensor_parallel(config, group.world_size)
@@ -153,6 +159,9 @@ def chat(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     weights: WeightsOpt = "native",
+    tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
+    compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
+                                                                     "outputs; off by default")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
@@ -163,28 +172,34 @@ def chat(
         from ferry.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights)
-        err(f"ferry: chatting with {llm.model_path.name} on {llm.device}; /exit to quit, /reset to start over")
-        history: list[dict[str, str]] = []
-        while True:
-            try:
-                line = input("you> ")
-            except EOFError:
-                print()
-                return
-            if line.strip() in ("/exit", "/quit"):
-                return
-            if line.strip() == "/reset":
-                history.clear()
-                continue
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
-            sys.stdout.write("assistant> ")
-            printer = StreamPrinter(sys.stdout, 1)
-            [reply] = llm.engine.generate([ids], params, on_token=printer)
-            printer.close()
-            history.append({"role": "assistant", "content": reply.text})
+        with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
+                 compressed_allreduce=compressed_allreduce) as llm:
+            where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
+            err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")
+            _chat_loop(llm, params)
 
     run_guarded(run)
+
+
+def _chat_loop(llm, params) -> None:
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
+        sys.stdout.write("assistant> ")
+        printer = StreamPrinter(sys.stdout, 1)
+        [reply] = llm.generate_ids([ids], params, on_token=printer)
+        printer.close()
+        history.append({"role": "assistant", "content": reply.text})

@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -59,7 +59,7 @@ def init_group(
 
 
 def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results) -> None:
-    _die_with_parent()
+    die_with_parent()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
@@ -100,13 +100,13 @@ def spawn(
             try:
                 outcome = results.get(timeout=0.2)
             except queue.Empty:
-                if dead := _died(procs):
+                if dead := describe_dead_rank(procs):
                     raise FerryError(f"{dead}; stopped the other ranks")
         if outcome[0] != "ok":
             _, rank, reason, trace = outcome
             log.debug("rank %d traceback:\n%s", rank, trace)
             time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
-            dead = _died(procs, exclude=rank)
+            dead = describe_dead_rank(procs, exclude=rank)
             raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
         payload = pickle.loads(outcome[1])
         deadline = time.monotonic() + 30
@@ -124,7 +124,7 @@ def spawn(
                 p.join(5)
 
 
-def _died(procs: list, exclude: int | None = None) -> str | None:
+def describe_dead_rank(procs: list, exclude: int | None = None) -> str | None:
     """Describe the first rank that exited abnormally (killed by a signal or non-zero), if any."""
     for rank, p in enumerate(procs):
         code = p.exitcode

@@ -1,0 +1,197 @@
+"""Long-lived tensor-parallel ranks behind one driver: what `LLM(tp=N)` and `ferry chat --tp N` talk to.
+
+`spawn` (launch.py) runs one job and exits; a chat or an API user sends many requests to a model loaded once.
+Here each rank loads its shard, then waits for commands on its own queue. The driver sends every rank the same
+request, the ranks run the engine in lockstep (SPMD), and rank 0 streams tokens and the completions back.
+The driver never joins the process group, so it stays free to watch the ranks: when one dies, the others are
+stopped and the error names the rank. `close()` (or leaving the `with` block, or the driver's exit) stops all.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ferry.comm.group import ParallelGroup
+from ferry.engine.engine import Completion, TokenEvent
+from ferry.engine.sampling import SamplingParams
+from ferry.errors import FerryError
+from ferry.parallel.launch import BACKENDS, die_with_parent, describe_dead_rank, free_port, init_group
+
+log = logging.getLogger("ferry.workers")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rank loads and how its engine runs."""
+
+    model: str
+    device_type: str
+    dtype: str | None
+    engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): cuda_graphs, compile, ...
+
+
+def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.device) -> SamplingParams:
+    """Unseeded sampling would draw a different stream on each rank and split the ranks apart: rank 0 picks a
+    seed and every rank uses it. Greedy and seeded requests are returned unchanged."""
+    from dataclasses import replace
+
+    if params.seed is not None or params.temperature == 0 or group.world_size == 1:
+        return params
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    torch.distributed.broadcast(seed, src=0, group=group.process_group)
+    return replace(params, seed=int(seed))
+
+
+def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
+                compression: str | None, commands, events) -> None:
+    die_with_parent()
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    try:
+        from ferry.device import resolve_dtype
+        from ferry.engine.engine import Engine
+        from ferry.model.loader import load_model
+        from ferry.parallel.tp_generate import check_ranks_agree, gather_floats, peak_host_mb
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
+        device = (torch.device(f"cuda:{rank % torch.cuda.device_count()}") if spec.device_type == "cuda"
+                  else torch.device(spec.device_type))
+        dtype = resolve_dtype(spec.dtype, device)
+        loaded = load_model(spec.model, device, dtype, group=group, show_progress=False)
+        engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
+        peaks = gather_floats(group, peak_host_mb(), device)
+        if rank == 0:
+            events.put(("ready", {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tp": world,
+                                  "peak_host_mb_per_rank": peaks}))
+        while True:
+            command = commands.get()
+            if command[0] == "stop":
+                break
+            _, prompts, params = command
+            params = agree_on_seed(group, params, device)
+            on_token = (lambda e: events.put(("token", e))) if rank == 0 else None
+            completions = engine.generate(prompts, params, on_token=on_token)
+            check_ranks_agree(group, completions, device)
+            if rank == 0:
+                events.put(("done", pickle.dumps(completions)))
+        torch.distributed.destroy_process_group()
+    except FerryError as exc:
+        events.put(("error", rank, str(exc)))
+        raise SystemExit(2) from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.debug("rank %d failed:\n%s", rank, traceback.format_exc(limit=8))
+        events.put(("error", rank, f"{type(exc).__name__}: {reason[:300]}"))
+        raise SystemExit(1) from None
+
+
+class TensorParallelWorkers:
+    """`tp` ranks holding one model; `generate` / `stream` send them a request and return rank 0's answer."""
+
+    def __init__(self, spec: WorkerSpec, tp: int, compression: str | None = None, timeout_s: float = 300.0) -> None:
+        if spec.device_type not in BACKENDS:
+            raise FerryError(f"no torch.distributed backend known for device type {spec.device_type!r}")
+        ctx = mp.get_context("spawn")
+        self.tp, self.timeout_s = tp, timeout_s
+        self._events = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in range(tp)]
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self._procs = [ctx.Process(target=_serve_rank, name=f"ferry-rank{r}", daemon=True,
+                                   args=(r, tp, spec, init_method, timeout_s, compression, self._commands[r],
+                                         self._events)) for r in range(tp)]
+        for p in self._procs:
+            p.start()
+        # Runs at close() or when the driver drops this object / exits: the ranks never outlive it.
+        self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._commands)
+        try:
+            kind, self.info = self._next_event(deadline=time.monotonic() + timeout_s, waiting_for="loading")
+        except BaseException:
+            self.close()
+            raise
+        assert kind == "ready"
+        log.info("%d ranks ready on %s (%s)", tp, spec.device_type, BACKENDS[spec.device_type])
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent | list[Completion]]:
+        """Yield rank 0's token events, then (last) the list of completions."""
+        if not self._finalizer.alive:
+            raise FerryError("the tensor-parallel ranks were stopped")
+        for q in self._commands:
+            q.put(("generate", prompts, params))
+        # A step that makes no token for this long means a stuck collective, which the ranks' own timeout ends.
+        while True:
+            kind, payload = self._next_event(deadline=time.monotonic() + self.timeout_s + 30, waiting_for="a token")
+            if kind == "token":
+                yield payload
+            else:
+                yield pickle.loads(payload)
+                return
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_token: Callable[[TokenEvent], None] | None = None) -> list[Completion]:
+        for item in self.stream(prompts, params):
+            if isinstance(item, list):
+                return item
+            if on_token:
+                on_token(item)
+        raise FerryError("the ranks ended a request without completions")
+
+    def _next_event(self, deadline: float, waiting_for: str) -> tuple[str, object]:
+        while True:
+            try:
+                event = self._events.get(timeout=0.2)
+            except queue.Empty:
+                if dead := describe_dead_rank(self._procs):
+                    self.close()
+                    raise FerryError(f"{dead}; stopped the other ranks") from None
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise FerryError(f"tensor-parallel ranks sent nothing for {self.timeout_s:.0f} s while "
+                                     f"{waiting_for}; stopped them") from None
+                continue
+            if event[0] == "error":
+                _, rank, reason = event
+                time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
+                dead = describe_dead_rank(self._procs, exclude=rank)
+                self.close()
+                raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
+            return event[0], event[1]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> TensorParallelWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stop_ranks(procs: list, commands: list) -> None:
+    for q, p in zip(commands, procs, strict=True):
+        if p.is_alive():
+            try:
+                q.put(("stop",))
+            except (OSError, ValueError):
+                pass
+    deadline = time.monotonic() + 10
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
