@@ -30,6 +30,7 @@ class LLM:
         offload_weights: float = 0.0,
         tp: int = 1,
         compressed_allreduce: str | None = None,
+        allreduce: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -39,7 +40,8 @@ class LLM:
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output)
         if tp > 1 or compressed_allreduce:
-            self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce)
+            self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce,
+                               allreduce)
             return
         from ferry.model.loader import load_model
 
@@ -49,7 +51,7 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
 
-    def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression) -> None:
+    def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression, allreduce) -> None:
         import torch
 
         from ferry.model.default_model import default_model_path
@@ -67,7 +69,7 @@ class LLM:
         check_device_count(self.device.type, self.tp,
                            torch.cuda.device_count() if self.device.type == "cuda" else 0)
         self.model_path = path
-        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options)
+        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce)
         self.workers = TensorParallelWorkers(spec, self.tp, compression=compression)
 
     @property

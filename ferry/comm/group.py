@@ -6,10 +6,14 @@ world size 1 and any tensor-parallel layout: with one rank every collective is t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ferry.comm.allreduce_engine import AllReduceEngine
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,15 @@ class ParallelGroup:
     world_size: int = 1
     process_group: dist.ProcessGroup | None = None
     compression: str | None = None  # "int8": lossy all-reduce of row-parallel outputs (see compressed.py)
+    allreduce: AllReduceEngine | None = None  # per-size path choice (allreduce_engine.py); None: the process group
+
+    def with_allreduce(self, mode: str, device: torch.device, dtype: torch.dtype) -> ParallelGroup:
+        """This group with an all-reduce engine for `mode` ("auto": calibrated; or one path's name)."""
+        if self.world_size == 1:
+            return self
+        from ferry.comm.allreduce_engine import AllReduceEngine
+
+        return replace(self, allreduce=AllReduceEngine.for_group(mode, self.process_group, device, dtype))
 
     @classmethod
     def single(cls) -> ParallelGroup:
@@ -34,6 +47,8 @@ class ParallelGroup:
             from ferry.comm.compressed import int8_all_reduce
 
             return int8_all_reduce(tensor, self.process_group)
+        if self.allreduce is not None:
+            return self.allreduce.reduce(tensor)
         dist.all_reduce(tensor, group=self.process_group)
         return tensor
 

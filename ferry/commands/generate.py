@@ -59,6 +59,8 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
                                                                      "outputs (per-token scales); off by default")] = None,
+    allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
+                                                "machine) or process_group / symm_one_shot / symm_two_shot")] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -80,7 +82,8 @@ def generate(
                 raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
             engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
                                   sync_output=sync_output)
-            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options)
+            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
+                         allreduce)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
                   sync_output=sync_output, offload_weights=offload_weights)
@@ -108,7 +111,8 @@ def generate(
     run_guarded(run)
 
 
-def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression, engine_options) -> None:
+def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression, engine_options,
+                 allreduce) -> None:
     """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
     from pathlib import Path
 
@@ -129,7 +133,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
     dev = resolve_device(device)
     path = Path(model).expanduser() if model else default_model_path()
     _, config, _ = open_checkpoint(path)
-    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options)
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce)
     if under_torchrun():
         group = torchrun_group(dev.type, compression=compression)
         check_tensor_parallel(config, group.world_size)
@@ -142,13 +146,15 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
         result = spawn(tp, dev.type, run_generate, (job,), compression=compression)
     completions = [Completion(**c) for c in result.pop("completions")]
     if as_json:
-        doc = {k: result[k] for k in ("model", "device", "dtype", "tp", "load_s", "peak_host_mb_per_rank")}
+        doc = {k: result[k] for k in ("model", "device", "dtype", "tp", "load_s", "peak_host_mb_per_rank",
+                                     "allreduce_calls")}
         doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
         print(json.dumps(doc), flush=True)
         return
     print_completions(completions)
+    paths = ", ".join(f"{name} x{n}" for name, n in result["allreduce_calls"].items() if n) or "none"
     err(f"{summary_line(completions)} (tp={result['tp']}, peak host memory per rank "
-        f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB)")
+        f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB, all-reduces: {paths})")
 
 
 @app.command()
@@ -162,6 +168,8 @@ def chat(
     tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
     compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
                                                                      "outputs; off by default")] = None,
+    allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
+                                                "machine) or process_group / symm_one_shot / symm_two_shot")] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
@@ -173,7 +181,7 @@ def chat(
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
-                 compressed_allreduce=compressed_allreduce) as llm:
+                 compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")
             _chat_loop(llm, params)

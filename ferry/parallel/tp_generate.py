@@ -25,6 +25,7 @@ class GenerateJob:
     params: SamplingParams
     chat: bool = False
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): compile, sync_output, ...
+    allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
 
 
 def peak_host_mb() -> float:
@@ -60,6 +61,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
     device = torch.device(f"cuda:{group.rank % torch.cuda.device_count()}") if job.device_type == "cuda" else torch.device(job.device_type)
     dtype = resolve_dtype(job.dtype, device)
+    group = group.with_allreduce(job.allreduce, device, dtype)
     started = time.perf_counter()
     loaded = load_model(job.model, device, dtype, group=group, show_progress=group.rank == 0)
     check_tensor_parallel(loaded.config, group.world_size)
@@ -78,5 +80,6 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
         "tp": group.world_size,
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(group, peak_after_load, device),
+        "allreduce_calls": dict(group.allreduce.calls) if group.allreduce else {},
         "completions": [asdict(c) for c in completions],
     }

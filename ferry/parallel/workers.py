@@ -39,6 +39,7 @@ class WorkerSpec:
     device_type: str
     dtype: str | None
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): cuda_graphs, compile, ...
+    allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
 
 
 def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.device) -> SamplingParams:
@@ -69,12 +70,14 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
         device = (torch.device(f"cuda:{rank % torch.cuda.device_count()}") if spec.device_type == "cuda"
                   else torch.device(spec.device_type))
         dtype = resolve_dtype(spec.dtype, device)
+        group = group.with_allreduce(spec.allreduce, device, dtype)
         loaded = load_model(spec.model, device, dtype, group=group, show_progress=False)
         engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_host_mb(), device)
         if rank == 0:
             events.put(("ready", {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tp": world,
-                                  "peak_host_mb_per_rank": peaks}))
+                                  "peak_host_mb_per_rank": peaks,
+                                  "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
         while True:
             command = commands.get()
             if command[0] == "stop":

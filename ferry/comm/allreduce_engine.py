@@ -1,0 +1,205 @@
+"""The all-reduce engine: per message size, the path that measured fastest on this machine.
+
+Calibration times every available path (ferry/comm/allreduce_paths.py) at sizes 8 KiB..64 MiB, inside a CUDA
+graph on GPUs (decode runs in graphs) and eagerly elsewhere. Each rank's times are max-reduced before choosing,
+so every rank picks the same path for the same message (ranks that disagreed would deadlock). The table is
+cached per machine fingerprint (device name, ranks, torch and NCCL versions, dtype) and logged; rank 0 owns the
+cache and broadcasts it, so multi-node groups agree too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ferry.comm.allreduce_paths import ProcessGroupPath, available_paths
+
+log = logging.getLogger("ferry.allreduce")
+
+CALIBRATION_SIZES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 2 << 20, 8 << 20, 32 << 20, 64 << 20]
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    max_bytes: int  # messages up to this size (and above the previous row's) use `path`
+    path: str
+    times_us: dict[str, float]  # every path measured at this size (max over ranks)
+
+
+def choose(times_by_size: dict[int, dict[str, float]]) -> list[SizeChoice]:
+    """The fastest path per size; ties go to the process group (the path every setup has)."""
+    rows = []
+    for size in sorted(times_by_size):
+        times = times_by_size[size]
+        best = min(times, key=lambda name: (times[name], name != ProcessGroupPath.name))
+        rows.append(SizeChoice(size, best, dict(times)))
+    return rows
+
+
+def fingerprint(device: torch.device, world_size: int, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else "none"
+    return f"{name}|w{world_size}|torch{torch.__version__}|nccl{nccl}|{str(dtype).removeprefix('torch.')}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FERRY_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "ferry")
+    return Path(root).expanduser() / "allreduce"
+
+
+class AllReduceEngine:
+    """Holds the available paths and the size table; `reduce(tensor)` sends each message down its chosen path."""
+
+    def __init__(self, paths: list, table: list[SizeChoice], skipped: dict[str, str] | None = None) -> None:
+        self.paths = {p.name: p for p in paths}
+        self.table = table
+        self.skipped = skipped or {}
+        self.fallback = self.paths[ProcessGroupPath.name]
+        self.calls: dict[str, int] = {name: 0 for name in self.paths}  # which path ran, for --verbose and benches
+
+    @classmethod
+    def for_group(cls, mode: str, process_group: dist.ProcessGroup | None, device: torch.device,
+                  dtype: torch.dtype) -> AllReduceEngine:
+        """`mode`: "auto" (calibrated table) or one path's name for every message (benchmarks, comparisons)."""
+        if mode == "auto":
+            return cls.calibrated(process_group, device, dtype)
+        paths, skipped = available_paths(process_group, device, dtype, max(CALIBRATION_SIZES))
+        names = [p.name for p in paths]
+        if mode not in names:
+            from ferry.errors import FerryError
+
+            why = f": {skipped[mode]}" if mode in skipped else ""
+            raise FerryError(f"--allreduce {mode!r} cannot run here{why} (available: auto, {', '.join(names)})")
+        log.info("all-reduce: every message takes %s (forced)", mode)
+        return cls(paths, [SizeChoice(max(CALIBRATION_SIZES), mode, {})], skipped)
+
+    @classmethod
+    def calibrated(cls, process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
+                   sizes: list[int] | None = None, use_cache: bool = True) -> AllReduceEngine:
+        sizes = sizes or CALIBRATION_SIZES
+        paths, skipped = available_paths(process_group, device, dtype, max(sizes))
+        if len(paths) == 1:
+            table = [SizeChoice(max(sizes), ProcessGroupPath.name, {})]
+            log.info("all-reduce: only %s is available here; no calibration needed", paths[0].label)
+            return cls(paths, table, skipped)
+        key = fingerprint(device, dist.get_world_size(process_group), dtype)
+        file = cache_dir() / (key.replace("|", "_").replace(" ", "-").replace("/", "-") + ".json")
+        table = _load_cached(file, key, process_group) if use_cache else None
+        if table is None:
+            times = {size: measure_in_graph_or_eager(paths, size, dtype, device, process_group) for size in sizes}
+            table = choose(times)
+            if dist.get_rank(process_group) == 0 and use_cache:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_text(json.dumps({"fingerprint": key, "table": [asdict(r) for r in table]}, indent=1))
+        engine = cls(paths, table, skipped)
+        log.info("all-reduce plan (%s):\n%s", key, engine.describe())
+        return engine
+
+    def path_for(self, nbytes: int):
+        for row in self.table:
+            if nbytes <= row.max_bytes:
+                return self.paths[row.path]
+        return self.fallback  # larger than any calibrated size
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        path = self.path_for(tensor.numel() * tensor.element_size())
+        if path is not self.fallback and not path.fits(tensor):
+            path = self.fallback  # other dtype than calibrated: counted, so it shows in `calls`
+        self.calls[path.name] += 1
+        return path.reduce(tensor)
+
+    def describe(self) -> str:
+        lines = [f"{'size':>10}  {'path':<14}  times (us)"]
+        for row in self.table:
+            times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.times_us.items()))
+            lines.append(f"{_human(row.max_bytes):>10}  {row.path:<14}  {times}")
+        lines += [f"  {name}: not available ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _load_cached(file: Path, key: str, process_group) -> list[SizeChoice] | None:
+    """Rank 0's cached table, broadcast so every rank (on every node) uses the same one; None: calibrate."""
+    found: list = [None]
+    if dist.get_rank(process_group) == 0 and file.exists():
+        try:
+            doc = json.loads(file.read_text())
+            if doc.get("fingerprint") == key:
+                found = [doc["table"]]
+        except (OSError, ValueError, KeyError):
+            log.warning("ignoring an unreadable all-reduce cache %s", file)
+    dist.broadcast_object_list(found, src=dist.get_global_rank(process_group, 0) if process_group else 0,
+                               group=process_group)
+    if found[0] is None:
+        return None
+    log.info("all-reduce plan from cache %s", file)
+    return [SizeChoice(**row) for row in found[0]]
+
+
+def measure_in_graph_or_eager(paths: list, nbytes: int, dtype: torch.dtype, device: torch.device,
+                              process_group, repeats: int = 20, trials: int = 5) -> dict[str, float]:
+    """Microseconds per all-reduce of `nbytes` for each path, max over ranks (the slowest rank sets the pace)."""
+    numel = nbytes // dtype.itemsize
+    times = {}
+    for path in paths:
+        x = torch.ones(numel, dtype=dtype, device=device)
+        if device.type == "cuda":
+            times[path.name] = _time_cuda_graph(path, x, repeats, trials)
+        else:
+            times[path.name] = _time_eager(path, x, repeats, trials, process_group)
+    names = sorted(times)
+    local = torch.tensor([times[n] for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
+    return {n: round(float(t), 2) for n, t in zip(names, local.tolist(), strict=True)}
+
+
+def _time_eager(path, x: torch.Tensor, repeats: int, trials: int, process_group) -> float:
+    import time
+
+    path.reduce(x)  # warm-up (connection set-up)
+    samples = []
+    for _ in range(trials):
+        dist.barrier(group=process_group)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            path.reduce(x)
+        samples.append((time.perf_counter() - started) / repeats * 1e6)
+    return statistics.median(samples)
+
+
+def _time_cuda_graph(path, x: torch.Tensor, repeats: int, trials: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            path.reduce(x)  # warm-up outside capture (NCCL communicator set-up, symm-mem handshakes)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            path.reduce(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / repeats)
+    return statistics.median(samples)
+
+
+def _human(nbytes: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):g} {unit}"
+    return f"{nbytes} B"

@@ -1,0 +1,95 @@
+"""The all-reduce engine on CPU (gloo): exact sums through the engine, the per-size choice, forced paths that
+cannot run here refused by name, and the plan cache shared by every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ferry.comm.allreduce_engine import AllReduceEngine, SizeChoice, choose
+from ferry.comm.allreduce_paths import ProcessGroupPath
+from ferry.errors import FerryError
+from ferry.parallel.launch import spawn
+
+
+def test_choice_is_the_fastest_path_per_size_and_ties_go_to_the_process_group():
+    table = choose({
+        8192: {"process_group": 10.0, "symm_one_shot": 4.0, "symm_two_shot": 5.0},
+        2 << 20: {"process_group": 30.0, "symm_one_shot": 19.0, "symm_two_shot": 13.0},
+        64 << 20: {"process_group": 200.0, "symm_one_shot": 400.0, "symm_two_shot": 200.0},
+    })
+    assert [(r.max_bytes, r.path) for r in table] == [
+        (8192, "symm_one_shot"), (2 << 20, "symm_two_shot"), (64 << 20, "process_group")]
+
+
+class _Recorder:
+    def __init__(self, name):
+        self.name, self.seen = name, []
+
+    def fits(self, tensor):
+        return True
+
+    def reduce(self, tensor):
+        self.seen.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+
+def test_messages_go_down_the_path_of_their_size_bucket():
+    paths = [_Recorder("process_group"), _Recorder("symm_one_shot"), _Recorder("symm_two_shot")]
+    engine = AllReduceEngine(paths, [SizeChoice(32 << 10, "symm_one_shot", {}), SizeChoice(8 << 20, "symm_two_shot", {}),
+                                     SizeChoice(64 << 20, "process_group", {})])
+    for numel in (1, 16 << 10, 16 << 10 | 1, 4 << 20, 4 << 20 | 1, 64 << 20):
+        engine.reduce(torch.zeros(numel, dtype=torch.bfloat16))
+    assert paths[1].seen == [2, 32 << 10]
+    assert paths[2].seen == [(32 << 10) + 2, 8 << 20]
+    assert paths[0].seen == [(8 << 20) + 2, 128 << 20]  # beyond the table: the process group
+    assert engine.calls == {"process_group": 2, "symm_one_shot": 2, "symm_two_shot": 2}
+
+
+def _sums_through_the_engine(group, mode: str) -> dict:
+    grouped = group.with_allreduce(mode, torch.device("cpu"), torch.float32)
+    out = {}
+    for numel in (3, 2048, 70_001):
+        x = torch.arange(numel, dtype=torch.float32) * (group.rank + 1)
+        out[numel] = grouped.all_reduce(x.clone())
+    return {"sums": out, "calls": grouped.allreduce.calls, "plan": grouped.allreduce.describe()}
+
+
+def test_gloo_sums_through_the_engine_are_exact():
+    result = spawn(3, "cpu", _sums_through_the_engine, ("auto",))
+    for numel, total in result["sums"].items():
+        assert torch.equal(total, torch.arange(numel, dtype=torch.float32) * 6)  # 1 + 2 + 3
+    assert result["calls"] == {"process_group": 3}
+    assert "symm_one_shot: not available (symmetric memory needs CUDA devices)" in result["plan"]
+
+
+def test_forcing_a_path_that_cannot_run_here_is_refused_by_name():
+    with pytest.raises(FerryError, match="'symm_two_shot' cannot run here: symmetric memory needs CUDA devices"):
+        spawn(2, "cpu", _sums_through_the_engine, ("symm_two_shot",))
+
+
+def _cached_plan(group, cache: str) -> list:
+    import os
+
+    import torch.distributed as dist
+
+    from ferry.comm import allreduce_engine
+
+    os.environ["FERRY_CACHE_DIR"] = cache
+    key = allreduce_engine.fingerprint(torch.device("cpu"), group.world_size, torch.float32)
+    file = allreduce_engine.cache_dir() / "plan.json"
+    if group.rank == 0:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text('{"fingerprint": "%s", "table": [{"max_bytes": 4096, "path": "process_group", '
+                        '"times_us": {"process_group": 1.5}}]}' % key)
+    dist.barrier()
+    found = allreduce_engine._load_cached(file, key, group.process_group)
+    stale = allreduce_engine._load_cached(file, "another machine", group.process_group)
+    everyone: list = [None] * group.world_size
+    dist.all_gather_object(everyone, [found, stale])  # only rank 0 read the file
+    return everyone
+
+
+def test_rank_zeros_cached_plan_reaches_every_rank_and_a_stale_one_is_ignored(tmp_path):
+    for found, stale in spawn(2, "cpu", _cached_plan, (str(tmp_path),)):
+        assert found == [SizeChoice(4096, ProcessGroupPath.name, {"process_group": 1.5})] and stale is None
