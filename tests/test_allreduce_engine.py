@@ -93,3 +93,19 @@ def _cached_plan(group, cache: str) -> list:
 def test_rank_zeros_cached_plan_reaches_every_rank_and_a_stale_one_is_ignored(tmp_path):
     for found, stale in spawn(2, "cpu", _cached_plan, (str(tmp_path),)):
         assert found == [SizeChoice(4096, ProcessGroupPath.name, {"process_group": 1.5})] and stale is None
+
+
+def test_bench_allreduce_on_cpu_writes_its_table_and_says_what_it_could_not_measure(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ferry.cli", "bench", "allreduce", "--device", "cpu", "--ranks", "2",
+                          "--max-size-mb", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "In-graph times, NCCL and symmetric memory need GPUs" in out.stderr
+    [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert doc["backend"] == "gloo" and doc["ranks"] == 2
+    assert [r["bytes"] for r in doc["results"]] == [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
+    assert all(r["us"] > 0 and r["busbw_GBps"] == r["algbw_GBps"] for r in doc["results"])  # 2 ranks: factor 1
+    assert set(doc["skipped"]) == {"symm_one_shot", "symm_two_shot"}

@@ -150,16 +150,16 @@ def measure_in_graph_or_eager(paths: list, nbytes: int, dtype: torch.dtype, devi
     for path in paths:
         x = torch.ones(numel, dtype=dtype, device=device)
         if device.type == "cuda":
-            times[path.name] = _time_cuda_graph(path, x, repeats, trials)
+            times[path.name] = time_in_graph(path, x, repeats, trials)
         else:
-            times[path.name] = _time_eager(path, x, repeats, trials, process_group)
+            times[path.name] = time_eager(path, x, repeats, trials, process_group)
     names = sorted(times)
     local = torch.tensor([times[n] for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
     return {n: round(float(t), 2) for n, t in zip(names, local.tolist(), strict=True)}
 
 
-def _time_eager(path, x: torch.Tensor, repeats: int, trials: int, process_group) -> float:
+def time_eager(path, x: torch.Tensor, repeats: int, trials: int, process_group) -> float:
     import time
 
     path.reduce(x)  # warm-up (connection set-up)
@@ -173,7 +173,7 @@ def _time_eager(path, x: torch.Tensor, repeats: int, trials: int, process_group)
     return statistics.median(samples)
 
 
-def _time_cuda_graph(path, x: torch.Tensor, repeats: int, trials: int) -> float:
+def time_in_graph(path, x: torch.Tensor, repeats: int, trials: int) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

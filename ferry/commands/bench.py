@@ -69,3 +69,29 @@ def bench_host(
 
     run_guarded(run)
 
+
+@bench_app.command("allreduce")
+def bench_allreduce(
+    ranks: Annotated[int, typer.Option(help="ranks (one per GPU; gloo processes on CPU)")] = 2,
+    device: DeviceOpt = None,
+    max_size_mb: Annotated[int, typer.Option(help="largest message, MiB")] = 64,
+    dtype: DtypeOpt = None,
+    out: Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")] = Path("benchmarks/results"),
+    verbose: VerboseOpt = False,
+) -> None:
+    """All-reduce per path (NCCL/gloo, symm-mem one-shot, two-shot), eager and in-graph: time, algbw, busbw."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        import torch
+
+        from ferry.bench.allreduce import run_allreduce_bench
+        from ferry.device import resolve_device
+        from ferry.parallel.layout import check_device_count
+
+        dev = resolve_device(device)
+        check_device_count(dev.type, ranks, torch.cuda.device_count() if dev.type == "cuda" else 0)
+        dtype_name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+        print(run_allreduce_bench(dev.type, ranks, max_size_mb, dtype_name, out, log=err))
+
+    run_guarded(run)
