@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,70 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ferry.bench.decode_timing import copy_bandwidth, ferry_decode, graph_step_ms, random_prompts, sync  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
 from ferry.bench.shapes import SHAPES, random_model, weight_bytes_per_token  # noqa: E402
 from ferry.device import resolve_device, resolve_dtype  # noqa: E402
 from ferry.engine.engine import Engine  # noqa: E402
-from ferry.engine.sampling import SamplingParams  # noqa: E402
 from ferry.model.default_model import default_model_path  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large device-memory copy, counting bytes read plus bytes written: the best of 10 runs, since
-    the roofline is a ceiling (on the shared 2-core VM single runs dip well below it)."""
-    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    del src, dst
-    return 2 * n * 4 / min(times)
-
-
-def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(100, min(vocab, 30000), (batch, length), generator=gen).tolist()
-
-
-def ferry_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int) -> float:
-    """Median per-sequence decode tokens/s over `repeats` runs, after one warm-up run (graph capture)."""
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    prompts = random_prompts(batch, prompt_len, vocab, seed=batch)
-    engine.generate(prompts, params)
-    rates = [statistics.median(c.tokens_per_s for c in engine.generate(prompts, params)) for _ in range(repeats)]
-    return statistics.median(rates)
-
-
-def graph_step_ms(engine: Engine, batch: int, context: int) -> float | None:
-    """GPU time of one captured decode step alone (median of 50 back-to-back replays), host loop excluded."""
-    if engine.graphs is None:
-        return None
-    from ferry.engine.cuda_graphs import batch_bucket, context_bucket
-
-    step = engine.graphs.graphs.get((batch_bucket(batch), context_bucket(context, engine.cache.max_len)))
-    if step is None:
-        return None
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def hf_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device) -> float:

@@ -258,3 +258,54 @@ def test_chat_with_tp2_answers_and_exits_cleanly():
     assert out.returncode == 0, out.stderr
     assert "tensor parallel" in out.stderr
     assert "Paris" in out.stdout, out.stdout
+
+
+def _prefill_with_and_without_overlap(group, path: str, ids: list[list[int]]) -> dict:
+    from ferry.model.loader import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(path, torch.device("cpu"), torch.float32, group=group, show_progress=False)
+    model = loaded.model
+    x = torch.tensor(ids)
+    positions = torch.arange(x.shape[1]).expand_as(x)
+    from ferry.engine.kv_cache import KVCache
+
+    runs = []
+    overlapped = model._run_layers_overlapped
+    model._run_layers_overlapped = lambda *a: runs.append(1) or overlapped(*a)
+    out = {"overlapped_runs": runs}
+    for overlap in (False, True):
+        model.overlap_micro_batches = overlap
+        cache = KVCache.for_model(model)
+        cache.ensure(*x.shape)
+        with torch.inference_mode():
+            out[overlap] = (model.logits(model.hidden_states(x, positions, cache.layers, x.shape[1])),
+                            cache.layers[-1][0][: x.shape[0], : x.shape[1]].clone())
+    return out
+
+
+def test_prefill_micro_batch_overlap_gives_the_same_logits_and_cache(ferry_smollm, smollm_path):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, ferry_smollm.config.vocab_size, (5, 24), generator=gen).tolist()  # odd batch: 2 + 3 rows
+    out = spawn(2, "cpu", _prefill_with_and_without_overlap, (str(smollm_path), ids))
+    (plain, plain_k), (overlapped, overlapped_k) = out[False], out[True]
+    assert out["overlapped_runs"] == [1]  # the overlap schedule ran, once, only when asked
+    assert float((plain - overlapped).abs().max()) < 1e-4
+    assert float((plain_k - overlapped_k).abs().max()) < 1e-4  # micro-batch B wrote its own cache rows
+    assert torch.equal(plain.argmax(-1), overlapped.argmax(-1))
+
+
+def test_overlap_prefill_generates_the_tp1_tokens_and_needs_tp():
+    import json
+
+    ref = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", *PROMPTS[:3], "--device", "cpu",
+                          "--max-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300)
+    ours = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", *PROMPTS[:3], "--device", "cpu", "--tp", "2",
+                           "--overlap-prefill", "--max-tokens", "8", "--ignore-eos", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0 and ours.returncode == 0, ours.stderr
+    tokens = lambda out: [c["token_ids"] for c in json.loads(out.stdout)["completions"]]  # noqa: E731
+    assert tokens(ours) == tokens(ref)
+    refused = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", "x", "--device", "cpu",
+                              "--overlap-prefill"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "needs --tp 2 or more" in refused.stderr

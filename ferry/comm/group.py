@@ -52,6 +52,13 @@ class ParallelGroup:
         dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
+    def all_reduce_async(self, tensor: torch.Tensor) -> PendingSum:
+        """Start an exact sum of `tensor` over the group; `.wait()` returns it. On GPUs NCCL runs it on its own
+        stream, so matmuls issued before the wait overlap it; the wait orders the current stream after it."""
+        if self.world_size == 1:
+            return PendingSum(tensor, None)
+        return PendingSum(tensor, dist.all_reduce(tensor, group=self.process_group, async_op=True))
+
     def all_gather_last_dim(self, tensor: torch.Tensor, widths: list[int]) -> torch.Tensor:
         """Concatenate every rank's `tensor` along the last dimension; rank r holds `widths[r]` columns.
 
@@ -64,3 +71,14 @@ class ParallelGroup:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
         return torch.cat([part[..., :w] for part, w in zip(parts, widths, strict=True)], dim=-1)
+
+
+@dataclass
+class PendingSum:
+    tensor: torch.Tensor
+    work: dist.Work | None
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.tensor

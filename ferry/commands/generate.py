@@ -59,6 +59,8 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
                                                                      "outputs (per-token scales); off by default")] = None,
+    overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill", help="TP prefill in two micro-batches, each "
+                                                  "one's all-reduces under the other's matmuls")] = False,
     allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
                                                 "machine) or process_group / symm_one_shot / symm_two_shot")] = "auto",
     verbose: VerboseOpt = False,
@@ -75,13 +77,17 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
+        if overlap_prefill and tp == 1 and not under_torchrun():
+            from ferry.errors import FerryError
+
+            raise FerryError("--overlap-prefill overlaps tensor-parallel all-reduces; it needs --tp 2 or more")
         if tp > 1 or under_torchrun():
             if weights != "native" or offload_weights:
                 from ferry.errors import FerryError
 
                 raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
             engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
-                                  sync_output=sync_output)
+                                  sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
                          allreduce)
             return

@@ -21,7 +21,7 @@ from ferry.engine.kv_cache import KVCache
 from ferry.engine.readback import TokenReadback
 from ferry.engine.sampling import Sampler, SamplingParams
 from ferry.engine.sequence import Sequence, stop_token_ids
-from ferry.errors import InvalidRequestError
+from ferry.errors import FerryError, InvalidRequestError
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 
@@ -71,8 +71,13 @@ class Engine:
         compile_mode: str | None = None,
         sync_output: bool = False,
         pinned_pool: PinnedBufferPool | None = None,
+        overlap_prefill: bool = False,
     ) -> None:
         self.model = model
+        if overlap_prefill and model.group.compression is not None:
+            raise FerryError("--overlap-prefill overlaps the exact all-reduce; it does not combine with "
+                             "--compressed-allreduce")
+        model.overlap_micro_batches = overlap_prefill
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = model.norm.weight.device

@@ -36,6 +36,13 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    # The two halves of forward() without their all-reduces, for the micro-batch overlap schedule.
+    def attention_partial(self, x, batch: AttentionBatch, kv_cache) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), batch, kv_cache, reduce=False)
+
+    def mlp_partial(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x), reduce=False)
+
     def load(self, source: WeightSource, prefix: str) -> None:
         self.input_layernorm.load(source, f"{prefix}.input_layernorm")
         self.self_attn.load(source, f"{prefix}.self_attn")
@@ -58,6 +65,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.embed_tokens)
+        # Prefill of >= 2 sequences under tensor parallelism: two micro-batches, each one's all-reduces running
+        # under the other's matmuls (see _run_layers_overlapped). Set by the engine.
+        self.overlap_micro_batches = False
 
     @property
     def kv_heads_per_rank(self) -> int:
@@ -77,9 +87,41 @@ class LlamaForCausalLM(nn.Module):
         """
         layers = layers if layers is not None else range(len(self.layers))
         batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype)
+        if (self.overlap_micro_batches and self.group.world_size > 1 and self.group.compression is None
+                and x.shape[0] >= 2 and x.shape[1] > 1):
+            return self._run_layers_overlapped(x, batch, kv_caches, layers)
         for index, kv_cache in zip(layers, kv_caches, strict=True):
             x = self.layers[index](x, batch, kv_cache)
         return x
+
+    def _run_layers_overlapped(self, x, batch: AttentionBatch, kv_caches, layers: range) -> torch.Tensor:
+        """Rows split in two micro-batches A and B; every all-reduce is started asynchronously and waited for
+        only when its result is needed, after the other micro-batch's next matmuls have been issued:
+
+            attn A -> reduce A | attn B -> reduce B | mlp A -> reduce A | mlp B -> reduce B | attn A ...
+                      (runs under attn B)  (under mlp A)      (under mlp B)    (under next attn A)
+
+        Each micro-batch owns its rows of the KV cache (views), so attention is unchanged. Exact all-reduce only.
+        """
+        half = x.shape[0] // 2
+        xa, xb = x[:half], x[half:]
+        ba, bb = batch.rows(0, half), batch.rows(half, x.shape[0])
+        group = self.group
+        pending_b = None
+        for index, (k, v) in zip(layers, kv_caches, strict=True):
+            layer = self.layers[index]
+            pending_a = group.all_reduce_async(layer.attention_partial(xa, ba, (k[:half], v[:half])))
+            if pending_b is not None:
+                xb = xb + pending_b.wait()
+            pending_b = group.all_reduce_async(layer.attention_partial(xb, bb, (k[half:], v[half:])))
+            xa = xa + pending_a.wait()
+            pending_a = group.all_reduce_async(layer.mlp_partial(xa))
+            xb = xb + pending_b.wait()
+            pending_b = group.all_reduce_async(layer.mlp_partial(xb))
+            xa = xa + pending_a.wait()
+        if pending_b is not None:
+            xb = xb + pending_b.wait()
+        return torch.cat([xa, xb])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, fp32 logits."""

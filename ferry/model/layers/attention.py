@@ -35,6 +35,11 @@ class AttentionBatch:
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def rows(self, start: int, stop: int) -> AttentionBatch:
+        """The same step for batch rows [start, stop) (a micro-batch)."""
+        return AttentionBatch(self.positions[start:stop], self.mask[start:stop], self.kv_len,
+                              self.cos[start:stop], self.sin[start:stop])
+
     @classmethod
     def build(cls, positions: torch.Tensor, kv_len: int, rotary: RotaryEmbedding, dtype: torch.dtype) -> AttentionBatch:
         keys = torch.arange(kv_len, device=positions.device)
@@ -73,7 +78,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, group, in_range=q_rows)
 
     def forward(
-        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor], reduce: bool = True
     ) -> torch.Tensor:
         bsz, tokens, _ = x.shape
         hd, n_kv, group = self.head_dim, self.num_kv_heads, self.group_size
@@ -100,7 +105,7 @@ class Attention(nn.Module):
         mask = batch.mask.unsqueeze(2).expand(bsz, 1, group, tokens, batch.kv_len).reshape(bsz, 1, group * tokens, batch.kv_len)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(bsz, n_kv, group, tokens, hd).permute(0, 3, 1, 2, 4).reshape(bsz, tokens, -1)
-        return self.o_proj(out)
+        return self.o_proj(out, reduce=reduce)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.qkv_proj.load(source, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])

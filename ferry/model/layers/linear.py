@@ -97,8 +97,10 @@ class RowParallelLinear(QuantizableMatmul):
             torch.empty(out_features, self.in_range[1] - self.in_range[0]), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(self.matmul(x), compressible=True)
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """`reduce=False`: this rank's partial sum, for callers that all-reduce it themselves (overlap)."""
+        partial = self.matmul(x)
+        return self.group.all_reduce(partial, compressible=True) if reduce else partial
 
     def load(self, source: WeightSource, name: str) -> None:
         start, stop = self.in_range

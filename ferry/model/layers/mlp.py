@@ -17,9 +17,9 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], group)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, reduce=reduce)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.gate_up_proj.load(source, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
