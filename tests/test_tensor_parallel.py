@@ -309,3 +309,17 @@ def test_overlap_prefill_generates_the_tp1_tokens_and_needs_tp():
     refused = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", "x", "--device", "cpu",
                               "--overlap-prefill"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "needs --tp 2 or more" in refused.stderr
+
+
+def test_tp_speed_benchmark_runs_tp1_and_tp2_and_reports_scaling_and_roofline():
+    from ferry.bench.shapes import TINY
+    from ferry.bench.tp_speed import SpeedJob, run_tp_speed
+
+    job = SpeedJob(TINY, "float32", batches=(1,), prompt_len=16, new_tokens=8, repeats=1, prefill=(2, 16))
+    results = run_tp_speed(job, [1, 2], "cpu")
+    decode = {res["tp"]: next(r for r in res["rows"] if r["test"] == "decode") for res in results}
+    prefill = next(r for r in results[1]["rows"] if r["test"] == "prefill")
+    assert decode[1]["vs_tp1"] == 1.0 and decode[2]["vs_tp1"] > 0
+    assert decode[2]["allreduce_us"] > 0 and 0 < decode[2]["of_roofline"]
+    assert prefill["prefill_ms"] > 0 and prefill["prefill_overlap_ms"] > 0
+    assert results[1]["allreduce_calls"]["process_group"] > 0
