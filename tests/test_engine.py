@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
@@ -81,3 +82,43 @@ def test_prompt_longer_than_context_is_refused(engine, ferry_smollm):
 def test_invalid_sampling_values_are_refused(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("source", ["text", "random"])
+def test_incremental_detokenization_equals_decoding_everything(ferry_smollm, source):
+    from ferry.engine.sequence import Sequence
+
+    tok = ferry_smollm.tokenizer
+    if source == "text":
+        ids = tok.encode("Ünïcode: 東京タワー 🚀🎉 naïve café — “quotes”\n\tdef f(x):  return x**2  # ok " * 3)
+    else:
+        ids = torch.randint(0, ferry_smollm.config.vocab_size, (300,), generator=torch.Generator().manual_seed(9)).tolist()
+    seq = Sequence([1])
+    streamed = "".join(seq.append(t, tok, frozenset(), (), max_tokens=len(ids)) for t in ids)
+    assert seq.text == streamed == tok.decode(ids)
+
+
+def test_stop_string_spanning_several_tokens_is_found_once_it_completes(ferry_smollm):
+    from ferry.engine.sequence import Sequence
+
+    tok = ferry_smollm.tokenizer
+    ids = tok.encode("alpha beta gamma delta epsilon")
+    seq = Sequence([1])
+    streamed = ""
+    for t in ids:
+        streamed += seq.append(t, tok, frozenset(), ("a delt", "zeta"), max_tokens=100)
+        if seq.finished:
+            break
+    assert seq.finish_reason == "stop" and seq.text == streamed == "alpha beta gamm"
+
+
+def test_text_held_back_for_a_possible_stop_string_is_flushed_at_eos(ferry_smollm):
+    from ferry.engine.sequence import Sequence
+
+    tok = ferry_smollm.tokenizer
+    seq = Sequence([1])
+    streamed = "".join(seq.append(t, tok, frozenset({0}), ("a delt",), max_tokens=100)
+                       for t in tok.encode("alpha beta gamma"))
+    assert streamed == "alpha beta gamm"  # the final "a" might start "a delt"
+    streamed += seq.append(0, tok, frozenset({0}), ("a delt",), max_tokens=100)
+    assert seq.finish_reason == "stop" and streamed == seq.text == "alpha beta gamma"

@@ -23,6 +23,12 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Incremental detokenization: only output_ids[_prefix_offset:] is decoded each step, so a token costs the
+    # same at position 10 and 10,000 (decoding everything each step made long generations quadratic).
+    # [_prefix_offset, _read_offset) is already-emitted context that keeps spacing/merges right at the seam.
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+    _emitted: int = 0  # characters of `text` already returned; a possible stop-string start is held back
 
     @property
     def finished(self) -> bool:
@@ -43,22 +49,44 @@ class Sequence:
         self.output_ids.append(token_id)
         if token_id in eos_ids:
             self.finish_reason = "stop"
-            return ""
+            return self._emit(len(self.text))
         if tokenizer is None:  # token-ids-only mode (benchmarks with random weights)
             if len(self.output_ids) >= max_tokens:
                 self.finish_reason = "length"
             return ""
-        decoded = tokenizer.decode(self.output_ids)
+        window = self.output_ids[self._prefix_offset :]
+        decoded = tokenizer.decode(window)
         if decoded.endswith("\ufffd") and len(self.output_ids) < max_tokens:
-            return ""
-        delta = decoded[len(self.text) :]
-        self.text = decoded
-        hits = [(self.text.find(s), s) for s in stop if s in self.text]
+            return ""  # an incomplete UTF-8 character: wait for its remaining bytes
+        seen = self._read_offset - self._prefix_offset
+        delta = decoded[len(tokenizer.decode(window[:seen])) :] if seen else decoded
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.output_ids)
+        # A stop string can only end inside the new text, and start at most (its length - 1) characters before.
+        search_from = max(0, len(self.text) - max((len(s) for s in stop), default=1) + 1)
+        self.text += delta
+        hits = [(i, s) for s in stop if (i := self.text.find(s, search_from)) >= 0]
         if hits:
-            cut = min(hits)[0]
-            delta = delta[: max(0, len(delta) - (len(self.text) - cut))]
-            self.text = self.text[:cut]
+            self.text = self.text[: min(hits)[0]]
             self.finish_reason = "stop"
         elif len(self.output_ids) >= max_tokens:
             self.finish_reason = "length"
-        return delta
+        else:
+            return self._emit(len(self.text) - _stop_prefix_suffix(self.text, stop))
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        out = self.text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+
+def _stop_prefix_suffix(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string: streaming holds it back, since the
+    next tokens may complete the stop string and text already sent cannot be taken back."""
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
