@@ -128,6 +128,55 @@ def test_packed_upload_round_trips_every_field_with_one_copy():
     assert torch.equal(second["flags"], ~fields["flags"])
 
 
+def test_packed_layout_fields_written_in_place_go_up_in_one_copy_per_step():
+    import torch
+
+    from ferry.comm.copy_stream import CopyStream
+    from ferry.comm.step_packer import PackedLayout
+
+    cpu = torch.device("cpu")
+    packed = PackedLayout(cpu, CopyStream(cpu), {"ids": (torch.long, 12), "scale": (torch.float16, 3),
+                                                 "flags": (torch.bool, 5), "lengths": (torch.int32, 3)})
+    assert all(at % packed.fields[name][0].itemsize == 0 for name, (at, _) in packed.offsets.items())
+    steps = []
+    for step in range(3):
+        host = packed.next_host()
+        host["ids"][:6].copy_(torch.arange(6) + 100 * step)
+        host["scale"][:] = torch.tensor([0.5, 1.5, step], dtype=torch.float16)
+        host["flags"][:2] = torch.tensor([True, step % 2 == 1])
+        host["lengths"][:] = torch.tensor([step, 2, 3], dtype=torch.int32)
+        dev = packed.upload()
+        steps.append({k: v.clone() for k, v in dev.items()} | {"live": dev})
+    assert packed.uploads == 3
+    assert torch.equal(steps[2]["ids"][:6], torch.arange(6) + 200)
+    assert steps[2]["scale"].tolist() == [0.5, 1.5, 2.0] and steps[2]["lengths"].tolist() == [2, 2, 3]
+    assert steps[1]["flags"][:2].tolist() == [True, True]
+    # Device slots alternate: step 1's views still hold step 1 after step 2 uploaded into the other slot.
+    assert torch.equal(steps[1]["live"]["ids"][:6], torch.arange(6) + 100)
+    assert packed.fits(ids=12)
+    assert not packed.fits(ids=13)
+
+
+def test_engine_prefill_uploads_its_inputs_once_per_step(ferry_smollm):
+    import torch
+
+    from ferry.engine.engine import Engine
+    from ferry.engine.sampling import SamplingParams
+
+    engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
+    tok = ferry_smollm.tokenizer
+    short = [tok.encode("Hi"), tok.encode("The capital of France is")]
+    engine.generate(short, SamplingParams(max_tokens=2))
+    assert engine._prefill_inputs.uploads == 1
+    from ferry.bench.shapes import TINY, random_model
+
+    tiny = Engine(random_model(TINY, torch.device("cpu"), torch.float32), None)
+    tiny.generate([[5] * 1000, [6] * 500], SamplingParams(max_tokens=1))
+    long = [[7] * 5000]  # more ids than the first layout holds: it grows, still one copy
+    tiny.generate(long, SamplingParams(max_tokens=1))
+    assert tiny._prefill_inputs.uploads == 1 and tiny._prefill_inputs.fits(ids=5000)
+
+
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_streamed_weights_give_identical_output_and_prefetch_one_layer_ahead(ferry_smollm, fraction):
     import torch

@@ -3,8 +3,12 @@ device-side views.
 
 64 separate 4 KiB pinned copies took 620 us on the H200 machine; one 256 KiB copy took 13.5 us. The engine's
 per-step inputs (token ids, positions, lengths, sampling parameters) are each tiny, so they travel together.
-Packing is one `torch.cat` into the pinned buffer (fields ordered by element size, so every field stays
-aligned for its dtype), and device views are made only for the fields a consumer reads.
+Two ways in:
+- `PackedLayout`: fields declared once (name, dtype, capacity); the producer writes each step's values straight
+  into pinned host views and `upload()` issues the one copy. No per-step packing, so nothing grows with the
+  field count: this is what the engine uses.
+- `StepPacker.upload(tensors)`: ad-hoc packing of tensors that already exist, one `torch.cat` into a pooled
+  pinned buffer (fields ordered by element size, so every field stays aligned for its dtype).
 """
 
 from __future__ import annotations
@@ -66,3 +70,48 @@ class StepPacker:
         self.pool.release(host, fence)
         self.uploads += 1
         return PackedInputs(device_buf, offsets, {k: (t.dtype, t.shape) for k, t in tensors.items()})
+
+
+class PackedLayout:
+    """Fixed fields in two pinned host slots and two device slots; a step fills one host slot in place and
+    uploads it with one copy. A slot's host memory is handed out again only once its previous copy has
+    completed (fence), and the device slots alternate so a step's copy never overwrites what the previous step
+    still reads. Fields are 1-D with a capacity; `view(name, shape)` reshapes a prefix of one."""
+
+    def __init__(self, device: torch.device, copy: CopyStream, fields: dict[str, tuple[torch.dtype, int]],
+                 pin: bool | None = None) -> None:
+        self.device, self.copy, self.fields = device, copy, dict(fields)
+        pin = device.type == "cuda" if pin is None else pin
+        specs = {name: torch.empty(n, dtype=dtype, device="meta") for name, (dtype, n) in fields.items()}
+        self.offsets, self.nbytes = layout(specs)
+        self._host = [torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._dev = [torch.empty(self.nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self._host_views = [self._views(buf) for buf in self._host]
+        self._dev_views = [self._views(buf) for buf in self._dev]
+        self._fences: list = [None, None]
+        self._slot = 1
+        self.uploads = 0
+
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buf[at : at + n].view(self.fields[name][0]) for name, (at, n) in self.offsets.items()}
+
+    def next_host(self) -> dict[str, torch.Tensor]:
+        """The host views to fill for the next upload (waits only if that slot's last copy is still running)."""
+        self._slot ^= 1
+        fence = self._fences[self._slot]
+        if fence is not None:
+            fence.synchronize()
+            self._fences[self._slot] = None
+        return self._host_views[self._slot]
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """Copy the slot filled since `next_host()` to the device; returns its device views (full capacity)."""
+        slot = self._slot
+        fence = self.copy.copy(self._dev[slot], self._host[slot])
+        self.copy.wait_on_compute(fence)
+        self._fences[slot] = fence
+        self.uploads += 1
+        return self._dev_views[slot]
+
+    def fits(self, **needed: int) -> bool:
+        return all(needed[name] <= self.fields[name][1] for name in needed)

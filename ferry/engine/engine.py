@@ -15,7 +15,7 @@ import torch
 
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
-from ferry.comm.step_packer import StepPacker
+from ferry.comm.step_packer import PackedLayout
 from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.readback import TokenReadback
@@ -94,7 +94,8 @@ class Engine:
         self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=64 << 20, pin=self.device.type == "cuda")
         copy = CopyStream(self.device)
         self.readback = TokenReadback(self.pinned_pool, copy)
-        self.packer = StepPacker(self.device, self.pinned_pool, copy)
+        self._copy = copy
+        self._prefill_inputs: PackedLayout | None = None  # grown to the largest prefill seen
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
 
@@ -164,14 +165,24 @@ class Engine:
             tokens = upcoming if upcoming is not None else next_step(step, tokens)
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        inputs = self._prefill_inputs
+        if inputs is None or not inputs.fits(ids=batch * width, last=batch):
+            grown = 2 * inputs.fields["ids"][1] if inputs else 0
+            inputs = self._prefill_inputs = PackedLayout(
+                self.device, self._copy, {"ids": (torch.long, max(batch * width, grown, 4096)),
+                                          "last": (torch.long, max(batch, 256))})
+        # The step's inputs are written in place into pinned memory and go up in one H2D copy.
+        host = inputs.next_host()
+        ids = host["ids"][: batch * width].view(batch, width).numpy()
+        ids.fill(0)
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        last = torch.tensor([len(p) - 1 for p in prompts])
-        inputs = self.packer.upload({"ids": ids, "last": last})  # one H2D copy for the step's inputs
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        return self.model(inputs["ids"], positions, self.cache.layers, width, logits_index=inputs["last"])
+            ids[i, : len(p)] = p
+        host["last"][:batch].numpy()[:] = [len(p) - 1 for p in prompts]
+        dev = inputs.upload()
+        positions = torch.arange(width, device=self.device).expand(batch, width)
+        return self.model(dev["ids"][: batch * width].view(batch, width), positions, self.cache.layers, width,
+                          logits_index=dev["last"][:batch])
 
     def _decode(self, ids: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
         if self.graphs is not None:
