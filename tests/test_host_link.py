@@ -222,3 +222,23 @@ def test_bench_host_on_cpu_says_what_it_cannot_measure_and_runs_the_rest(tmp_pat
     doc = json.loads(result.read_text())
     assert doc["link"].startswith("host memory only")
     assert {r["test"] for r in doc["results"]} == {"bandwidth", "per-step upload"}
+
+
+def test_streamed_layers_are_built_in_host_memory_never_on_the_device():
+    import torch
+
+    from ferry.bench.shapes import TINY
+    from ferry.comm.group import ParallelGroup
+    from ferry.model.loader import build_model, stream_layers, streamed_layers
+
+    streamed = streamed_layers(TINY.num_layers, 0.5)
+    assert streamed == [2, 3]
+    # "meta" stands in for a device too small for the model: only the resident parts are allocated there.
+    model = build_model(TINY, torch.device("meta"), torch.float32, ParallelGroup.single(), frozenset(streamed))
+    for i, layer in enumerate(model.layers):
+        assert {p.device.type for p in layer.parameters()} == ({"cpu"} if i in streamed else {"meta"})
+    assert model.lm_head.weight.device.type == "meta"
+    streamer = stream_layers(model, streamed)  # not activated: loading would write into the host buffers
+    flat = streamer._host[2]
+    param = next(model.layers[2].parameters())
+    assert flat.data_ptr() <= param.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()

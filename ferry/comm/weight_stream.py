@@ -22,10 +22,12 @@ log = logging.getLogger("ferry.stream")
 class LayerStreamer:
     def __init__(
         self, layers: list[nn.Module], streamed: list[int], device: torch.device, pin: bool | None = None,
-        prefetch: bool = True,
+        prefetch: bool = True, activate: bool = True,
     ):
         """`pin=False, prefetch=False` is the naive path (pageable memory, each layer copied when reached), kept
-        so benchmarks can measure it beside the streamed one."""
+        so benchmarks can measure it beside the streamed one. `activate=False` packs the layers into host
+        buffers and leaves their parameters pointing there (so loading writes straight into pinned memory);
+        `activate()` then moves them onto the device slots."""
         self.layers, self.streamed, self.device, self.prefetch = layers, sorted(streamed), device, prefetch
         self.copy = CopyStream(device)
         pin = device.type == "cuda" if pin is None else pin
@@ -45,22 +47,33 @@ class LayerStreamer:
             flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin)
             at, entries = 0, []
             for p, n in zip(params, sizes, strict=True):
-                flat[at : at + n].copy_(p.data.reshape(-1))
+                if activate:  # weights already loaded: keep them
+                    flat[at : at + n].copy_(p.data.reshape(-1))
+                p.data = flat[at : at + n].view(p.shape)  # host memory of the layer is now the pinned buffer
                 entries.append((p, at, n, p.shape))
                 at += n
             self._host[i], self._params[i] = flat, entries
             shapes = shapes or (flat.numel(), dtype)
             if flat.numel() != shapes[0]:
                 raise ValueError("streamed layers must have the same size (one decoder layer shape)")
-        self.slots = [torch.empty(shapes[0], dtype=shapes[1], device=device) for _ in range(2)]
+        self._shape, self.pin = shapes, pin
+        self.bytes_per_layer = shapes[0] * torch.finfo(shapes[1]).bits // 8
+        if activate:
+            self.activate()
+
+    def activate(self) -> None:
+        """Point the streamed layers' parameters at the device slots and start streaming on each forward."""
+        if not self.streamed:
+            return
+        layers, device = self.layers, self.device
+        self.slots = [torch.empty(self._shape[0], dtype=self._shape[1], device=device) for _ in range(2)]
         for i in self.streamed:
             slot = self.slots[self._slot_of(i)]
             for p, at, n, shape in self._params[i]:
                 p.data = slot[at : at + n].view(shape)  # the device copy of the weights is gone: only the slot holds it
             layers[i].register_forward_pre_hook(self._before_layer(i))
-        self.bytes_per_layer = shapes[0] * torch.finfo(shapes[1]).bits // 8
         log.info("streaming %d layers (%.1f MB each) from %s host memory", len(self.streamed),
-                 self.bytes_per_layer / 1e6, "pinned" if pin else "pageable")
+                 self.bytes_per_layer / 1e6, "pinned" if self.pin else "pageable")
 
     def _slot_of(self, i: int) -> int:
         return self.streamed.index(i) % 2

@@ -53,11 +53,19 @@ def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokeniz
     raise ModelNotFoundError(f"{str(path)!r} is neither a .gguf file nor a Hugging Face checkpoint folder")
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, group: ParallelGroup) -> LlamaForCausalLM:
-    """Parameters allocated (uninitialised) straight on `device` in `dtype`."""
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, group: ParallelGroup,
+                host_layers: frozenset[int] = frozenset()) -> LlamaForCausalLM:
+    """Parameters allocated (uninitialised) straight on `device` in `dtype`; decoder layers in `host_layers` in
+    host memory instead (streamed layers: a model larger than the device never has to fit on it)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, group)
-    model = model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype)
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to_empty(device=device)
+    for i, layer in enumerate(model.layers):
+        layer.to_empty(device=torch.device("cpu") if i in host_layers else device)
+    model.eval()
     if config.tie_word_embeddings:
         model.lm_head.tie_to(model.embed_tokens)  # to_empty gives each module its own storage
     return model
@@ -87,29 +95,35 @@ def load_model(
     started = time.perf_counter()
     resolved = Path(path).expanduser() if path else default_model_path()
     source, config, tokenizer = open_checkpoint(resolved)
-    model = build_model(config, device, dtype, group)
+    streamed = streamed_layers(config.num_layers, offload_fraction)
+    model = build_model(config, device, dtype, group, host_layers=frozenset(streamed))
+    streamer = stream_layers(model, streamed) if streamed else None  # before loading: weights land in pinned memory
     with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
         model.load(source, progress=advance)
         if weights == "int8":
             model.quantize_int8()
-    if offload_fraction:
-        stream_layers(model, offload_fraction)
+    if streamer:
+        streamer.activate()
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s, %s weights) in %.2f s", resolved.name, device, dtype, weights, seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 
-def stream_layers(model: LlamaForCausalLM, fraction: float) -> None:
-    """Move the last `fraction` of decoder layers to host memory, streamed in on each forward."""
+def streamed_layers(num_layers: int, fraction: float) -> list[int]:
+    """The last `fraction` of the decoder layers: the ones kept in host memory."""
+    count = round(fraction * num_layers)
+    return list(range(num_layers - count, num_layers))
+
+
+def stream_layers(model: LlamaForCausalLM, streamed: list[int], activate: bool = False):
+    """Pack the `streamed` layers into pinned host buffers (their parameters become views of them) and, once
+    `activate()` runs, stream them into two device slots on each forward. Returns the LayerStreamer."""
     from ferry.comm.weight_stream import LayerStreamer
 
-    count = round(fraction * len(model.layers))
-    streamed = list(range(len(model.layers) - count, len(model.layers)))
     device = model.norm.weight.device
-    model.weight_streamer = LayerStreamer(list(model.layers), streamed, device)
+    model.weight_streamer = LayerStreamer(list(model.layers), streamed, device, activate=activate)
     model.register_forward_pre_hook(lambda module, args: module.weight_streamer.start())
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the layers' device copies were released for the two slots
+    return model.weight_streamer
 
 
 class _progress:
