@@ -65,7 +65,7 @@ def main() -> None:
     }
     stem = f"{meta['date']}_tp_decode_{args.shape}_{args.device}_tp{'-'.join(map(str, tp_sizes))}"
     cols = ["test", "tp", "batch", "tokens_per_s", "aggregate_tokens_per_s", "vs_tp1", "graph_step_ms",
-            "allreduce_us", "roofline_tokens_per_s", "of_roofline", "prefill_tokens", "prefill_ms",
+            "allreduce_us", "comm_share_profiled", "roofline_tokens_per_s", "of_roofline", "prefill_tokens", "prefill_ms",
             "prefill_overlap_ms", "overlap_speedup"]
     notes = "\n\n".join(f"tp={res['tp']}: decode path {res['decode_path']}, copy bandwidth "
                         f"{res['copy_bandwidth_GBps']} GB/s, all-reduce calls {res['allreduce_calls']}\n\n```\n"

@@ -49,13 +49,18 @@ def ferry_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int, v
     return statistics.median(rates)
 
 
-def graph_step_ms(engine: Engine, batch: int, context: int) -> float | None:
-    """GPU time of one captured decode step alone (median of 50 back-to-back replays), host loop excluded."""
+def captured_step(engine: Engine, batch: int, context: int):
+    """The CUDA graph the engine replays for this batch and context (None if none was captured)."""
     if engine.graphs is None:
         return None
     from ferry.engine.cuda_graphs import batch_bucket, context_bucket
 
-    step = engine.graphs.graphs.get((batch_bucket(batch), context_bucket(context, engine.cache.max_len)))
+    return engine.graphs.graphs.get((batch_bucket(batch), context_bucket(context, engine.cache.max_len)))
+
+
+def graph_step_ms(engine: Engine, batch: int, context: int) -> float | None:
+    """GPU time of one captured decode step alone (median of 50 back-to-back replays), host loop excluded."""
+    step = captured_step(engine, batch, context)
     if step is None:
         return None
     times = []
@@ -67,3 +72,27 @@ def graph_step_ms(engine: Engine, batch: int, context: int) -> float | None:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+COMMUNICATION_KERNELS = ("nccl", "all_reduce", "allreduce", "one_shot", "two_shot", "symm")
+
+
+def communication_share(engine: Engine, batch: int, context: int, replays: int = 5) -> float | None:
+    """Share of a captured decode step's GPU kernel time spent in all-reduce kernels (torch.profiler)."""
+    step = captured_step(engine, batch, context)
+    if step is None:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step.graph.replay()
+        torch.cuda.synchronize()
+    total = comm = 0.0
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+            continue
+        total += event.self_device_time_total
+        if any(k in event.key.lower() for k in COMMUNICATION_KERNELS):
+            comm += event.self_device_time_total
+    return comm / total if total else None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ferry.bench.decode_timing import copy_bandwidth, ferry_decode, graph_step_ms, random_prompts, sync
+from ferry.bench.decode_timing import (communication_share, copy_bandwidth, ferry_decode, graph_step_ms,
+                                       random_prompts, sync)
 from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig
 
@@ -105,6 +106,7 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
         tok_s = ferry_decode(engine, batch, job.prompt_len, job.new_tokens, job.config.vocab_size, job.repeats)
         tok_s = _min_over_ranks(tok_s, group, device)
         step_ms = graph_step_ms(engine, batch, job.prompt_len + job.new_tokens)
+        comm_share = communication_share(engine, batch, job.prompt_len + job.new_tokens)
         message = batch * job.config.hidden_size * dtype.itemsize
         ar_us = allreduce_latency_us(group, message, dtype, device)
         roofline_ms = _max_over_ranks(weight_bytes, group, device) / bandwidth * 1000 + 2 * job.config.num_layers * ar_us / 1000
@@ -113,6 +115,7 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
             "aggregate_tokens_per_s": round(tok_s * batch, 1),
             "graph_step_ms": round(_max_over_ranks(step_ms, group, device), 3) if step_ms else None,
             "allreduce_bytes": message, "allreduce_us": round(ar_us, 2),
+            "comm_share_profiled": round(_max_over_ranks(comm_share, group, device), 3) if comm_share is not None else None,
             "allreduce_share_of_roofline": round(2 * job.config.num_layers * ar_us / 1000 / roofline_ms, 3),
             "roofline_tokens_per_s": round(1000 / roofline_ms, 1),
             "of_roofline": round(tok_s / (1000 / roofline_ms), 3),
