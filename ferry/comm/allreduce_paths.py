@@ -48,6 +48,7 @@ class SymmetricMemoryPath:
         self.label = f"symm-mem {kind.replace('_', '-')}"
         self.kind, self.max_bytes = kind, max_bytes
         self.group_name = process_group.group_name
+        symm_mem.enable_symm_mem_for_group(self.group_name)  # a no-op where the torch build does it already
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
 
