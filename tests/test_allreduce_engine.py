@@ -108,4 +108,33 @@ def test_bench_allreduce_on_cpu_writes_its_table_and_says_what_it_could_not_meas
     assert doc["backend"] == "gloo" and doc["ranks"] == 2
     assert [r["bytes"] for r in doc["results"]] == [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
     assert all(r["us"] > 0 and r["busbw_GBps"] == r["algbw_GBps"] for r in doc["results"])  # 2 ranks: factor 1
-    assert set(doc["skipped"]) == {"symm_one_shot", "symm_two_shot"}
+    assert set(doc["skipped"]) == {"symm_one_shot", "symm_two_shot", "ferry_one_shot"}
+
+
+def _interpreted(*args: int) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("one_shot_interpreted.py")
+    out = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": str(script.parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("world,numel,blocks", [(2, 700, 1), (3, 3000, 2)])
+def test_own_one_shot_kernel_sums_every_rank_through_peer_pointers(world, numel, blocks):
+    """Triton's CPU interpreter, one process per rank: the barrier protocol, the peer reads (grid-stride over
+    more data than the blocks cover at once) and the rank-ordered fp32 sum. The GPU test checks exact sums."""
+    result = _interpreted(world, numel, blocks)
+    assert result["exit_codes"] == [0] * world and result["errors"] == [0] * world
+    assert result["same_on_every_rank"] and result["pads_clear"]  # slots back to 0: the next call starts clean
+    assert result["max_rel_error"] <= 2 ** -7 + 1e-6  # one bf16 rounding of the fp32 sum
+
+
+def test_own_one_shot_kernel_with_a_missing_peer_sets_the_error_word_instead_of_hanging():
+    result = _interpreted(2, 600, 1, 1)
+    assert result["exit_codes"] == [0] and result["errors"] == [1]

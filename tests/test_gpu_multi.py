@@ -54,7 +54,7 @@ def _sum_every_path(group) -> dict:
 def test_every_allreduce_path_sums_exactly_eager_and_in_graph(world):
     _needs(world)
     result = spawn(world, "cuda", _sum_every_path, ())
-    assert result["paths"] == ["process_group", "symm_one_shot", "symm_two_shot"], result["skipped"]
+    assert result["paths"] == ["process_group", "symm_one_shot", "symm_two_shot", "ferry_one_shot"], result["skipped"]
     assert result["wrong"] == []
 
 

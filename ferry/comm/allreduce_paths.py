@@ -5,6 +5,8 @@
   input is copied into a buffer every rank allocated symmetrically, then each rank reads its peers' buffers
   directly: one-shot reads all of them (fewest steps, best for small messages), two-shot reduce-scatters then
   all-gathers (half the traffic per rank, better as messages grow). Both are capturable in CUDA graphs.
+- `ferry_one_shot`: Ferry's own Triton one-shot kernel over its own symmetric buffer (one_shot_kernel.py).
+  It checks itself when created (a known sum, a bounded barrier) and is offered only if that passes.
 
 A path that cannot run here says why (`unavailable_reason`) instead of failing later or falling back silently.
 """
@@ -81,6 +83,65 @@ class SymmetricMemoryPath:
         return flat.view(tensor.shape)
 
 
+class FerryOneShotPath:
+    """Ferry's Triton one-shot kernel (ferry/comm/one_shot_kernel.py) over one symmetric buffer."""
+
+    name = "ferry_one_shot"
+    label = "ferry one-shot (Triton)"
+    BLOCK = 2048
+
+    def __init__(self, process_group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.max_bytes, self.world = max_bytes, dist.get_world_size(process_group)
+        group_name = process_group.group_name
+        symm_mem.enable_symm_mem_for_group(group_name)
+        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.rank = handle.rank
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.signal_pads = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        # Slots [block, peer] of uint32 must fit the signal pad: that bounds the grid.
+        self.max_blocks = max(1, min(64, symm_mem.get_signal_pad_size() // 4 // self.world))
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        self._self_test(dtype, device)
+
+    @staticmethod
+    def unavailable_reason(process_group, device: torch.device) -> str | None:
+        if (reason := SymmetricMemoryPath.unavailable_reason(process_group, device)) is not None:
+            return reason
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed"
+        return None
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        return tensor.numel() * tensor.element_size() <= self.max_bytes and tensor.dtype == self.buffer.dtype
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        from ferry.comm.one_shot_kernel import one_shot_all_reduce_kernel
+
+        flat = tensor.reshape(-1)
+        numel = flat.numel()
+        self.buffer[:numel].copy_(flat)
+        grid = (min(self.max_blocks, -(-numel // self.BLOCK)),)
+        one_shot_all_reduce_kernel[grid](self.buffer_ptrs, self.signal_pads, self.error, flat, numel, self.rank,
+                                         world=self.world, BLOCK=self.BLOCK, num_warps=8)
+        return flat.view(tensor.shape)
+
+    def _self_test(self, dtype: torch.dtype, device: torch.device) -> None:
+        """A known sum through the kernel (rank r contributes r + 1); a wrong answer or a barrier that timed out
+        makes the path unavailable instead of wrong."""
+        for numel in (7, self.BLOCK * 3 + 5):
+            x = torch.full((numel,), float(self.rank + 1), dtype=dtype, device=device)
+            y = self.reduce(x)
+            torch.cuda.synchronize(device)
+            if int(self.error.item()) or not bool((y == self.world * (self.world + 1) // 2).all()):
+                raise RuntimeError(f"self-test failed (error word {int(self.error.item())})")
+
+
 def available_paths(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
                     max_bytes: int) -> tuple[list, dict[str, str]]:
     """Every path this group can run here, and for the others the reason they cannot."""
@@ -95,6 +156,31 @@ def available_paths(process_group: dist.ProcessGroup | None, device: torch.devic
             paths.append(SymmetricMemoryPath(kind, process_group, device, dtype, max_bytes))
         except Exception as exc:  # allocation / rendezvous refused by the driver or topology
             skipped[f"symm_{kind}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    reason = FerryOneShotPath.unavailable_reason(process_group, device)
+    if reason:
+        skipped[FerryOneShotPath.name] = reason
+    else:
+        try:
+            paths.append(FerryOneShotPath(process_group, device, dtype, max_bytes))
+        except Exception as exc:
+            skipped[FerryOneShotPath.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    paths = _agreed(paths, skipped, process_group, device)
     for name, why in skipped.items():
         log.info("all-reduce path %s not available: %s", name, why)
     return paths, skipped
+
+
+def _agreed(paths: list, skipped: dict[str, str], process_group, device: torch.device) -> list:
+    """Only paths every rank could build: ranks that offered different sets would pick different paths for the
+    same message and deadlock."""
+    if device.type != "cuda" or len(paths) == 1:
+        return paths  # every rank reached the same verdict for the same reason (no CUDA, no NCCL)
+    names = [ProcessGroupPath.name, "symm_one_shot", "symm_two_shot", FerryOneShotPath.name]
+    have = {p.name for p in paths}
+    flags = torch.tensor([1 if n in have else 0 for n in names], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=process_group)
+    everywhere = {n for n, f in zip(names, flags.tolist(), strict=True) if f}
+    for p in paths:
+        if p.name not in everywhere:
+            skipped[p.name] = "not available on every rank"
+    return [p for p in paths if p.name in everywhere]

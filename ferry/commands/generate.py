@@ -62,7 +62,7 @@ def generate(
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill", help="TP prefill in two micro-batches, each "
                                                   "one's all-reduces under the other's matmuls")] = False,
     allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
-                                                "machine) or process_group / symm_one_shot / symm_two_shot")] = "auto",
+                                                "machine) or process_group / symm_one_shot / symm_two_shot / ferry_one_shot")] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -175,7 +175,7 @@ def chat(
     compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
                                                                      "outputs; off by default")] = None,
     allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
-                                                "machine) or process_group / symm_one_shot / symm_two_shot")] = "auto",
+                                                "machine) or process_group / symm_one_shot / symm_two_shot / ferry_one_shot")] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
