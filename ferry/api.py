@@ -31,6 +31,7 @@ class LLM:
         tp: int = 1,
         compressed_allreduce: str | None = None,
         allreduce: str = "auto",
+        overlap_prefill: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -38,7 +39,7 @@ class LLM:
         self.workers = None
         self.engine: Engine | None = None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
-                              sync_output=sync_output)
+                              sync_output=sync_output, overlap_prefill=overlap_prefill)
         if tp > 1 or compressed_allreduce:
             self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce,
                                allreduce)
