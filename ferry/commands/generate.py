@@ -77,10 +77,6 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        if overlap_prefill and tp == 1 and not under_torchrun():
-            from ferry.errors import FerryError
-
-            raise FerryError("--overlap-prefill overlaps tensor-parallel all-reduces; it needs --tp 2 or more")
         if tp > 1 or under_torchrun():
             if weights != "native" or offload_weights:
                 from ferry.errors import FerryError
@@ -91,8 +87,9 @@ def generate(
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
                          allreduce)
             return
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None, compile_mode=compile_mode, weights=weights,
-                  sync_output=sync_output, offload_weights=offload_weights)
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None,
+                  compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
+                  overlap_prefill=overlap_prefill)
         if verbose:
             err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")

@@ -74,6 +74,8 @@ class Engine:
         overlap_prefill: bool = False,
     ) -> None:
         self.model = model
+        if overlap_prefill and model.group.world_size == 1:
+            raise FerryError("--overlap-prefill overlaps tensor-parallel all-reduces; it needs --tp 2 or more")
         if overlap_prefill and model.group.compression is not None:
             raise FerryError("--overlap-prefill overlaps the exact all-reduce; it does not combine with "
                              "--compressed-allreduce")
