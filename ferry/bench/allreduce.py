@@ -129,26 +129,12 @@ def run_allreduce_bench(device_type: str, ranks: int, max_size_mb: int, dtype_na
 
 
 def plot(rows: list[dict], path, ranks: int) -> None:
-    import matplotlib
+    from ferry.bench.plot import size_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         series.setdefault(f"{r['path']} ({r['mode']})", []).append((r["bytes"], r["us"]))
-    for name, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("message bytes")
-    ax.set_ylabel("us per all-reduce")
-    ax.legend(fontsize=8)
-    ax.set_title(f"All-reduce, {ranks} ranks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    size_plot(series, path, "message bytes", "us per all-reduce", f"All-reduce, {ranks} ranks", log_y=True)
 
 
 if __name__ == "__main__":  # without the CLI's dependencies: python -m ferry.bench.allreduce cuda 2

@@ -150,26 +150,13 @@ def run_host_bench(device: torch.device, max_size_mb: int, out, log=print) -> st
 
 
 def plot_bandwidth(rows: list[dict], path) -> None:
-    import matplotlib
+    from ferry.bench.plot import size_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["test"] == "bandwidth":
             series.setdefault(f"{r['direction']} {r['mode']}", []).append((r["bytes"], r["GBps"]))
-    for name, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("bytes per copy")
-    ax.set_ylabel("GB/s")
-    ax.legend(fontsize=8)
-    ax.set_title("Host <-> device copies")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    size_plot(series, path, "bytes per copy", "GB/s", "Host <-> device copies")
 
 
 if __name__ == "__main__":  # runnable without the CLI's dependencies: python -m ferry.bench.host_link [cuda]

@@ -36,23 +36,19 @@ class ProcessGroupPath:
         return tensor
 
 
-class SymmetricMemoryPath:
-    """One-shot or two-shot all-reduce through one symmetric buffer of `max_bytes` per rank.
+class _SymmetricBuffer:
+    """One buffer of `max_bytes` per rank, allocated symmetrically and rendezvoused over the group; messages
+    always start at its first byte, so every message is a prefix of the rendezvoused tensor."""
 
-    Messages always start at the buffer's first byte, so every message is a prefix of the rendezvoused tensor."""
-
-    def __init__(self, kind: str, process_group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
+    def __init__(self, process_group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
                  max_bytes: int) -> None:
-        assert kind in ("one_shot", "two_shot")
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.name = f"symm_{kind}"
-        self.label = f"symm-mem {kind.replace('_', '-')}"
-        self.kind, self.max_bytes = kind, max_bytes
+        self.max_bytes = max_bytes
         self.group_name = process_group.group_name
         symm_mem.enable_symm_mem_for_group(self.group_name)  # a no-op where the torch build does it already
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
 
     @staticmethod
     def unavailable_reason(process_group: dist.ProcessGroup | None, device: torch.device) -> str | None:
@@ -71,6 +67,18 @@ class SymmetricMemoryPath:
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.numel() * tensor.element_size() <= self.max_bytes and tensor.dtype == self.buffer.dtype
 
+
+class SymmetricMemoryPath(_SymmetricBuffer):
+    """Torch's one-shot or two-shot all-reduce through the symmetric buffer."""
+
+    def __init__(self, kind: str, process_group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int) -> None:
+        assert kind in ("one_shot", "two_shot")
+        super().__init__(process_group, device, dtype, max_bytes)
+        self.name = f"symm_{kind}"
+        self.label = f"symm-mem {kind.replace('_', '-')}"
+        self.kind = kind
+
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         flat = tensor.reshape(-1)
         staged = self.buffer[: flat.numel()]
@@ -83,8 +91,8 @@ class SymmetricMemoryPath:
         return flat.view(tensor.shape)
 
 
-class FerryOneShotPath:
-    """Ferry's Triton one-shot kernel (ferry/comm/one_shot_kernel.py) over one symmetric buffer."""
+class FerryOneShotPath(_SymmetricBuffer):
+    """Ferry's Triton one-shot kernel (ferry/comm/one_shot_kernel.py) over the symmetric buffer."""
 
     name = "ferry_one_shot"
     label = "ferry one-shot (Triton)"
@@ -94,14 +102,10 @@ class FerryOneShotPath:
                  max_bytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.max_bytes, self.world = max_bytes, dist.get_world_size(process_group)
-        group_name = process_group.group_name
-        symm_mem.enable_symm_mem_for_group(group_name)
-        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(self.buffer, group_name)
-        self.rank = handle.rank
-        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.signal_pads = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        super().__init__(process_group, device, dtype, max_bytes)
+        self.rank, self.world = self.handle.rank, self.handle.world_size
+        self.buffer_ptrs = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.signal_pads = torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         # Slots [block, peer] of uint32 must fit the signal pad: that bounds the grid.
         self.max_blocks = max(1, min(64, symm_mem.get_signal_pad_size() // 4 // self.world))
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -109,16 +113,13 @@ class FerryOneShotPath:
 
     @staticmethod
     def unavailable_reason(process_group, device: torch.device) -> str | None:
-        if (reason := SymmetricMemoryPath.unavailable_reason(process_group, device)) is not None:
+        if (reason := _SymmetricBuffer.unavailable_reason(process_group, device)) is not None:
             return reason
         try:
             import triton  # noqa: F401
         except ImportError:
             return "Triton is not installed"
         return None
-
-    def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.numel() * tensor.element_size() <= self.max_bytes and tensor.dtype == self.buffer.dtype
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         from ferry.comm.one_shot_kernel import one_shot_all_reduce_kernel

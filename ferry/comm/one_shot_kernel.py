@@ -24,29 +24,24 @@ MAX_SPINS = 1 << 26  # ~ seconds of spinning: far above any healthy wait, far be
 
 
 @triton.jit
-def _signal_all(signal_pads, error_ptr, block, rank, world: tl.constexpr):
-    """Tell block `block` of every rank that this rank's block arrived."""
-    for peer in tl.static_range(world):
-        pad = tl.load(signal_pads + peer).to(tl.pointer_type(tl.uint32))
-        slot = pad + block * world + rank
-        spins = 0
-        while (tl.atomic_cas(slot, 0, 1, sem="release", scope="sys") != 0) & (spins < MAX_SPINS):
-            spins += 1
-        if spins >= MAX_SPINS:
-            tl.atomic_xchg(error_ptr, 1)
+def _swap_when(slot, expected, new, error_ptr, SEM: tl.constexpr):
+    """Spin until `slot` holds `expected`, then store `new` (one system-scope CAS); bounded."""
+    spins = 0
+    while (tl.atomic_cas(slot, expected, new, sem=SEM, scope="sys") != expected) & (spins < MAX_SPINS):
+        spins += 1
+    if spins >= MAX_SPINS:
+        tl.atomic_xchg(error_ptr, 1)
 
 
 @triton.jit
-def _wait_all(signal_pads, error_ptr, block, rank, world: tl.constexpr):
-    """Wait until block `block` of every rank has signalled this rank."""
-    pad = tl.load(signal_pads + rank).to(tl.pointer_type(tl.uint32))
+def _barrier(signal_pads, error_ptr, block, rank, world: tl.constexpr):
+    """Block `block` of every rank meets here: announce on each peer's pad, then collect each peer's notice."""
     for peer in tl.static_range(world):
-        slot = pad + block * world + peer
-        spins = 0
-        while (tl.atomic_cas(slot, 1, 0, sem="acquire", scope="sys") != 1) & (spins < MAX_SPINS):
-            spins += 1
-        if spins >= MAX_SPINS:
-            tl.atomic_xchg(error_ptr, 1)
+        pad = tl.load(signal_pads + peer).to(tl.pointer_type(tl.uint32))
+        _swap_when(pad + block * world + rank, 0, 1, error_ptr, "release")
+    own = tl.load(signal_pads + rank).to(tl.pointer_type(tl.uint32))
+    for peer in tl.static_range(world):
+        _swap_when(own + block * world + peer, 1, 0, error_ptr, "acquire")
 
 
 @triton.jit
@@ -54,8 +49,7 @@ def one_shot_all_reduce_kernel(buffer_ptrs, signal_pads, error_ptr, out_ptr, num
                                world: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     blocks = tl.num_programs(0)
-    _signal_all(signal_pads, error_ptr, block, rank, world)
-    _wait_all(signal_pads, error_ptr, block, rank, world)
+    _barrier(signal_pads, error_ptr, block, rank, world)  # every peer's input has landed
     start = block * BLOCK
     while start < numel:
         offsets = start + tl.arange(0, BLOCK)
@@ -66,5 +60,4 @@ def one_shot_all_reduce_kernel(buffer_ptrs, signal_pads, error_ptr, out_ptr, num
             acc += tl.load(base + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
         start += blocks * BLOCK
-    _signal_all(signal_pads, error_ptr, block, rank, world)
-    _wait_all(signal_pads, error_ptr, block, rank, world)
+    _barrier(signal_pads, error_ptr, block, rank, world)  # every peer has read this block's chunk of ours

@@ -9,6 +9,7 @@ import typer
 
 from ferry.commands import DeviceOpt, DtypeOpt, ModelOpt, VerboseOpt, app, err, run_guarded, setup_logging
 
+OutOpt = Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")]
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON (+ PNG) with provenance.")
 app.add_typer(bench_app, name="bench")
 
@@ -20,7 +21,7 @@ def bench_edge(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    out: Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")] = Path("benchmarks/results"),
+    out: OutOpt = Path("benchmarks/results"),
     verbose: VerboseOpt = False,
 ) -> None:
     """Hidden-state codecs: bytes per token, encode+decode time, quality against fp32."""
@@ -55,7 +56,7 @@ def bench_edge(
 def bench_host(
     device: DeviceOpt = None,
     max_size_mb: Annotated[int, typer.Option(help="largest copy, MiB")] = 1024,
-    out: Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")] = Path("benchmarks/results"),
+    out: OutOpt = Path("benchmarks/results"),
     verbose: VerboseOpt = False,
 ) -> None:
     """Host <-> device copies: bandwidth by size and memory kind, packed vs separate uploads, overlap."""
@@ -76,10 +77,10 @@ def bench_allreduce(
     device: DeviceOpt = None,
     max_size_mb: Annotated[int, typer.Option(help="largest message, MiB")] = 64,
     dtype: DtypeOpt = None,
-    out: Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")] = Path("benchmarks/results"),
+    out: OutOpt = Path("benchmarks/results"),
     verbose: VerboseOpt = False,
 ) -> None:
-    """All-reduce per path (NCCL/gloo, symm-mem one-shot, two-shot), eager and in-graph: time, algbw, busbw."""
+    """All-reduce per path (NCCL/gloo, symm-mem one-/two-shot, Ferry's one-shot), eager and in-graph."""
     setup_logging(verbose)
 
     def run() -> None:
