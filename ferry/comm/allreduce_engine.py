@@ -62,7 +62,8 @@ class AllReduceEngine:
         self.table = table
         self.skipped = skipped or {}
         self.fallback = self.paths[ProcessGroupPath.name]
-        self.calls: dict[str, int] = {name: 0 for name in self.paths}  # which path ran, for --verbose and benches
+        # Which path ran, for --verbose and benches: eager calls and CUDA-graph captures (a replay is not a call).
+        self.calls: dict[str, int] = {name: 0 for name in self.paths}
 
     @classmethod
     def for_group(cls, mode: str, process_group: dist.ProcessGroup | None, device: torch.device,

@@ -157,7 +157,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
     print_completions(completions)
     paths = ", ".join(f"{name} x{n}" for name, n in result["allreduce_calls"].items() if n) or "none"
     err(f"{summary_line(completions)} (tp={result['tp']}, peak host memory per rank "
-        f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB, all-reduces: {paths})")
+        f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB, all-reduce paths by eager call or graph capture: {paths})")
 
 
 @app.command()
