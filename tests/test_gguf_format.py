@@ -84,6 +84,33 @@ def test_row_slices_read_only_their_rows(tmp_path):
     assert torch.equal(source.get("model.layers.0.mlp.up_proj.weight", dim=1, start=64, stop=128), full[:, 64:128])
 
 
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_1, T.Q4_K])
+def test_column_slices_on_block_boundaries_read_only_their_blocks(tmp_path, monkeypatch, qtype):
+    """Row-parallel layers (o_proj, down_proj) take column slices: on block boundaries only those blocks of each
+    row are dequantized; elsewhere the whole tensor is, and both give the same values."""
+    import ferry.model.weights.gguf_file as gguf_file
+
+    rng = np.random.default_rng(3)
+    rows, cols = 16, 1024
+    if qtype in RANDOM_BLOCKS:
+        data = _random_kquant(qtype, rows, cols, rng)
+    elif qtype in (T.F32, T.F16):
+        data = rng.standard_normal((rows, cols)).astype(np.float32 if qtype == T.F32 else np.float16)
+    else:
+        data = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    _write(tmp_path / "c.gguf", {"blk.0.ffn_down.weight": (data, qtype)}, {"llama.attention.head_count": 4})
+    source = GGUFWeights(tmp_path / "c.gguf")
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = source.get(name)
+    seen = []
+    monkeypatch.setattr(gguf_file, "dequantize", lambda raw, q: seen.append(raw.shape) or dequantize(raw, q))
+    block = 1 if qtype in (T.F32, T.F16) else GGML_QUANT_SIZES[qtype][0]
+    aligned = (256, 768)
+    assert torch.equal(source.get(name, dim=1, start=aligned[0], stop=aligned[1]), full[:, 256:768])
+    assert seen[-1][1] == (768 - 256) // block * (GGML_QUANT_SIZES[qtype][1] if block > 1 else 1)  # only those bytes
+    assert torch.equal(source.get(name, dim=1, start=3, stop=700), full[:, 3:700])  # off-block: still right
+
+
 def test_unsupported_tensor_type_is_refused_by_name(tmp_path):
     block, size = GGML_QUANT_SIZES[T.IQ2_XXS]
     raw = np.zeros((4, 256 // block * size), dtype=np.uint8)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ferry.errors import UnsupportedModelError
 from ferry.model.weights.dequant import dequantize
@@ -113,10 +113,19 @@ class GGUFWeights:
         data = tensor.rows_view(self.buffer)
         permuted = key in self._permute_heads
         # Rows are stored contiguously (quantized blocks run along a row), so a row slice reads only its
-        # bytes; a column slice or a permuted tensor needs the whole tensor dequantized first.
+        # bytes, and so does a column slice on block boundaries (its blocks in every row); other column slices
+        # and permuted tensors dequantize the whole tensor first.
         if dim == 0 and not permuted:
             data = data[start:stop]
             dim = None
+        elif dim == 1 and not permuted and data.ndim == 2:
+            cols = tensor.dims[-1]
+            stop = cols if stop is None else stop
+            block, size = (1, 1) if tensor.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) \
+                else GGML_QUANT_SIZES[tensor.qtype]
+            if start % block == 0 and stop % block == 0:
+                data = data[:, start // block * size : stop // block * size]
+                dim = None
         values = dequantize(data, tensor.qtype)
         if permuted:
             values = unpermute_qk(values, self._permute_heads[key])
