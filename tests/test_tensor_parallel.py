@@ -323,3 +323,21 @@ def test_tp_speed_benchmark_runs_tp1_and_tp2_and_reports_scaling_and_roofline():
     assert decode[2]["allreduce_us"] > 0 and 0 < decode[2]["of_roofline"]
     assert prefill["prefill_ms"] > 0 and prefill["prefill_overlap_ms"] > 0
     assert results[1]["allreduce_calls"]["process_group"] > 0
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_tp_generate_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "generate", "Tell me a long story.", "--tp", "2",
+                             "--device", "cpu", "--max-tokens", "4000", "--ignore-eos"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(8)  # ranks loaded and decoding
+        ranks = set(_children(proc.pid))
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "KeyboardInterrupt" not in stderr, stderr[-2000:]
+        time.sleep(1)
+        assert not [pid for pid in ranks if _alive(pid)], "orphan rank processes left"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
