@@ -226,6 +226,14 @@ def test_python_api_tp2_serves_many_requests_like_tp1(ferry_smollm, llm_tp2):
     assert info["tp"] == 2 and len(info["peak_host_mb_per_rank"]) == 2
 
 
+def test_python_api_tp2_refuses_a_bad_request_and_keeps_serving(llm_tp2):
+    from ferry.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context"):
+        llm_tp2.generate(["word " * 9000], GREEDY)
+    assert llm_tp2.generate([PROMPTS[0]], GREEDY)[0].token_ids  # the ranks are still there, still in step
+
+
 def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
     # Ranks that drew different samples would feed different tokens and break apart (or hang at EOS).
     params = SamplingParams(max_tokens=24, temperature=1.0)

@@ -25,7 +25,7 @@ import torch
 from ferry.comm.group import ParallelGroup
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
-from ferry.errors import FerryError
+from ferry.errors import FerryError, InvalidRequestError
 from ferry.parallel.launch import BACKENDS, die_with_parent, describe_dead_rank, free_port, init_group
 
 log = logging.getLogger("ferry.workers")
@@ -83,6 +83,12 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
             if command[0] == "stop":
                 break
             _, prompts, params = command
+            try:  # every rank reaches the same verdict before any collective, so a bad request costs nothing
+                engine.check_prompts(prompts, params)
+            except InvalidRequestError as exc:
+                if rank == 0:
+                    events.put(("rejected", str(exc)))
+                continue
             params = agree_on_seed(group, params, device)
             on_token = (lambda e: events.put(("token", e))) if rank == 0 else None
             completions = engine.generate(prompts, params, on_token=on_token)
@@ -137,6 +143,8 @@ class TensorParallelWorkers:
             kind, payload = self._next_event(deadline=time.monotonic() + self.timeout_s + 30, waiting_for="a token")
             if kind == "token":
                 yield payload
+            elif kind == "rejected":
+                raise InvalidRequestError(payload)
             else:
                 yield pickle.loads(payload)
                 return
