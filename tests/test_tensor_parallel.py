@@ -241,6 +241,10 @@ def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
     assert all(r.token_ids for r in runs) and runs[0].token_ids != runs[1].token_ids  # really sampled
     events = list(llm_tp2.stream([PROMPTS[0]], GREEDY))
     assert "".join(e.text for e in events) == llm_tp2.generate([PROMPTS[0]], GREEDY)[0].text
+    abandoned = llm_tp2.stream([PROMPTS[1]], GREEDY)
+    next(abandoned)  # the caller stops reading after one token; the ranks finish that request regardless
+    abandoned.close()
+    assert llm_tp2.generate([PROMPTS[0]], GREEDY)[0].text == "".join(e.text for e in events)
 
 
 def test_python_api_tp_rank_death_is_named_and_close_leaves_nothing(smollm_path):

@@ -75,26 +75,26 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
         engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_host_mb(), device)
         if rank == 0:
-            events.put(("ready", {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tp": world,
+            events.put(("ready", 0, {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tp": world,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
         while True:
             command = commands.get()
             if command[0] == "stop":
                 break
-            _, prompts, params = command
+            _, request, prompts, params = command
             try:  # every rank reaches the same verdict before any collective, so a bad request costs nothing
                 engine.check_prompts(prompts, params)
             except InvalidRequestError as exc:
                 if rank == 0:
-                    events.put(("rejected", str(exc)))
+                    events.put(("rejected", request, str(exc)))
                 continue
             params = agree_on_seed(group, params, device)
-            on_token = (lambda e: events.put(("token", e))) if rank == 0 else None
+            on_token = (lambda e: events.put(("token", request, e))) if rank == 0 else None
             completions = engine.generate(prompts, params, on_token=on_token)
             check_ranks_agree(group, completions, device)
             if rank == 0:
-                events.put(("done", pickle.dumps(completions)))
+                events.put(("done", request, pickle.dumps(completions)))
         torch.distributed.destroy_process_group()
     except FerryError as exc:
         events.put(("error", rank, str(exc)))
@@ -114,6 +114,7 @@ class TensorParallelWorkers:
             raise FerryError(f"no torch.distributed backend known for device type {spec.device_type!r}")
         ctx = mp.get_context("spawn")
         self.tp, self.timeout_s = tp, timeout_s
+        self._requests = 0
         self._events = ctx.Queue()
         self._commands = [ctx.Queue() for _ in range(tp)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -125,7 +126,7 @@ class TensorParallelWorkers:
         # Runs at close() or when the driver drops this object / exits: the ranks never outlive it.
         self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._commands)
         try:
-            kind, self.info = self._next_event(deadline=time.monotonic() + timeout_s, waiting_for="loading")
+            kind, _, self.info = self._next_event(deadline=time.monotonic() + timeout_s, waiting_for="loading")
         except BaseException:
             self.close()
             raise
@@ -136,11 +137,17 @@ class TensorParallelWorkers:
         """Yield rank 0's token events, then (last) the list of completions."""
         if not self._finalizer.alive:
             raise FerryError("the tensor-parallel ranks were stopped")
+        # Requests are numbered: events of one whose stream the caller abandoned are skipped, not taken for ours.
+        self._requests += 1
+        request = self._requests
         for q in self._commands:
-            q.put(("generate", prompts, params))
+            q.put(("generate", request, prompts, params))
         # A step that makes no token for this long means a stuck collective, which the ranks' own timeout ends.
         while True:
-            kind, payload = self._next_event(deadline=time.monotonic() + self.timeout_s + 30, waiting_for="a token")
+            kind, of, payload = self._next_event(deadline=time.monotonic() + self.timeout_s + 30,
+                                                 waiting_for="a token")
+            if of != request:
+                continue
             if kind == "token":
                 yield payload
             elif kind == "rejected":
@@ -158,7 +165,7 @@ class TensorParallelWorkers:
                 on_token(item)
         raise FerryError("the ranks ended a request without completions")
 
-    def _next_event(self, deadline: float, waiting_for: str) -> tuple[str, object]:
+    def _next_event(self, deadline: float, waiting_for: str) -> tuple[str, int, object]:
         while True:
             try:
                 event = self._events.get(timeout=0.2)
@@ -177,7 +184,7 @@ class TensorParallelWorkers:
                 dead = describe_dead_rank(self._procs, exclude=rank)
                 self.close()
                 raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
-            return event[0], event[1]
+            return event
 
     def close(self) -> None:
         self._finalizer()
