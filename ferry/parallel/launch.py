@@ -7,6 +7,7 @@ child and, when one dies, stops the rest and names the rank that failed. Childre
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import logging
@@ -39,10 +40,29 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:
+    """A rank dies with its parent and leaves Ctrl-C to it: a terminal's SIGINT reaches every process of the
+    group, and the parent stops the ranks itself (ranks would otherwise each print a KeyboardInterrupt trace)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the parent's finally block still reaps children
+
+
+@contextlib.contextmanager
+def sigint_ignored_by_children():
+    """Start processes inside this block: they inherit SIGINT ignored from their first instruction (an ignored
+    signal stays ignored across exec, and Python keeps it so), closing the window before die_with_parent runs.
+    Only the main thread may change handlers; elsewhere die_with_parent alone covers it."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def init_group(
@@ -91,8 +111,9 @@ def spawn(
     init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results),
                          name=f"ferry-rank{r}", daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
+    with sigint_ignored_by_children():
+        for p in procs:
+            p.start()
     log.info("spawned %d ranks (%s, %s)", world, device_type, BACKENDS[device_type])
     try:
         outcome = None

@@ -26,7 +26,8 @@ from ferry.comm.group import ParallelGroup
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
-from ferry.parallel.launch import BACKENDS, die_with_parent, describe_dead_rank, free_port, init_group
+from ferry.parallel.launch import (BACKENDS, describe_dead_rank, die_with_parent, free_port, init_group,
+                                   sigint_ignored_by_children)
 
 log = logging.getLogger("ferry.workers")
 
@@ -121,8 +122,9 @@ class TensorParallelWorkers:
         self._procs = [ctx.Process(target=_serve_rank, name=f"ferry-rank{r}", daemon=True,
                                    args=(r, tp, spec, init_method, timeout_s, compression, self._commands[r],
                                          self._events)) for r in range(tp)]
-        for p in self._procs:
-            p.start()
+        with sigint_ignored_by_children():
+            for p in self._procs:
+                p.start()
         # Runs at close() or when the driver drops this object / exits: the ranks never outlive it.
         self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._commands)
         try:
