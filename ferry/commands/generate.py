@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ferry.commands import (
+    AllReduceOpt,
     ChatOpt,
+    CompileModeOpt,
+    CompileOpt,
+    CompressedAllReduceOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -22,6 +26,7 @@ from ferry.commands import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    TpOpt,
     VerboseOpt,
     WeightsOpt,
     app,
@@ -49,20 +54,18 @@ def generate(
     chat: ChatOpt = False,
     stream: StreamOpt = False,
     as_json: JsonOpt = False,
-    compile: Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")] = False,
-    compile_mode: Annotated[Optional[str], typer.Option(help="torch.compile mode, e.g. max-autotune-no-cudagraphs")] = None,
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = None,
     weights: WeightsOpt = "native",
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
-    tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
+    tp: TpOpt = 1,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
-    compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
-                                                                     "outputs (per-token scales); off by default")] = None,
+    compressed_allreduce: CompressedAllReduceOpt = None,
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill", help="TP prefill in two micro-batches, each "
                                                   "one's all-reduces under the other's matmuls")] = False,
-    allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
-                                                "machine) or process_group / symm_one_shot / symm_two_shot / ferry_one_shot")] = "auto",
+    allreduce: AllReduceOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate completions for PROMPTS."""
@@ -168,11 +171,11 @@ def chat(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     weights: WeightsOpt = "native",
-    tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")] = 1,
-    compressed_allreduce: Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
-                                                                     "outputs; off by default")] = None,
-    allreduce: Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
-                                                "machine) or process_group / symm_one_shot / symm_two_shot / ferry_one_shot")] = "auto",
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = None,
+    tp: TpOpt = 1,
+    compressed_allreduce: CompressedAllReduceOpt = None,
+    allreduce: AllReduceOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
@@ -184,6 +187,7 @@ def chat(
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
+                 compile=compile or compile_mode is not None, compile_mode=compile_mode,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")
