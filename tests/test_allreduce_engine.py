@@ -138,3 +138,45 @@ def test_own_one_shot_kernel_sums_every_rank_through_peer_pointers(world, numel,
 def test_own_one_shot_kernel_with_a_missing_peer_sets_the_error_word_instead_of_hanging():
     result = _interpreted(2, 600, 1, 1)
     assert result["exit_codes"] == [0] and result["errors"] == [1]
+
+
+def _calibrate_with_a_slow_path(group, cache: str) -> dict:
+    """Calibration end to end on gloo: a second path that is the process group plus 2 ms must lose at every size;
+    the plan is cached by rank 0 and the next calibration on the same machine reads it instead of timing."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from ferry.comm import allreduce_engine
+    from ferry.comm.allreduce_paths import ProcessGroupPath
+
+    class Slow(ProcessGroupPath):
+        name = "symm_two_shot"  # any name the engine knows
+
+        def reduce(self, tensor):
+            time.sleep(0.002)
+            return super().reduce(tensor)
+
+    os.environ["FERRY_CACHE_DIR"] = cache
+    allreduce_engine.available_paths = lambda pg, dev, dt, mb: ([ProcessGroupPath(pg), Slow(pg)], {})
+    sizes = [8 << 10, 64 << 10]
+    first = allreduce_engine.AllReduceEngine.calibrated(group.process_group, torch.device("cpu"), torch.float32, sizes)
+    timed = []
+    allreduce_engine.measure_in_graph_or_eager = lambda *a, **k: timed.append(1) or {}
+    second = allreduce_engine.AllReduceEngine.calibrated(group.process_group, torch.device("cpu"), torch.float32, sizes)
+    x = torch.ones(100) * (group.rank + 1)
+    total = first.reduce(x)
+    everyone: list = [None] * group.world_size
+    dist.all_gather_object(everyone, [r.path for r in first.table])
+    return {"first": first.table, "second": second.table, "timed_again": bool(timed), "everyone": everyone,
+            "sum": total.tolist()[:3], "files": sorted(p.name for p in allreduce_engine.cache_dir().glob("*.json"))}
+
+
+def test_calibration_picks_the_faster_path_everywhere_caches_it_and_reuses_it(tmp_path):
+    result = spawn(2, "cpu", _calibrate_with_a_slow_path, (str(tmp_path),))
+    assert [r.path for r in result["first"]] == ["process_group", "process_group"]
+    assert all(r.times_us["symm_two_shot"] > r.times_us["process_group"] + 1000 for r in result["first"])
+    assert result["everyone"] == [["process_group"] * 2] * 2  # every rank chose the same
+    assert result["second"] == result["first"] and not result["timed_again"]  # from the cache
+    assert len(result["files"]) == 1 and result["sum"] == [3.0, 3.0, 3.0]
