@@ -24,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.report import provenance, write_results  # noqa: E402
+from ferry.parallel.launch import keep_multicast_off  # noqa: E402
 from ferry.bench.shapes import SHAPES, TINY  # noqa: E402
 
 
@@ -49,8 +50,7 @@ def write_random_checkpoint(folder: Path, config, dtype: torch.dtype, device: to
 
 
 def main() -> None:
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
+    keep_multicast_off()
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama3-8b", choices=[*SHAPES, "tiny"])

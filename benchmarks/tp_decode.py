@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.report import provenance, write_results  # noqa: E402
+from ferry.parallel.launch import keep_multicast_off  # noqa: E402
 from ferry.bench.shapes import SHAPES, TINY  # noqa: E402
 from ferry.bench.tp_speed import SpeedJob, run_tp_speed  # noqa: E402
 
 
 def main() -> None:
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
+    keep_multicast_off()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama3-8b", choices=[*SHAPES, "tiny"])

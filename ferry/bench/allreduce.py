@@ -98,11 +98,10 @@ def _row(size: int, path: str, mode: str, us: float, world: int) -> dict:
 
 def run_allreduce_bench(device_type: str, ranks: int, max_size_mb: int, dtype_name: str, out, log=print) -> str:
     from ferry.bench.report import provenance, write_results
-    from ferry.parallel.launch import spawn
+    from ferry.parallel.launch import keep_multicast_off, spawn
 
     out = Path(out)
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
+    keep_multicast_off()
     sizes = [s for s in SIZES if s <= max_size_mb << 20]
     result = spawn(ranks, device_type, measure_on_ranks, (sizes, dtype_name, device_type))
     notes = []

@@ -78,11 +78,17 @@ def init_group(
     return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD, compression=compression)
 
 
-def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results) -> None:
-    die_with_parent()
+def keep_multicast_off() -> None:
+    """NVLink multicast (NVLS) stays off in every process Ferry starts: NCCL, torch symmetric memory and NVSHMEM
+    each have their own switch. An explicit setting in the environment is left as it is (and reported by benches)."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+
+def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results) -> None:
+    die_with_parent()
+    keep_multicast_off()
     try:
         group = init_group(rank, world, device_type, init_method, timeout_s, compression)
         result = fn(group, *args)

@@ -27,7 +27,7 @@ from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
 from ferry.parallel.launch import (BACKENDS, describe_dead_rank, die_with_parent, free_port, init_group,
-                                   sigint_ignored_by_children)
+                                   keep_multicast_off, sigint_ignored_by_children)
 
 log = logging.getLogger("ferry.workers")
 
@@ -58,8 +58,7 @@ def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.de
 def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
                 compression: str | None, commands, events) -> None:
     die_with_parent()
-    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    keep_multicast_off()
     try:
         from ferry.device import resolve_dtype
         from ferry.engine.engine import Engine
