@@ -8,7 +8,6 @@ from pathlib import Path
 from ferry.device import resolve_device, resolve_dtype
 from ferry.engine.engine import Completion, Engine, TokenEvent
 from ferry.engine.sampling import SamplingParams
-from ferry.errors import FerryError
 
 
 class LLM:
@@ -53,22 +52,14 @@ class LLM:
         self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
 
     def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression, allreduce) -> None:
-        import torch
-
-        from ferry.model.default_model import default_model_path
-        from ferry.model.loader import open_checkpoint
-        from ferry.parallel.layout import check_device_count, check_tensor_parallel
+        from ferry.model.loader import open_checkpoint, resolve_model_path
+        from ferry.parallel.layout import check_launch, check_parallel_options
         from ferry.parallel.workers import TensorParallelWorkers, WorkerSpec
 
-        if weights != "native" or offload_weights:
-            raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
-        if compression not in (None, "int8"):
-            raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
-        path = Path(model).expanduser() if model else default_model_path()
+        check_parallel_options(weights, offload_weights, compression)
+        path = resolve_model_path(model)
         _, config, self.tokenizer = open_checkpoint(path)
-        check_tensor_parallel(config, self.tp)
-        check_device_count(self.device.type, self.tp,
-                           torch.cuda.device_count() if self.device.type == "cuda" else 0)
+        check_launch(config, self.device.type, self.tp)
         self.model_path = path
         spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce)
         self.workers = TensorParallelWorkers(spec, self.tp, compression=compression)

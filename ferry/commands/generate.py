@@ -81,10 +81,9 @@ def generate(
             ignore_eos=ignore_eos,
         )
         if tp > 1 or under_torchrun():
-            if weights != "native" or offload_weights:
-                from ferry.errors import FerryError
+            from ferry.parallel.layout import check_parallel_options
 
-                raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
+            check_parallel_options(weights, offload_weights, compressed_allreduce)
             engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
@@ -120,24 +119,15 @@ def generate(
 def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression, engine_options,
                  allreduce) -> None:
     """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
-    from pathlib import Path
-
-    import torch
-
     from ferry.device import resolve_device
     from ferry.engine.engine import Completion
-    from ferry.model.default_model import default_model_path
-    from ferry.model.loader import open_checkpoint
+    from ferry.model.loader import open_checkpoint, resolve_model_path
     from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
-    from ferry.parallel.layout import check_device_count, check_tensor_parallel
+    from ferry.parallel.layout import check_launch, check_tensor_parallel
     from ferry.parallel.tp_generate import GenerateJob, run_generate
 
-    from ferry.errors import FerryError
-
-    if compression not in (None, "int8"):
-        raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
     dev = resolve_device(device)
-    path = Path(model).expanduser() if model else default_model_path()
+    path = resolve_model_path(model)
     _, config, _ = open_checkpoint(path)
     job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce)
     if under_torchrun():
@@ -147,8 +137,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compr
         if group.rank != 0:
             return
     else:
-        check_tensor_parallel(config, tp)
-        check_device_count(dev.type, tp, torch.cuda.device_count() if dev.type == "cuda" else 0)
+        check_launch(config, dev.type, tp)
         result = spawn(tp, dev.type, run_generate, (job,), compression=compression)
     completions = [Completion(**c) for c in result.pop("completions")]
     if as_json:

@@ -71,6 +71,11 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, g
     return model
 
 
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The checkpoint a user named, or the default model (provisioned if absent)."""
+    return Path(path).expanduser() if path else default_model_path()
+
+
 def load_model(
     path: str | Path | None,
     device: torch.device,
@@ -93,7 +98,7 @@ def load_model(
     if offload_fraction and weights != "native":
         raise FerryError("--offload-weights streams native weights; it does not combine with --weights int8")
     started = time.perf_counter()
-    resolved = Path(path).expanduser() if path else default_model_path()
+    resolved = resolve_model_path(path)
     source, config, tokenizer = open_checkpoint(resolved)
     streamed = streamed_layers(config.num_layers, offload_fraction)
     model = build_model(config, device, dtype, group, host_layers=frozenset(streamed))
