@@ -37,7 +37,7 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], dtype_name: str, de
                     us = time_in_graph(path, x, repeats=20, trials=7)
                 else:
                     us = _time_eager_synced(path, x, group, device)
-                us = _max_over_ranks(us, group, device)
+                us = round(group.max_over_ranks(us, device), 2)
                 if mode == "graph":
                     graph_times.setdefault(size, {})[path.name] = us
                 rows.append(_row(size, path.name, mode, us, group.world_size))
@@ -60,8 +60,10 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], dtype_name: str, de
 
 def _time_eager_synced(path, x, group, device) -> float:
     """Eager: one call including its launch, the way a non-graph decode step pays it."""
-    if device.type != "cuda":
-        return _time_eager_cpu(path, x, group)
+    if device.type != "cuda":  # nothing to synchronize: back-to-back calls, as the engine's calibration times them
+        from ferry.comm.allreduce_engine import time_eager
+
+        return time_eager(path, x, repeats=5, trials=5, process_group=group.process_group)
     import statistics
     import time
 
@@ -76,18 +78,6 @@ def _time_eager_synced(path, x, group, device) -> float:
         torch.cuda.synchronize()
         samples.append((time.perf_counter() - started) * 1e6)
     return statistics.median(samples)
-
-
-def _time_eager_cpu(path, x, group) -> float:
-    from ferry.comm.allreduce_engine import time_eager
-
-    return time_eager(path, x, repeats=5, trials=5, process_group=group.process_group)
-
-
-def _max_over_ranks(us: float, group: ParallelGroup, device) -> float:
-    t = torch.tensor([us], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group.process_group)
-    return round(float(t), 2)
 
 
 def _row(size: int, path: str, mode: str, us: float, world: int) -> dict:

@@ -35,18 +35,6 @@ class SpeedJob:
     compile: bool = False
 
 
-def _max_over_ranks(value: float, group: ParallelGroup, device: torch.device) -> float:
-    if group.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group.process_group)
-    return float(t)
-
-
-def _min_over_ranks(value: float, group: ParallelGroup, device: torch.device) -> float:
-    return -_max_over_ranks(-value, group, device)
-
-
 def allreduce_latency_us(group: ParallelGroup, nbytes: int, dtype: torch.dtype, device: torch.device) -> float:
     """One all-reduce of `nbytes` on the path the group's engine picks (in a CUDA graph on GPUs)."""
     if group.world_size == 1:
@@ -62,7 +50,7 @@ def allreduce_latency_us(group: ParallelGroup, nbytes: int, dtype: torch.dtype, 
     x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=device)
     us = (time_in_graph(path, x, 20, 5) if device.type == "cuda"
           else time_eager(path, x, 10, 5, group.process_group))
-    return _max_over_ranks(us, group, device)
+    return group.max_over_ranks(us, device)
 
 
 def prefill_ms(model, engine, batch: int, tokens: int, overlap: bool, device: torch.device, group) -> float:
@@ -83,7 +71,7 @@ def prefill_ms(model, engine, batch: int, tokens: int, overlap: bool, device: to
             if i:
                 times.append((time.perf_counter() - started) * 1000)
     model.overlap_micro_batches = False
-    return _max_over_ranks(statistics.median(times), group, device)
+    return group.max_over_ranks(statistics.median(times), device)
 
 
 def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
@@ -100,22 +88,22 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
     model = random_model(job.config, device, dtype, group=group)
     engine = Engine(model, None, compile=job.compile)
     weight_bytes = weight_bytes_per_token(model)
-    bandwidth = _min_over_ranks(copy_bandwidth(device), group, device)
+    bandwidth = group.min_over_ranks(copy_bandwidth(device), device)
     rows = []
     for batch in job.batches:
         tok_s = ferry_decode(engine, batch, job.prompt_len, job.new_tokens, job.config.vocab_size, job.repeats)
-        tok_s = _min_over_ranks(tok_s, group, device)
+        tok_s = group.min_over_ranks(tok_s, device)
         step_ms = graph_step_ms(engine, batch, job.prompt_len + job.new_tokens)
         comm_share = communication_share(engine, batch, job.prompt_len + job.new_tokens)
         message = batch * job.config.hidden_size * dtype.itemsize
         ar_us = allreduce_latency_us(group, message, dtype, device)
-        roofline_ms = _max_over_ranks(weight_bytes, group, device) / bandwidth * 1000 + 2 * job.config.num_layers * ar_us / 1000
+        roofline_ms = group.max_over_ranks(weight_bytes, device) / bandwidth * 1000 + 2 * job.config.num_layers * ar_us / 1000
         rows.append({
             "test": "decode", "tp": group.world_size, "batch": batch, "tokens_per_s": round(tok_s, 1),
             "aggregate_tokens_per_s": round(tok_s * batch, 1),
-            "graph_step_ms": round(_max_over_ranks(step_ms, group, device), 3) if step_ms else None,
+            "graph_step_ms": round(group.max_over_ranks(step_ms, device), 3) if step_ms else None,
             "allreduce_bytes": message, "allreduce_us": round(ar_us, 2),
-            "comm_share_profiled": round(_max_over_ranks(comm_share, group, device), 3) if comm_share is not None else None,
+            "comm_share_profiled": round(group.max_over_ranks(comm_share, device), 3) if comm_share is not None else None,
             "allreduce_share_of_roofline": round(2 * job.config.num_layers * ar_us / 1000 / roofline_ms, 3),
             "roofline_tokens_per_s": round(1000 / roofline_ms, 1),
             "of_roofline": round(tok_s / (1000 / roofline_ms), 3),

@@ -59,6 +59,17 @@ class ParallelGroup:
             return PendingSum(tensor, None)
         return PendingSum(tensor, dist.all_reduce(tensor, group=self.process_group, async_op=True))
 
+    def max_over_ranks(self, value: float, device: torch.device) -> float:
+        """The largest of every rank's `value` (for timings: the slowest rank sets the pace)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return float(t)
+
+    def min_over_ranks(self, value: float, device: torch.device) -> float:
+        return -self.max_over_ranks(-value, device)
+
     def all_gather_last_dim(self, tensor: torch.Tensor, widths: list[int]) -> torch.Tensor:
         """Concatenate every rank's `tensor` along the last dimension; rank r holds `widths[r]` columns.
 
