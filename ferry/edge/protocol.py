@@ -108,9 +108,7 @@ class Frame:
         return cls(Kind.TOKEN, session, request, body=TOKEN_FIELDS.pack(token_id, position, cloud_ms))
 
     def token_fields(self) -> tuple[int, int, float]:
-        if len(self.body) != TOKEN_FIELDS.size:
-            raise ProtocolError("TOKEN frame has the wrong size")
-        return TOKEN_FIELDS.unpack(self.body)
+        return self._fixed_body(TOKEN_FIELDS)
 
     @classmethod
     def verify(cls, session: int, request: int, start: int, tokens: int, draft: list[int], payload: bytes) -> Frame:
@@ -132,9 +130,13 @@ class Frame:
         return cls(Kind.VERDICT, session, request, body=VERDICT_FIELDS.pack(accepted, token_id, cloud_ms))
 
     def verdict_fields(self) -> tuple[int, int, float]:
-        if len(self.body) != VERDICT_FIELDS.size:
-            raise ProtocolError("VERDICT frame has the wrong size")
-        return VERDICT_FIELDS.unpack(self.body)
+        return self._fixed_body(VERDICT_FIELDS)
+
+    def _fixed_body(self, fields: struct.Struct) -> tuple:
+        """A body that is exactly one struct (TOKEN, VERDICT): any other length is malformed."""
+        if len(self.body) != fields.size:
+            raise ProtocolError(f"{self.kind.name} frame has the wrong size")
+        return fields.unpack(self.body)
 
     @classmethod
     def error(cls, message: str, session: int = 0, request: int = 0) -> Frame:
