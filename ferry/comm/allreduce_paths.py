@@ -146,37 +146,36 @@ class FerryOneShotPath(_SymmetricBuffer):
 def available_paths(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
                     max_bytes: int) -> tuple[list, dict[str, str]]:
     """Every path this group can run here, and for the others the reason they cannot."""
+    candidates = {  # name -> (why it cannot run here, or None; how to build it)
+        "symm_one_shot": (SymmetricMemoryPath.unavailable_reason,
+                          lambda: SymmetricMemoryPath("one_shot", process_group, device, dtype, max_bytes)),
+        "symm_two_shot": (SymmetricMemoryPath.unavailable_reason,
+                          lambda: SymmetricMemoryPath("two_shot", process_group, device, dtype, max_bytes)),
+        FerryOneShotPath.name: (FerryOneShotPath.unavailable_reason,
+                                lambda: FerryOneShotPath(process_group, device, dtype, max_bytes)),
+    }
     paths: list = [ProcessGroupPath(process_group)]
     skipped: dict[str, str] = {}
-    reason = SymmetricMemoryPath.unavailable_reason(process_group, device)
-    for kind in ("one_shot", "two_shot"):
-        if reason:
-            skipped[f"symm_{kind}"] = reason
-            continue
-        try:
-            paths.append(SymmetricMemoryPath(kind, process_group, device, dtype, max_bytes))
-        except Exception as exc:  # allocation / rendezvous refused by the driver or topology
-            skipped[f"symm_{kind}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    reason = FerryOneShotPath.unavailable_reason(process_group, device)
-    if reason:
-        skipped[FerryOneShotPath.name] = reason
-    else:
-        try:
-            paths.append(FerryOneShotPath(process_group, device, dtype, max_bytes))
-        except Exception as exc:
-            skipped[FerryOneShotPath.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    paths = _agreed(paths, skipped, process_group, device)
+    for name, (unavailable_reason, build) in candidates.items():
+        reason = unavailable_reason(process_group, device)
+        if reason is None:
+            try:
+                paths.append(build())
+            except Exception as exc:  # allocation / rendezvous refused by the driver or topology, failed self-test
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if reason is not None:
+            skipped[name] = reason
+    paths = _agreed(paths, skipped, [ProcessGroupPath.name, *candidates], process_group, device)
     for name, why in skipped.items():
         log.info("all-reduce path %s not available: %s", name, why)
     return paths, skipped
 
 
-def _agreed(paths: list, skipped: dict[str, str], process_group, device: torch.device) -> list:
+def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_group, device: torch.device) -> list:
     """Only paths every rank could build: ranks that offered different sets would pick different paths for the
-    same message and deadlock."""
-    if device.type != "cuda" or len(paths) == 1:
-        return paths  # every rank reached the same verdict for the same reason (no CUDA, no NCCL)
-    names = [ProcessGroupPath.name, "symm_one_shot", "symm_two_shot", FerryOneShotPath.name]
+    same message and deadlock. Every CUDA rank takes part, whatever it built itself."""
+    if device.type != "cuda":
+        return paths  # no symmetric memory off CUDA: every rank reached the same verdict for the same reason
     have = {p.name for p in paths}
     flags = torch.tensor([1 if n in have else 0 for n in names], dtype=torch.int32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=process_group)
