@@ -22,9 +22,9 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], dtype_name: str, de
     """Spawn target: every rank runs every measurement; rank 0's return value holds the table."""
     from ferry.comm.allreduce_engine import AllReduceEngine, choose, time_in_graph
     from ferry.comm.allreduce_paths import available_paths
+    from ferry.parallel.launch import rank_device
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
-    device = torch.device(f"cuda:{group.rank % torch.cuda.device_count()}") if device_type == "cuda" else torch.device("cpu")
+    device = rank_device(group.rank, device_type)  # init_group already shared the host's cores among the ranks
     dtype = getattr(torch, dtype_name)
     paths, skipped = available_paths(group.process_group, device, dtype, max(sizes))
     modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]

@@ -9,7 +9,6 @@ TP roofline for a decode step = this rank's weight bytes / measured copy bandwid
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,10 +78,10 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
     from ferry.bench.shapes import random_model, weight_bytes_per_token
     from ferry.engine.engine import Engine
 
-    device = (torch.device(f"cuda:{group.rank % torch.cuda.device_count()}") if torch.cuda.is_available()
-              else torch.device("cpu"))
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
+    from ferry.parallel.launch import rank_device
+
+    # Spawned ranks already share the host's cores (init_group); a one-rank run keeps torch's default, all of them.
+    device = rank_device(group.rank, "cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, job.dtype)
     group = group.with_allreduce(job.allreduce, device, dtype)
     model = random_model(job.config, device, dtype, group=group)

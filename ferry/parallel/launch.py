@@ -65,6 +65,13 @@ def sigint_ignored_by_children():
         signal.signal(signal.SIGINT, previous)
 
 
+def rank_device(rank: int, device_type: str) -> torch.device:
+    """The device a rank computes on: one GPU per rank (wrapping if ranks outnumber GPUs), or the host."""
+    if device_type == "cuda":
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+    return torch.device(device_type)
+
+
 def init_group(
     rank: int, world: int, device_type: str, init_method: str, timeout_s: float, compression: str | None = None
 ) -> ParallelGroup:
@@ -72,7 +79,9 @@ def init_group(
     if backend is None:
         raise FerryError(f"no torch.distributed backend known for device type {device_type!r}")
     if device_type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank_device(rank, device_type))
+    # Ranks share the host's cores: without this, gloo ranks oversubscribe them and decode slows several-fold.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD, compression=compression)

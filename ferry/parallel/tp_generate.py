@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -14,6 +13,8 @@ from ferry.comm.group import ParallelGroup
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
+from ferry.model.loader import LoadedModel
+from ferry.parallel.launch import rank_device
 
 
 @dataclass(frozen=True)
@@ -52,34 +53,56 @@ def check_ranks_agree(group: ParallelGroup, completions: list, device: torch.dev
         raise FerryError(f"tensor-parallel ranks {differing} produced different tokens than rank {group.rank}")
 
 
-def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
+def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.device) -> SamplingParams:
+    """Unseeded sampling would draw a different stream on each rank and split the ranks apart: rank 0 picks a
+    seed and every rank uses it. Greedy and seeded requests are returned unchanged."""
+    if params.seed is not None or params.temperature == 0 or group.world_size == 1:
+        return params
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    torch.distributed.broadcast(seed, src=0, group=group.process_group)
+    return replace(params, seed=int(seed))
+
+
+def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtype_name: str | None, allreduce: str,
+                 show_progress: bool = False) -> tuple[ParallelGroup, LoadedModel]:
+    """This rank's shard of the model, on its device, and the group with its all-reduce engine."""
     from ferry.device import resolve_dtype
     from ferry.model.loader import load_model
+
+    device = rank_device(group.rank, device_type)
+    dtype = resolve_dtype(dtype_name, device)
+    group = group.with_allreduce(allreduce, device, dtype)
+    return group, load_model(model, device, dtype, group=group, show_progress=show_progress)
+
+
+def generate_on_rank(group: ParallelGroup, engine: Engine, prompts: list[list[int]], params: SamplingParams,
+                     on_token=None) -> list:
+    """One request, run in step with the other ranks, checked to have produced the same tokens on all of them."""
+    completions = engine.generate(prompts, agree_on_seed(group, params, engine.device), on_token=on_token)
+    check_ranks_agree(group, completions, engine.device)
+    return completions
+
+
+def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     from ferry.parallel.layout import check_tensor_parallel
 
-    # Ranks share the host's cores: without this, gloo ranks oversubscribe them and decode slows several-fold.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
-    device = torch.device(f"cuda:{group.rank % torch.cuda.device_count()}") if job.device_type == "cuda" else torch.device(job.device_type)
-    dtype = resolve_dtype(job.dtype, device)
-    group = group.with_allreduce(job.allreduce, device, dtype)
     started = time.perf_counter()
-    loaded = load_model(job.model, device, dtype, group=group, show_progress=group.rank == 0)
+    group, loaded = load_on_rank(group, job.model, job.device_type, job.dtype, job.allreduce,
+                                 show_progress=group.rank == 0)
     check_tensor_parallel(loaded.config, group.world_size)
     load_s = time.perf_counter() - started
     peak_after_load = peak_host_mb()
     tok = loaded.tokenizer
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
-    from ferry.parallel.workers import agree_on_seed
-
-    completions = Engine(loaded.model, tok, **job.engine_options).generate(ids, agree_on_seed(group, job.params, device))
-    check_ranks_agree(group, completions, device)
+    engine = Engine(loaded.model, tok, **job.engine_options)
+    completions = generate_on_rank(group, engine, ids, job.params)
     return {
         "model": str(loaded.path),
-        "device": str(device.type),
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(engine.device.type),
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "tp": group.world_size,
         "load_s": round(load_s, 3),
-        "peak_host_mb_per_rank": gather_floats(group, peak_after_load, device),
+        "peak_host_mb_per_rank": gather_floats(group, peak_after_load, engine.device),
         "allreduce_calls": dict(group.allreduce.calls) if group.allreduce else {},
         "completions": [asdict(c) for c in completions],
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import queue
 import time
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ferry.comm.group import ParallelGroup
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
@@ -43,39 +41,21 @@ class WorkerSpec:
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
 
 
-def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.device) -> SamplingParams:
-    """Unseeded sampling would draw a different stream on each rank and split the ranks apart: rank 0 picks a
-    seed and every rank uses it. Greedy and seeded requests are returned unchanged."""
-    from dataclasses import replace
-
-    if params.seed is not None or params.temperature == 0 or group.world_size == 1:
-        return params
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
-    torch.distributed.broadcast(seed, src=0, group=group.process_group)
-    return replace(params, seed=int(seed))
-
-
 def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
                 compression: str | None, commands, events) -> None:
     die_with_parent()
     keep_multicast_off()
     try:
-        from ferry.device import resolve_dtype
         from ferry.engine.engine import Engine
-        from ferry.model.loader import load_model
-        from ferry.parallel.tp_generate import check_ranks_agree, gather_floats, peak_host_mb
+        from ferry.parallel.tp_generate import gather_floats, generate_on_rank, load_on_rank, peak_host_mb
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
-        device = (torch.device(f"cuda:{rank % torch.cuda.device_count()}") if spec.device_type == "cuda"
-                  else torch.device(spec.device_type))
-        dtype = resolve_dtype(spec.dtype, device)
-        group = group.with_allreduce(spec.allreduce, device, dtype)
-        loaded = load_model(spec.model, device, dtype, group=group, show_progress=False)
+        group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
         engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
-        peaks = gather_floats(group, peak_host_mb(), device)
+        peaks = gather_floats(group, peak_host_mb(), engine.device)
         if rank == 0:
-            events.put(("ready", 0, {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tp": world,
+            events.put(("ready", 0, {"device": engine.device.type, "dtype": str(engine.dtype).removeprefix("torch."),
+                                     "tp": world,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
         while True:
@@ -89,10 +69,8 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
                 if rank == 0:
                     events.put(("rejected", request, str(exc)))
                 continue
-            params = agree_on_seed(group, params, device)
             on_token = (lambda e: events.put(("token", request, e))) if rank == 0 else None
-            completions = engine.generate(prompts, params, on_token=on_token)
-            check_ranks_agree(group, completions, device)
+            completions = generate_on_rank(group, engine, prompts, params, on_token)
             if rank == 0:
                 events.put(("done", request, pickle.dumps(completions)))
         torch.distributed.destroy_process_group()
