@@ -40,12 +40,7 @@ def allreduce_latency_us(group: ParallelGroup, nbytes: int, dtype: torch.dtype, 
         return 0.0
     from ferry.comm.allreduce_engine import time_eager, time_in_graph
 
-    engine = group.allreduce
-    path = engine.path_for(nbytes) if engine else None
-    if path is None:
-        from ferry.comm.allreduce_paths import ProcessGroupPath
-
-        path = ProcessGroupPath(group.process_group)
+    path = group.allreduce.path_for(nbytes)  # measure_on_ranks gave every multi-rank group its engine
     x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=device)
     us = (time_in_graph(path, x, 20, 5) if device.type == "cuda"
           else time_eager(path, x, 10, 5, group.process_group))
