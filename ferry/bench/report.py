@@ -36,11 +36,27 @@ def device_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it again anywhere: the CLI as `ferry`, scripts relative to the repository
+    (no machine's paths in result files)."""
+    argv = list(sys.argv if argv is None else argv)
+    root = Path(__file__).resolve().parents[2]
+    if argv and (Path(argv[0]).name == "ferry" or Path(argv[0]).resolve() == root / "ferry" / "cli.py"):
+        words = ["ferry", *argv[1:]]
+    else:
+        words = ["python", *argv]
+    for i, word in enumerate(words):
+        path = Path(word)
+        if path.is_absolute() and path.resolve().is_relative_to(root):
+            words[i] = str(path.resolve().relative_to(root))
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def provenance(device: torch.device) -> dict[str, Any]:
     return {
         "device": device_description(device),
         "date": dt.date.today().isoformat(),
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "command": command_line(),
         "git_commit": git_commit(),
         "torch": torch.__version__,
     }
