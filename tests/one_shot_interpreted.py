@@ -22,9 +22,11 @@ def _mapped(folder: Path, name: str, numel: int, dtype: torch.dtype) -> torch.Te
 
 
 def child(folder: Path, world: int, numel: int, blocks: int, rank: int) -> None:
+    import triton.language as tl
+
     from ferry.comm import one_shot_kernel
 
-    one_shot_kernel.MAX_SPINS = 5_000  # the interpreter spins slowly; a missing peer must end the run quickly
+    one_shot_kernel.MAX_SPINS = tl.constexpr(5_000)  # the interpreter spins slowly; a missing peer must end the run quickly
     buffers = [_mapped(folder, f"buf{r}", numel, torch.bfloat16) for r in range(world)]
     pads = [_mapped(folder, f"pad{r}", blocks * world, torch.int32) for r in range(world)]
     out, error = _mapped(folder, f"out{rank}", numel, torch.bfloat16), _mapped(folder, f"err{rank}", 1, torch.int32)

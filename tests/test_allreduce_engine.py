@@ -180,3 +180,30 @@ def test_calibration_picks_the_faster_path_everywhere_caches_it_and_reuses_it(tm
     assert result["everyone"] == [["process_group"] * 2] * 2  # every rank chose the same
     assert result["second"] == result["first"] and not result["timed_again"]  # from the cache
     assert len(result["files"]) == 1 and result["sum"] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_own_one_shot_kernel_compiles_for_hopper_with_the_real_compiler(world):
+    """The interpreter runs what the compiler may reject (a plain-int global once passed here and failed on the
+    H200): Triton's real pipeline, down to a cubin by its bundled ptxas, needs no GPU, so CI runs it for sm_90."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ferry.comm.one_shot_kernel import one_shot_all_reduce_kernel
+
+    signature = {"buffer_ptrs": "*i64", "signal_pads": "*i64", "error_ptr": "*i32", "out_ptr": "*bf16",
+                 "numel": "i32", "rank": "i32", "world": "constexpr", "BLOCK": "constexpr"}
+    # As the launcher specialises them: the output pointer and a numel that are multiples of 16.
+    aligned = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
+    source = ASTSource(fn=one_shot_all_reduce_kernel, signature=signature, constexprs={"world": world, "BLOCK": 2048},
+                       attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"]  # ptxas accepted it
+    # The barrier's handshakes are system-scope acquire/release CASes (peers sit across NVLink).
+    assert "atom.release.sys" in ptx.replace(".global", "") or "atom.sys.release" in ptx.replace(".global", ""), \
+        [line for line in ptx.splitlines() if "atom" in line][:4]
+    assert "atom.acquire.sys" in ptx.replace(".global", "") or "atom.sys.acquire" in ptx.replace(".global", "")
+    # Peer reads bypass stale caches and move 16 bytes per access (a 2-byte load per element wastes NVLink).
+    assert "ld.global.cv.v4.b32" in ptx and "st.global.v4.b32" in ptx

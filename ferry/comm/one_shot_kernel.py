@@ -20,7 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_SPINS = 1 << 26  # ~ seconds of spinning: far above any healthy wait, far below a hang
+# A constexpr, not a plain int: compiled Triton refuses non-constexpr globals (the interpreter accepts them, which is
+# how an earlier version passed the CPU test and failed to compile on the GPU).
+MAX_SPINS = tl.constexpr(1 << 26)  # ~ seconds of spinning: far above any healthy wait, far below a hang
 
 
 @triton.jit
@@ -50,14 +52,18 @@ def one_shot_all_reduce_kernel(buffer_ptrs, signal_pads, error_ptr, out_ptr, num
     block = tl.program_id(0)
     blocks = tl.num_programs(0)
     _barrier(signal_pads, error_ptr, block, rank, world)  # every peer's input has landed
+    tl.debug_barrier()  # one thread took the acquire: the block's other threads read peers only after it
     start = block * BLOCK
     while start < numel:
-        offsets = start + tl.arange(0, BLOCK)
+        # Hints: chunks start on BLOCK boundaries and peer buffers are 16-byte aligned (symmetric allocations), so
+        # loads and stores become 16-byte vectors instead of one 2-byte access per element.
+        offsets = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
         mask = offsets < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(world):
-            base = tl.load(buffer_ptrs + peer).to(tl.pointer_type(out_ptr.dtype.element_ty))
-            acc += tl.load(base + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            base = tl.multiple_of(tl.load(buffer_ptrs + peer).to(tl.pointer_type(out_ptr.dtype.element_ty)), 16)
+            acc += tl.load(base + offsets, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
         start += blocks * BLOCK
+    tl.debug_barrier()  # every thread of the block is done reading peers before one thread releases them
     _barrier(signal_pads, error_ptr, block, rank, world)  # every peer has read this block's chunk of ours
