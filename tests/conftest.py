@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A communication path that fails to start from a bug (not from what the machine lacks) fails the test using it.
+os.environ.setdefault("FERRY_STRICT_PATHS", "1")
 
 CPU = torch.device("cpu")
 

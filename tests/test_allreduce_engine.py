@@ -207,3 +207,42 @@ def test_own_one_shot_kernel_compiles_for_hopper_with_the_real_compiler(world):
     assert "atom.acquire.sys" in ptx.replace(".global", "") or "atom.sys.acquire" in ptx.replace(".global", "")
     # Peer reads bypass stale caches and move 16 bytes per access (a 2-byte load per element wastes NVLink).
     assert "ld.global.cv.v4.b32" in ptx and "st.global.v4.b32" in ptx
+
+
+def _paths_with_a_broken_candidate(monkeypatch, error: Exception):
+    from ferry.comm import allreduce_paths
+
+    class Broken:
+        name = allreduce_paths.FerryOneShotPath.name
+
+        @staticmethod
+        def unavailable_reason(process_group, device):
+            return None  # claims it can run here, then fails while starting
+
+        def __init__(self, *args):
+            try:
+                raise ValueError("the root cause, deep inside")
+            except ValueError as cause:
+                raise error from cause
+
+    monkeypatch.setattr(allreduce_paths, "FerryOneShotPath", Broken)
+    return allreduce_paths.available_paths(None, torch.device("cpu"), torch.float32, 1 << 20)
+
+
+def test_a_path_the_machine_refuses_is_skipped_with_its_whole_error_at_warning(monkeypatch, caplog):
+    paths, skipped = _paths_with_a_broken_candidate(monkeypatch, RuntimeError("driver refused the rendezvous"))
+    assert [p.name for p in paths] == ["process_group"]
+    assert "RuntimeError: driver refused the rendezvous" in skipped["ferry_one_shot"]
+    assert "caused by ValueError: the root cause, deep inside" in skipped["ferry_one_shot"]  # not cut at line one
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "ferry_one_shot" in warning.getMessage() and "the root cause" in warning.getMessage()
+
+
+def test_a_path_that_fails_from_a_bug_raises_in_strict_mode_and_warns_otherwise(monkeypatch, caplog):
+    monkeypatch.setenv("FERRY_STRICT_PATHS", "1")
+    with pytest.raises(NameError):
+        _paths_with_a_broken_candidate(monkeypatch, NameError("MAX_SPINS"))
+    monkeypatch.setenv("FERRY_STRICT_PATHS", "0")
+    paths, skipped = _paths_with_a_broken_candidate(monkeypatch, NameError("MAX_SPINS"))
+    assert [p.name for p in paths] == ["process_group"] and "NameError: MAX_SPINS" in skipped["ferry_one_shot"]
+    assert any(r.levelname == "WARNING" for r in caplog.records)

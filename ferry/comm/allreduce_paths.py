@@ -14,11 +14,32 @@ A path that cannot run here says why (`unavailable_reason`) instead of failing l
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("ferry.allreduce")
+
+# What "this machine cannot run the path" looks like: torch raises RuntimeError (or OSError) when the driver, the
+# topology or a rendezvous refuses, and a failed self-test raises PathUnavailable. Anything else (a NameError, a
+# TypeError, Triton's CompilationError) is a bug in the path: logged as one too, and raised where
+# FERRY_STRICT_PATHS=1 (the test suite sets it) so it fails a test instead of hiding behind "not available".
+MACHINE_CANNOT = (RuntimeError, OSError)
+
+
+class PathUnavailable(RuntimeError):
+    """A path that was built but proved it cannot run here (its self-test failed)."""
+
+
+def error_chain(exc: BaseException) -> str:
+    """The whole error, causes included: a compiler's first line alone names only the outermost call site."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {str(exc).strip()}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n  caused by ".join(parts)
 
 
 class ProcessGroupPath:
@@ -140,7 +161,7 @@ class FerryOneShotPath(_SymmetricBuffer):
             y = self.reduce(x)
             torch.cuda.synchronize(device)
             if int(self.error.item()) or not bool((y == self.world * (self.world + 1) // 2).all()):
-                raise RuntimeError(f"self-test failed (error word {int(self.error.item())})")
+                raise PathUnavailable(f"self-test failed (error word {int(self.error.item())})")
 
 
 def available_paths(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
@@ -156,19 +177,21 @@ def available_paths(process_group: dist.ProcessGroup | None, device: torch.devic
     }
     paths: list = [ProcessGroupPath(process_group)]
     skipped: dict[str, str] = {}
+    strict = os.environ.get("FERRY_STRICT_PATHS") == "1"
     for name, (unavailable_reason, build) in candidates.items():
         reason = unavailable_reason(process_group, device)
-        if reason is None:
-            try:
-                paths.append(build())
-            except Exception as exc:  # allocation / rendezvous refused by the driver or topology, failed self-test
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        if reason is not None:
+        if reason is not None:  # known in advance (no CUDA, no NCCL group): expected, so INFO
+            log.info("all-reduce path %s not available: %s", name, reason)
             skipped[name] = reason
-    paths = _agreed(paths, skipped, [ProcessGroupPath.name, *candidates], process_group, device)
-    for name, why in skipped.items():
-        log.info("all-reduce path %s not available: %s", name, why)
-    return paths, skipped
+            continue
+        try:
+            paths.append(build())
+        except Exception as exc:
+            if strict and not isinstance(exc, MACHINE_CANNOT):
+                raise
+            skipped[name] = error_chain(exc)
+            log.warning("all-reduce path %s failed to start and is not offered: %s", name, skipped[name])
+    return _agreed(paths, skipped, [ProcessGroupPath.name, *candidates], process_group, device), skipped
 
 
 def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_group, device: torch.device) -> list:
@@ -183,4 +206,5 @@ def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_grou
     for p in paths:
         if p.name not in everywhere:
             skipped[p.name] = "not available on every rank"
+            log.warning("all-reduce path %s is not offered: another rank could not start it", p.name)
     return [p for p in paths if p.name in everywhere]
