@@ -276,6 +276,7 @@ def _prefill_with_and_without_overlap(group, path: str, ids: list[list[int]]) ->
     from ferry.model.loader import load_model
 
     torch.set_num_threads(1)
+    group = group.with_allreduce("process_group", torch.device("cpu"), torch.float32)  # forced: must hold in both
     loaded = load_model(path, torch.device("cpu"), torch.float32, group=group, show_progress=False)
     model = loaded.model
     x = torch.tensor(ids)
@@ -285,14 +286,16 @@ def _prefill_with_and_without_overlap(group, path: str, ids: list[list[int]]) ->
     runs = []
     overlapped = model._run_layers_overlapped
     model._run_layers_overlapped = lambda *a: runs.append(1) or overlapped(*a)
-    out = {"overlapped_runs": runs}
+    out = {"overlapped_runs": runs, "layers": len(model.layers)}
     for overlap in (False, True):
+        before = group.allreduce.calls["process_group"]
         model.overlap_micro_batches = overlap
         cache = KVCache.for_model(model)
         cache.ensure(*x.shape)
         with torch.inference_mode():
             out[overlap] = (model.logits(model.hidden_states(x, positions, cache.layers, x.shape[1])),
                             cache.layers[-1][0][: x.shape[0], : x.shape[1]].clone())
+        out[f"calls_{overlap}"] = group.allreduce.calls["process_group"] - before
     return out
 
 
@@ -302,6 +305,9 @@ def test_prefill_micro_batch_overlap_gives_the_same_logits_and_cache(ferry_smoll
     out = spawn(2, "cpu", _prefill_with_and_without_overlap, (str(smollm_path), ids))
     (plain, plain_k), (overlapped, overlapped_k) = out[False], out[True]
     assert out["overlapped_runs"] == [1]  # the overlap schedule ran, once, only when asked
+    # Its asynchronous sums go through the all-reduce engine too (counted, forced path respected): two
+    # micro-batches make two all-reduces of each layer's attention and MLP where one batch made one.
+    assert out["calls_True"] - out["calls_False"] == 2 * out["layers"]
     assert float((plain - overlapped).abs().max()) < 1e-4
     assert float((plain_k - overlapped_k).abs().max()) < 1e-4  # micro-batch B wrote its own cache rows
     assert torch.equal(plain.argmax(-1), overlapped.argmax(-1))

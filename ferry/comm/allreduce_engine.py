@@ -64,6 +64,7 @@ class AllReduceEngine:
         self.fallback = self.paths[ProcessGroupPath.name]
         # Which path ran, for --verbose and benches: eager calls and CUDA-graph captures (a replay is not a call).
         self.calls: dict[str, int] = {name: 0 for name in self.paths}
+        self._side: torch.cuda.Stream | None = None  # where asynchronous symmetric-memory sums run
 
     @classmethod
     def for_group(cls, mode: str, process_group: dist.ProcessGroup | None, device: torch.device,
@@ -109,12 +110,35 @@ class AllReduceEngine:
                 return self.paths[row.path]
         return self.fallback  # larger than any calibrated size
 
-    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _route(self, tensor: torch.Tensor):
         path = self.path_for(tensor.numel() * tensor.element_size())
         if path is not self.fallback and not path.fits(tensor):
             path = self.fallback  # other dtype than calibrated: counted, so it shows in `calls`
         self.calls[path.name] += 1
-        return path.reduce(tensor)
+        return path
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._route(tensor).reduce(tensor)
+
+    def reduce_async(self, tensor: torch.Tensor):
+        """Start the sum of `tensor` on the path its size takes; `.wait()` on the result returns it.
+
+        The process group runs asynchronously by itself (NCCL's own stream; gloo's thread). The symmetric-memory
+        paths are stream-ordered kernels, so they run on one side stream of the engine's: work the caller issues
+        before `wait()` overlaps them, and calls queued there run in order, so they never share the buffer."""
+        path = self._route(tensor)
+        if isinstance(path, ProcessGroupPath):
+            return PendingSum(tensor, dist.all_reduce(tensor, group=path.process_group, async_op=True))
+        if self._side is None:
+            self._side = torch.cuda.Stream(tensor.device)
+        current = torch.cuda.current_stream(tensor.device)
+        self._side.wait_stream(current)
+        with torch.cuda.stream(self._side):
+            out = path.reduce(tensor)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        tensor.record_stream(self._side)
+        return PendingSum(out, _StreamWait(done, current))
 
     def describe(self) -> str:
         lines = [f"{'size':>10}  {'path':<14}  times (us)"]
@@ -123,6 +147,28 @@ class AllReduceEngine:
             lines.append(f"{_human(row.max_bytes):>10}  {row.path:<14}  {times}")
         lines += [f"  {name}: not available ({why})" for name, why in self.skipped.items()]
         return "\n".join(lines)
+
+
+@dataclass
+class PendingSum:
+    """A sum in flight: `wait()` returns the summed tensor once the current stream may use it."""
+
+    tensor: torch.Tensor
+    work: object | None  # dist.Work, a _StreamWait, or None (nothing was in flight)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.tensor
+
+
+@dataclass
+class _StreamWait:
+    done: torch.cuda.Event
+    stream: torch.cuda.Stream
+
+    def wait(self) -> None:
+        self.stream.wait_event(self.done)  # orders the consumer's stream after the sum; the host never blocks
 
 
 def _load_cached(file: Path, key: str, process_group) -> list[SizeChoice] | None:

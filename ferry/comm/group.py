@@ -7,13 +7,11 @@ world size 1 and any tensor-parallel layout: with one rank every collective is t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from ferry.comm.allreduce_engine import AllReduceEngine
+from ferry.comm.allreduce_engine import AllReduceEngine, PendingSum
 
 
 @dataclass(frozen=True)
@@ -28,8 +26,6 @@ class ParallelGroup:
         """This group with an all-reduce engine for `mode` ("auto": calibrated; or one path's name)."""
         if self.world_size == 1:
             return self
-        from ferry.comm.allreduce_engine import AllReduceEngine
-
         return replace(self, allreduce=AllReduceEngine.for_group(mode, self.process_group, device, dtype))
 
     @classmethod
@@ -53,10 +49,13 @@ class ParallelGroup:
         return tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> PendingSum:
-        """Start an exact sum of `tensor` over the group; `.wait()` returns it. On GPUs NCCL runs it on its own
-        stream, so matmuls issued before the wait overlap it; the wait orders the current stream after it."""
+        """Start an exact sum of `tensor` over the group; `.wait()` returns it. Work issued before the wait
+        overlaps it; the wait orders the current stream after it. Through the all-reduce engine where the group
+        has one, so a forced `--allreduce` path holds here too and every call is counted."""
         if self.world_size == 1:
             return PendingSum(tensor, None)
+        if self.allreduce is not None:
+            return self.allreduce.reduce_async(tensor)
         return PendingSum(tensor, dist.all_reduce(tensor, group=self.process_group, async_op=True))
 
     def max_over_ranks(self, value: float, device: torch.device) -> float:
@@ -83,13 +82,3 @@ class ParallelGroup:
         dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
         return torch.cat([part[..., :w] for part, w in zip(parts, widths, strict=True)], dim=-1)
 
-
-@dataclass
-class PendingSum:
-    tensor: torch.Tensor
-    work: dist.Work | None
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-        return self.tensor

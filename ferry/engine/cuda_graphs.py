@@ -77,7 +77,13 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     def reset(self) -> None:
+        """Drop every graph (the cache they read was reallocated) and start a fresh memory pool for the next.
+
+        A pool whose graphs are all destroyed is released by the caching allocator, yet stays registered until
+        its blocks are freed; capturing into it again fails `use_count > 0` in capture_begin. That is what a second
+        generate with a larger batch (cache grown, graphs reset, bucket captured) hit on the H200."""
         self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, needed_len: int) -> torch.Tensor:
         key = (batch_bucket(ids.shape[0]), context_bucket(needed_len, self.cache.max_len))
