@@ -1,8 +1,10 @@
 """`ferry bench host`: the PCIe link measured the ways Ferry uses it.
 
-H2D and D2H bandwidth by size for pageable memory, pinning per call, and the pooled pinned buffers; 64 small
-copies against one packed upload; and whether a copy on the copy stream overlaps a matmul. Without a CUDA
-device there is no host<->device link: it says so and measures host memory copies and packing instead.
+H2D and D2H bandwidth by size for pageable memory, pinning per call, one raw pinned buffer (allocated once, the
+floor the pool must match) and the pool's buffers as the engine uses them (acquire, copy, release with the
+fence, wait), in order on the compute stream and on the copy stream; 64 small copies against one packed upload;
+and whether a copy on the copy stream overlaps a matmul. Without a CUDA device there is no host<->device link:
+it says so and measures host memory copies and packing instead, labelled as the pageable memory they are.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from ferry.comm.step_packer import PackedLayout, StepPacker
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30]
 
 
-def _timed(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of `fn` (synchronised), after one warm-up."""
+def _timed(fn, device: torch.device, reps: int, waits_itself: bool = False) -> float:
+    """Median seconds of `fn` (synchronised, unless it waits for its own work), after one warm-up."""
     fn()
     times = []
     for _ in range(reps):
@@ -28,7 +30,7 @@ def _timed(fn, device: torch.device, reps: int) -> float:
             torch.cuda.synchronize(device)
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
+        if device.type == "cuda" and not waits_itself:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -38,31 +40,46 @@ def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
     rows = []
     pool = PinnedBufferPool(max_bytes=3 << 30)
     copy = CopyStream(device)
+    cuda = device.type == "cuda"
+    pooled_label = "pooled pinned" if pool.pin else "pooled (pageable: no CUDA to pin with)"
     for size in sizes:
-        reps = 20 if size <= 16 << 20 else 3
+        reps = 50 if size <= 1 << 20 else 20 if size <= 16 << 20 else 3
         dev = torch.empty(size, dtype=torch.uint8, device=device)
         pageable = torch.empty(size, dtype=torch.uint8)
-        buf = pool.acquire(size)
-        pooled = buf.tensor[:size]
+        raw = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
 
-        def fence_wait(fence) -> None:
+        def pooled(direction: str, how) -> None:
+            """The pool as the engine uses it: acquire, copy, release with the copy's fence, wait."""
+            buf = pool.acquire(size)
+            host = buf.view(size)
+            fence = how(dev, host, buf.pinned) if direction == "h2d" else how(host, dev, buf.pinned)
+            pool.release(buf, fence)
             fence.synchronize()
 
         cases = {
             ("h2d", "pageable"): lambda: dev.copy_(pageable),
             ("h2d", "pin per call"): lambda: dev.copy_(pageable.pin_memory(), non_blocking=True),
-            ("h2d", "pooled pinned"): lambda: fence_wait(copy.copy(dev, pooled)),
+            ("h2d", "raw pinned"): lambda: dev.copy_(raw, non_blocking=True),
+            ("h2d", f"{pooled_label}, in order"): lambda: pooled("h2d", copy.copy_in_order),
+            ("h2d", f"{pooled_label}, copy stream"): lambda: pooled("h2d", copy.copy),
             ("d2h", "pageable"): lambda: pageable.copy_(dev),
-            ("d2h", "pooled pinned"): lambda: fence_wait(copy.copy(pooled, dev)),
+            ("d2h", "raw pinned"): lambda: raw.copy_(dev, non_blocking=True),
+            ("d2h", f"{pooled_label}, copy stream"): lambda: pooled("d2h", copy.copy),
         }
-        if device.type != "cuda":
-            del cases[("h2d", "pin per call")]  # nothing can be pinned without a CUDA driver
+        if not cuda:  # nothing can be pinned without a CUDA driver
+            cases = {k: fn for k, fn in cases.items() if "pin" not in k[1] or k[1].startswith("pooled")}
+        floor = {}
         for (direction, mode), fn in cases.items():
             reps_here = 2 if mode == "pin per call" and size > 256 << 20 else reps
-            seconds = _timed(fn, device, reps_here)
-            rows.append({"test": "bandwidth", "direction": direction, "mode": mode, "bytes": size,
-                         "us": round(seconds * 1e6, 1), "GBps": round(size / seconds / 1e9, 2)})
-        pool.release(buf)
+            seconds = _timed(fn, device, reps_here, waits_itself=mode.startswith("pooled"))
+            row = {"test": "bandwidth", "direction": direction, "mode": mode, "bytes": size,
+                   "us": round(seconds * 1e6, 1), "GBps": round(size / seconds / 1e9, 2)}
+            if mode == "raw pinned":
+                floor[direction] = seconds
+            elif mode.startswith("pooled") and direction in floor:
+                row["of_raw_pinned"] = round(floor[direction] / seconds, 3)  # bandwidth share of the floor
+            rows.append(row)
+        del raw
     return rows
 
 
@@ -90,13 +107,19 @@ def small_vs_packed(device: torch.device, count: int = 64, each: int = 4096) -> 
         in_place.next_host()  # includes waiting for that slot's previous copy, as a step does
         in_place.upload()
 
-    t_sep = _timed(separate, device, 50)
-    t_cat = _timed(lambda: packer.upload(fields), device, 50)
-    t_layout = _timed(upload_in_place, device, 50)
+    one_host = torch.empty(count * each, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    one_dev = torch.empty(count * each, dtype=torch.uint8, device=device)
+    t_sep = _timed(separate, device, 200)
+    t_raw = _timed(lambda: one_dev.copy_(one_host, non_blocking=True), device, 200)
+    t_cat = _timed(lambda: packer.upload(fields), device, 200)
+    t_layout = _timed(upload_in_place, device, 200)
     return [
         {"test": "per-step upload", "mode": f"{count} separate copies", "bytes": count * each, "us": round(t_sep * 1e6, 1)},
+        {"test": "per-step upload", "mode": "one raw copy of the same bytes (floor)", "bytes": count * each,
+         "us": round(t_raw * 1e6, 1), "speedup": round(t_sep / t_raw, 1)},
         {"test": "per-step upload", "mode": "one copy, fields written in place (engine)", "bytes": count * each,
-         "us": round(t_layout * 1e6, 1), "speedup": round(t_sep / t_layout, 1)},
+         "us": round(t_layout * 1e6, 1), "speedup": round(t_sep / t_layout, 1),
+         "of_raw_pinned": round(t_raw / t_layout, 3)},
         {"test": "per-step upload", "mode": f"one copy after packing {count} tensors (torch.cat)", "bytes": count * each,
          "us": round(t_cat * 1e6, 1), "speedup": round(t_sep / t_cat, 1)},
     ]
@@ -139,7 +162,7 @@ def run_host_bench(device: torch.device, max_size_mb: int, out, log=print) -> st
     rows = bandwidth_rows(device, sizes) + small_vs_packed(device) + overlap(device)
     meta = provenance(device) | {"link": "PCIe host<->device" if device.type == "cuda" else "host memory only (no GPU)"}
     stem = f"{meta['date']}_host_link_{device.type}"
-    cols = ["test", "direction", "mode", "bytes", "us", "GBps", "speedup", "overlap"]
+    cols = ["test", "direction", "mode", "bytes", "us", "GBps", "of_raw_pinned", "speedup", "overlap"]
     json_path, md_path = write_results(out, stem, meta, rows, cols)
     try:
         plot_bandwidth(rows, out / f"{stem}.png")

@@ -1,8 +1,14 @@
-"""Host <-> device copies on their own stream, ordered with events so compute waits only for the data it needs.
+"""Host <-> device copies, ordered with events so compute waits only for the data it needs.
 
-On CUDA each direction gets a dedicated stream; `non_blocking` is used only when the host side is pinned (a
-non-blocking copy from pageable memory is silently synchronous). Without CUDA the copies are plain and the
-returned fence is already complete, so the same calling code runs (and is tested) on CPU.
+Two ways, by what the data is for:
+- `copy`: on a dedicated copy stream, for transfers that can run ahead of or behind compute (weight streaming,
+  token readback): the compute stream waits for the fence only where it needs the data.
+- `copy_in_order`: on the current stream, for a small upload the very next kernel consumes (a step's packed
+  inputs). There is nothing to overlap it with, and the copy stream would add a stream-wait each way.
+`non_blocking` is used only when the host side is pinned (a non-blocking copy from pageable memory is silently
+synchronous). Callers that own their buffers say whether they are pinned: `Tensor.is_pinned()` asks the driver,
+which on the H200 machine cost more than a 4 KiB copy itself. Without CUDA the copies are plain and the returned
+fence is already complete, so the same calling code runs (and is tested) on CPU.
 """
 
 from __future__ import annotations
@@ -34,17 +40,14 @@ class CopyStream:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor):
-        """dst.copy_(src) after the work already queued on the current stream; returns a fence for it."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None):
+        """dst.copy_(src) on the copy stream, after the work already queued on the current stream; returns a
+        fence for it. `host_pinned`: whether the host side is page-locked, if the caller knows."""
         if self.stream is None:
             dst.copy_(src)
             return _Done()
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        host = src if src.device.type == "cpu" else dst if dst.device.type == "cpu" else None
-        pinned = host is not None and host.is_pinned()
-        if host is not None and not pinned:
-            _warn_once(f"a {tuple(host.shape)} {host.dtype} buffer was not allocated pinned")
+        pinned = self._pinned(dst, src, host_pinned)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=pinned)
             event = torch.cuda.Event()
@@ -53,6 +56,26 @@ class CopyStream:
             if t.device.type == "cuda":
                 t.record_stream(self.stream)  # keep the allocator from reusing it before the copy ran
         return event
+
+    def copy_in_order(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None):
+        """dst.copy_(src) on the current stream (the next kernel there sees the data); returns a fence that says
+        when the host buffer may be reused."""
+        if self.stream is None:
+            dst.copy_(src)
+            return _Done()
+        dst.copy_(src, non_blocking=self._pinned(dst, src, host_pinned))
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    @staticmethod
+    def _pinned(dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None) -> bool:
+        if host_pinned is None:
+            host = src if src.device.type == "cpu" else dst if dst.device.type == "cpu" else None
+            host_pinned = host is not None and host.is_pinned()
+            if host is not None and not host_pinned:
+                _warn_once(f"a {tuple(host.shape)} {host.dtype} buffer was not allocated pinned")
+        return host_pinned
 
     def wait_on_compute(self, fence) -> None:
         """Make the current (compute) stream wait for `fence` before what it launches next."""

@@ -80,7 +80,7 @@ class LayerStreamer:
 
     def _issue(self, i: int) -> None:
         slot = self.slots[self._slot_of(i)]
-        self._fences[i] = self.copy.copy(slot, self._host[i])
+        self._fences[i] = self.copy.copy(slot, self._host[i], host_pinned=self.pin)
         self.trace.append(("copy", i))
 
     def start(self) -> None:
