@@ -22,7 +22,7 @@ class LLM:
         dtype: str | None = None,
         show_progress: bool = False,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         compile_mode: str | None = None,
         weights: str = "native",
         sync_output: bool = False,
@@ -37,6 +37,10 @@ class LLM:
         self.tp = tp
         self.workers = None
         self.engine: Engine | None = None
+        # A long-lived process: compile on CUDA unless told not to (engine/compiled_step.py says why).
+        if compile is None:
+            compile = self.device.type == "cuda"
+        compile = compile or compile_mode is not None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill)
         if tp > 1 or compressed_allreduce:
@@ -50,6 +54,8 @@ class LLM:
         self.model_path = self.loaded.path
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
+        if compile:
+            self.engine.warm_up()  # the compile is paid here, where the log says so, not inside the first request
 
     def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression, allreduce) -> None:
         from ferry.model.loader import open_checkpoint, resolve_model_path

@@ -75,7 +75,7 @@ def _cached_plan(group, cache: str) -> list:
 
     from ferry.comm import allreduce_engine
 
-    os.environ["FERRY_CACHE_DIR"] = cache
+    os.environ["FERRY_CACHE"] = cache
     key = allreduce_engine.fingerprint(torch.device("cpu"), group.world_size, torch.float32)
     file = allreduce_engine.cache_dir() / "plan.json"
     if group.rank == 0:
@@ -158,7 +158,7 @@ def _calibrate_with_a_slow_path(group, cache: str) -> dict:
             time.sleep(0.002)
             return super().reduce(tensor)
 
-    os.environ["FERRY_CACHE_DIR"] = cache
+    os.environ["FERRY_CACHE"] = cache
     allreduce_engine.available_paths = lambda pg, dev, dt, mb: ([ProcessGroupPath(pg), Slow(pg)], {})
     sizes = [8 << 10, 64 << 10]
     first = allreduce_engine.AllReduceEngine.calibrated(group.process_group, torch.device("cpu"), torch.float32, sizes)

@@ -17,52 +17,55 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(scope="module")
-def smollm_fp32(smollm_path):
+def tiny_fp32():
+    """Llama-3's layout at a small size with random weights: no model file needed. fp32, so the graph's bucketed
+    attention span cannot flip a near-tie against eager decode."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from ferry.model.loader import load_model
+    from ferry.bench.shapes import TINY, random_model
 
-    return load_model(None, CUDA, torch.float32, show_progress=False)
+    return random_model(TINY, CUDA, torch.float32, seed=1)
 
 
-def test_a_second_bucket_is_captured_after_a_profiled_step_and_a_cache_reallocation(smollm_fp32):
+def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 8000, (length + 3 * i,), generator=gen).tolist() for i in range(count)]
+
+
+def test_a_second_bucket_is_captured_after_a_profiled_step_and_a_cache_reallocation(tiny_fp32):
     """Batch 1, a profiled replay of its graph, then batch 16 (the cache grows, every graph is dropped, new
-    buckets are captured), then batch 1 again: no capture fails and every token equals eager decode's (fp32, so
-    the graph's bucketed attention span cannot flip a near-tie)."""
+    buckets are captured), then batch 1 again: no capture fails and every token equals eager decode's."""
     from torch.profiler import ProfilerActivity, profile
 
     from ferry.bench.decode_timing import captured_step
 
-    tok = smollm_fp32.tokenizer
-    prompts = [tok.encode(p) for p in ("The capital of France is", "Water boils at", "def add(a, b):")]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    graphed = Engine(smollm_fp32.model, tok, cuda_graphs=True)
-    eager = Engine(smollm_fp32.model, tok, cuda_graphs=False)
+    graphed = Engine(tiny_fp32, None, cuda_graphs=True)
+    eager = Engine(tiny_fp32, None, cuda_graphs=False)
+    one, sixteen = _prompts(1, 12, seed=2), _prompts(16, 12, seed=3)
 
-    first = graphed.generate(prompts[:1], params)
-    step = captured_step(graphed, 1, len(prompts[0]) + params.max_tokens)
+    first = graphed.generate(one, params)
+    step = captured_step(graphed, 1, len(one[0]) + params.max_tokens)
     assert step is not None
     with profile(activities=[ProfilerActivity.CUDA]):
         step.graph.replay()
         torch.cuda.synchronize()
-    batch16 = [prompts[i % 3] for i in range(16)]
-    big = graphed.generate(batch16, params)  # reallocates the cache: all graphs reset, new ones captured
-    again = graphed.generate(prompts[:1], params)
+    big = graphed.generate(sixteen, params)  # reallocates the cache: all graphs reset, new ones captured
+    again = graphed.generate(one, params)
     assert [c.token_ids for c in first] == [c.token_ids for c in again] == \
-        [c.token_ids for c in eager.generate(prompts[:1], params)]
-    assert [c.token_ids for c in big] == [c.token_ids for c in eager.generate(batch16, params)]
+        [c.token_ids for c in eager.generate(one, params)]
+    assert [c.token_ids for c in big] == [c.token_ids for c in eager.generate(sixteen, params)]
 
 
-def test_a_graph_is_captured_at_a_new_context_bucket_mid_generation(smollm_fp32):
-    """A prompt just under the first 256-token bucket decodes across it: a second graph is captured mid-sequence
-    beside the first (same pool) and the tokens stay eager decode's."""
-    tok = smollm_fp32.tokenizer
-    prompt = (tok.encode("Count slowly: one two three four five six seven eight nine ten. ") * 40)[:240]
+def test_a_graph_is_captured_at_a_new_context_bucket_mid_generation(tiny_fp32):
+    """A prompt just under the first 256-token bucket decodes across it: a second graph (context capped at the
+    cache length, 240 + 40) is captured mid-sequence beside the first, and the tokens stay eager decode's."""
+    prompt = _prompts(1, 240, seed=4)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    graphed = Engine(smollm_fp32.model, tok, cuda_graphs=True)
-    out = graphed.generate([prompt], params)
-    assert {key[1] for key in graphed.graphs.graphs} == {256, 512}
-    assert out[0].token_ids == Engine(smollm_fp32.model, tok, cuda_graphs=False).generate([prompt], params)[0].token_ids
+    graphed = Engine(tiny_fp32, None, cuda_graphs=True)
+    out = graphed.generate(prompt, params)
+    assert sorted(key[1] for key in graphed.graphs.graphs) == [256, 280]
+    assert out[0].token_ids == Engine(tiny_fp32, None, cuda_graphs=False).generate(prompt, params)[0].token_ids
 
 
 @pytest.mark.parametrize("nbytes", [4096, 64 << 10, 1 << 20, 16 << 20])
@@ -77,11 +80,24 @@ def test_pooled_copies_move_the_bytes_in_order_and_on_the_copy_stream(nbytes):
         assert buf.pinned and buf.tensor.is_pinned()
         buf.view(nbytes).copy_(data)
         dev = torch.full((nbytes,), 7, dtype=torch.uint8, device=CUDA)  # poisoned: every byte must be written
-        fence = how(dev, buf.view(nbytes), buf.pinned)
+        fence = how(dev, buf.view(nbytes), buf.pinned, buf.event)  # the buffer's own, reused event
         pool.release(buf, fence)
         back = pool.acquire(nbytes)
         assert back is not buf or fence.query()  # never handed out while its copy may still read it
         out = back.view(nbytes)
-        copy.copy(out, dev, back.pinned).synchronize()
+        copy.copy(out, dev, back.pinned, back.event).synchronize()
         assert torch.equal(out, data)
         pool.release(back)
+
+
+def test_warm_up_compiles_the_first_bucket_once_and_requests_reuse_it(tiny_fp32):
+    """What LLM() and chat do on CUDA: the cache is sized up front and the (1, 256) step compiled before the first
+    request, so a request inside the reserved length neither reallocates the cache nor compiles again."""
+    engine = Engine(tiny_fp32, None, compile=True)
+    assert engine.decode_path == "cuda-graph+compile(max-autotune-no-cudagraphs)"
+    engine.warm_up(batch=1, reserve_tokens=1024)
+    assert list(engine.graphs.graphs) == [(1, 256)] and engine.cache.max_len == 1024
+    captured = engine.graphs.graphs[(1, 256)]
+    out = engine.generate(_prompts(1, 30, seed=5), SamplingParams(max_tokens=16, ignore_eos=True))
+    assert len(out[0].token_ids) == 16
+    assert engine.graphs.graphs[(1, 256)] is captured and engine.cache.max_len == 1024

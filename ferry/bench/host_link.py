@@ -52,7 +52,8 @@ def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
             """The pool as the engine uses it: acquire, copy, release with the copy's fence, wait."""
             buf = pool.acquire(size)
             host = buf.view(size)
-            fence = how(dev, host, buf.pinned) if direction == "h2d" else how(host, dev, buf.pinned)
+            fence = (how(dev, host, buf.pinned, buf.event) if direction == "h2d"
+                     else how(host, dev, buf.pinned, buf.event))
             pool.release(buf, fence)
             fence.synchronize()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ferry.cache import cache_root
 from ferry.comm.allreduce_paths import ProcessGroupPath, available_paths
 
 log = logging.getLogger("ferry.allreduce")
@@ -50,8 +50,7 @@ def fingerprint(device: torch.device, world_size: int, dtype: torch.dtype) -> st
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FERRY_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "ferry")
-    return Path(root).expanduser() / "allreduce"
+    return cache_root() / "allreduce"
 
 
 class AllReduceEngine:

@@ -7,7 +7,10 @@ Two ways, by what the data is for:
   inputs). There is nothing to overlap it with, and the copy stream would add a stream-wait each way.
 `non_blocking` is used only when the host side is pinned (a non-blocking copy from pageable memory is silently
 synchronous). Callers that own their buffers say whether they are pinned: `Tensor.is_pinned()` asks the driver,
-which on the H200 machine cost more than a 4 KiB copy itself. Without CUDA the copies are plain and the returned
+which on the H200 machine cost more than a 4 KiB copy itself. Events are reused, never made per copy: creating and
+destroying one per copy made a pooled 4 KiB upload on the copy stream take 56 us against 19 us for the raw copy
+(benchmarks/results/2026-11-30_host_link_cuda_before_event_reuse.md). A caller that owns a buffer passes the
+buffer's own event as the fence to record (a buffer is reused only after that fence completed). Without CUDA the copies are plain and the returned
 fence is already complete, so the same calling code runs (and is tested) on CPU.
 """
 
@@ -39,32 +42,38 @@ class CopyStream:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Re-recorded before every copy: a stream waits on the record that is current when it is told to wait.
+        self._compute_done = torch.cuda.Event() if self.stream is not None else None
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None):
-        """dst.copy_(src) on the copy stream, after the work already queued on the current stream; returns a
-        fence for it. `host_pinned`: whether the host side is page-locked, if the caller knows."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None,
+             fence: torch.cuda.Event | None = None):
+        """dst.copy_(src) on the copy stream, after the work already queued on the current stream; returns the
+        fence it recorded (`fence` if given, else a new event). `host_pinned`: whether the host side is
+        page-locked, if the caller knows."""
         if self.stream is None:
             dst.copy_(src)
             return _Done()
         pinned = self._pinned(dst, src, host_pinned)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._compute_done.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self._compute_done)
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=pinned)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = fence if fence is not None else torch.cuda.Event()
+        event.record(self.stream)
         for t in (dst, src):
             if t.device.type == "cuda":
                 t.record_stream(self.stream)  # keep the allocator from reusing it before the copy ran
         return event
 
-    def copy_in_order(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None):
-        """dst.copy_(src) on the current stream (the next kernel there sees the data); returns a fence that says
-        when the host buffer may be reused."""
+    def copy_in_order(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None,
+                      fence: torch.cuda.Event | None = None):
+        """dst.copy_(src) on the current stream (the next kernel there sees the data); returns the fence (`fence`
+        if given, else a new event) that says when the host buffer may be reused."""
         if self.stream is None:
             dst.copy_(src)
             return _Done()
         dst.copy_(src, non_blocking=self._pinned(dst, src, host_pinned))
-        event = torch.cuda.Event()
+        event = fence if fence is not None else torch.cuda.Event()
         event.record()
         return event
 

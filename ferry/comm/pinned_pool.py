@@ -38,6 +38,7 @@ class PinnedBuffer:
     tensor: torch.Tensor  # uint8 [capacity]
     size_class: int
     pinned: bool  # page-locked (copy with non_blocking); known here so no copy has to ask the driver
+    event: torch.cuda.Event | None = field(default=None, repr=False)  # the fence its copies record (reused)
     fence: Fence | None = field(default=None, repr=False)
     _views: dict = field(default_factory=dict, repr=False)
 
@@ -90,7 +91,7 @@ class PinnedBufferPool:
             self.stats.misses += 1
             self.stats.bytes_pinned += cls
         tensor = torch.empty(cls, dtype=torch.uint8, pin_memory=self.pin)
-        return PinnedBuffer(tensor, cls, self.pin)
+        return PinnedBuffer(tensor, cls, self.pin, torch.cuda.Event() if self.pin else None)
 
     def release(self, buf: PinnedBuffer, fence: Fence | None = None) -> None:
         """Return `buf`; with `fence`, it is reused only once the copy the fence marks has completed."""

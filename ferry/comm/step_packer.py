@@ -59,13 +59,14 @@ class StepPacker:
         offsets, total = layout(tensors)
         host = self.pool.acquire(total)
         ordered = [tensors[name].reshape(-1).view(torch.uint8) for name in offsets]
-        torch.cat(ordered, out=host.tensor[:total])
+        torch.cat(ordered, out=host.view(total))
         # Two device staging slots alternate, so this step's copy never overwrites what the previous step reads.
         self._slot ^= 1
         if self._staging[self._slot].numel() < total:
             self._staging[self._slot] = torch.empty(max(total, 4096), dtype=torch.uint8, device=self.device)
         device_buf = self._staging[self._slot]
-        fence = self.copy.copy_in_order(device_buf[:total], host.tensor[:total], host_pinned=host.pinned)
+        fence = self.copy.copy_in_order(device_buf[:total], host.view(total), host_pinned=host.pinned,
+                                        fence=host.event)
         self.pool.release(host, fence)
         self.uploads += 1
         return PackedInputs(device_buf, offsets, {k: (t.dtype, t.shape) for k, t in tensors.items()})
@@ -88,6 +89,8 @@ class PackedLayout:
         self._host_views = [self._views(buf) for buf in self._host]
         self._dev_views = [self._views(buf) for buf in self._dev]
         self._fences: list = [None, None]
+        # One event per slot, re-recorded by each upload of it (the slot is refilled only after it completed).
+        self._events = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else [None, None]
         self._slot = 1
         self.uploads = 0
 
@@ -108,7 +111,8 @@ class PackedLayout:
         slot = self._slot
         # In order on the compute stream: the step's first kernel reads these inputs, so a copy stream would
         # only add a stream-wait each way (measured in `ferry bench host`).
-        self._fences[slot] = self.copy.copy_in_order(self._dev[slot], self._host[slot], host_pinned=self.pin)
+        self._fences[slot] = self.copy.copy_in_order(self._dev[slot], self._host[slot], host_pinned=self.pin,
+                                                     fence=self._events[slot])
         self.uploads += 1
         return self._dev_views[slot]
 

@@ -52,8 +52,11 @@ StopOpt = Annotated[Optional[list[str]], typer.Option(help="stop string (repeata
 ChatOpt = Annotated[bool, typer.Option("--chat", help="wrap each prompt in the model's chat template")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="CUDA: torch.compile the decode step (slower start)")]
-CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode, e.g. max-autotune-no-cudagraphs")]
+CompileOpt = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="CUDA: torch.compile the decode step (max-autotune, kernels cached per machine) "
+    "[default: on for chat, off for generate]", show_default=False)]
+CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode instead of Ferry's "
+                                                       "(max-autotune-no-cudagraphs), e.g. default")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")]
 AllReduceOpt = Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
                                            "machine) or process_group / symm_one_shot / symm_two_shot / "

@@ -54,7 +54,7 @@ def generate(
     chat: ChatOpt = False,
     stream: StreamOpt = False,
     as_json: JsonOpt = False,
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
     weights: WeightsOpt = "native",
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
@@ -84,12 +84,12 @@ def generate(
             from ferry.parallel.layout import check_parallel_options
 
             check_parallel_options(weights, offload_weights, compressed_allreduce)
-            engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
+            engine_options = dict(compile=bool(compile) or compile_mode is not None, compile_mode=compile_mode,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
                          allreduce)
             return
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compile or compile_mode is not None,
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=bool(compile) or compile_mode is not None,
                   compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
                   overlap_prefill=overlap_prefill)
         if verbose:
@@ -160,7 +160,7 @@ def chat(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     weights: WeightsOpt = "native",
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
     tp: TpOpt = 1,
     compressed_allreduce: CompressedAllReduceOpt = None,
@@ -176,7 +176,7 @@ def chat(
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
-                 compile=compile or compile_mode is not None, compile_mode=compile_mode,
+                 compile=compile, compile_mode=compile_mode,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")

@@ -8,9 +8,11 @@ reads only the cache prefix a step needs rather than the whole allocation.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
+from ferry.engine.compiled_step import compile_decode_step
 from ferry.engine.kv_cache import KVCache
 from ferry.model.llama import LlamaForCausalLM
 
@@ -68,11 +70,13 @@ class DecodeGraphs:
     ) -> None:
         self.cache = cache
         # torch.compile fuses the small elementwise kernels between the matmuls (norms, RoPE, SwiGLU, residual
-        # adds); inside a graph each would still cost GPU time. Shapes are static per bucket. Mode
-        # "max-autotune-no-cudagraphs" also tunes Triton GEMV-shaped matmuls: on an H100 the Llama-3-8B step
-        # went from 6378 to 5895 us (benchmarks/results/2026-11-28_profile_decode_llama3-8b_h100.txt).
-        self.forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile else model
-        self.path = f"cuda-graph+compile{f'({compile_mode})' if compile_mode else ''}" if compile else "cuda-graph"
+        # adds); inside a graph each would still cost GPU time. Shapes are static per bucket (compiled_step.py
+        # says which mode and why).
+        self.forward, self.path = model, "cuda-graph"
+        if compile:
+            self.forward, mode = compile_decode_step(model, compile_mode)
+            self.path = f"cuda-graph+compile({mode})"
+        self.compiled = compile
         self.graphs: dict[tuple[int, int], _CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -89,6 +93,17 @@ class DecodeGraphs:
         key = (batch_bucket(ids.shape[0]), context_bucket(needed_len, self.cache.max_len))
         graph = self.graphs.get(key)
         if graph is None:
-            log.info("capturing decode graph: batch %d, context %d", *key)
-            graph = self.graphs[key] = _CapturedStep(self.forward, self.cache, key[0], key[1], self.pool)
+            graph = self.capture(*key)
         return graph.run(ids, positions)
+
+    def capture(self, batch: int, context: int) -> _CapturedStep:
+        """Capture (compiling first, with compile on) the step of one bucket; logs what it did and how long it took."""
+        started = time.perf_counter()
+        if self.compiled:
+            log.warning("compiling the decode step for batch %d, context %d (%s): minutes the first time on a "
+                        "machine, seconds once its compile cache holds it", batch, context, self.path)
+        graph = self.graphs[(batch, context)] = _CapturedStep(self.forward, self.cache, batch, context, self.pool)
+        log.log(logging.WARNING if self.compiled else logging.INFO, "decode step for batch %d, context %d %s in "
+                "%.1f s", batch, context, "compiled and captured" if self.compiled else "captured",
+                time.perf_counter() - started)
+        return graph

@@ -16,7 +16,7 @@ import torch
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
 from ferry.comm.step_packer import PackedLayout
-from ferry.engine.cuda_graphs import DecodeGraphs, batch_bucket
+from ferry.engine.cuda_graphs import MIN_CONTEXT_BUCKET, DecodeGraphs, batch_bucket, context_bucket
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.readback import TokenReadback
 from ferry.engine.sampling import Sampler, SamplingParams
@@ -100,6 +100,24 @@ class Engine:
         self._prefill_inputs: PackedLayout | None = None  # grown to the largest prefill seen
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
+        if self.graphs is not None and not self.graphs.compiled:
+            log.info("decode runs uncompiled kernels; --compile (max-autotune, cached per machine) measured 1.49x "
+                     "faster at batch 1 on an H200, Llama-3-8B shape: 149 -> 222 tokens/s, 54%% -> 80%% of the "
+                     "roofline (2026-11-30)")
+
+    @torch.inference_mode()
+    def warm_up(self, batch: int = 1, reserve_tokens: int = 4096) -> None:
+        """For long-lived processes: size the KV cache for `reserve_tokens` (capped at the model's context) and
+        capture, compiling first where compile is on, the decode step most requests start in, before the first
+        request. A cache that grew later would change the compiled step's input shapes and cost a recompile."""
+        if self.graphs is None:
+            return
+        rows = batch_bucket(batch)
+        if self.cache.ensure(rows, min(reserve_tokens, self.config.max_context)):
+            self.graphs.reset()
+        key = (rows, context_bucket(MIN_CONTEXT_BUCKET, self.cache.max_len))
+        if key not in self.graphs.graphs:
+            self.graphs.capture(*key)
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not prompts:

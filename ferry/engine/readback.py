@@ -32,5 +32,5 @@ class TokenReadback:
         """Begin copying `tokens` (int64 [batch], on the device) to the host."""
         buf = self.pool.acquire(tokens.numel() * 8)
         host = buf.view(tokens.numel() * 8, torch.int64)
-        fence = self.copy.copy(host, tokens.reshape(-1), host_pinned=buf.pinned)
+        fence = self.copy.copy(host, tokens.reshape(-1), host_pinned=buf.pinned, fence=buf.event)
         return PendingTokens(self.pool, buf, host, fence)

