@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PATHS = {  # name -> (compile, torch.compile mode, extra environment)
     "graph": (False, None, {}),
-    "compile": (True, None, {}),
+    "compile": (True, "default", {}),
     "autotune": (True, "max-autotune-no-cudagraphs", {}),
     "autotune-cd": (True, "max-autotune-no-cudagraphs", {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),
 }

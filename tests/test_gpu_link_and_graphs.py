@@ -101,3 +101,37 @@ def test_warm_up_compiles_the_first_bucket_once_and_requests_reuse_it(tiny_fp32)
     out = engine.generate(_prompts(1, 30, seed=5), SamplingParams(max_tokens=16, ignore_eos=True))
     assert len(out[0].token_ids) == 16
     assert engine.graphs.graphs[(1, 256)] is captured and engine.cache.max_len == 1024
+
+
+def _prefill_with_and_without_overlap(group, path_name: str) -> dict:
+    from ferry.bench.shapes import TINY, random_model
+    from ferry.engine.kv_cache import KVCache
+
+    device = torch.device(f"cuda:{group.rank}")
+    group = group.with_allreduce(path_name, device, torch.float32)
+    model = random_model(TINY, device, torch.float32, seed=2, group=group)
+    x = torch.randint(10, 8000, (4, 64), generator=torch.Generator().manual_seed(6)).to(device)
+    positions = torch.arange(64, device=device).expand(4, 64)
+    out: dict = {"layers": len(model.layers)}
+    for overlap in (False, True):
+        model.overlap_micro_batches = overlap
+        before = group.allreduce.calls[path_name]
+        cache = KVCache.for_model(model)
+        cache.ensure(4, 64)
+        with torch.inference_mode():
+            out[overlap] = model.logits(model.hidden_states(x, positions, cache.layers, 64)).cpu()
+        out[f"calls_{overlap}"] = group.allreduce.calls[path_name] - before
+    return out
+
+
+@pytest.mark.parametrize("path_name", ["symm_one_shot", "symm_two_shot", "ferry_one_shot"])
+def test_overlapped_prefill_runs_its_sums_on_the_forced_symmetric_memory_path(path_name):
+    """The asynchronous sums of the overlap schedule go through the all-reduce engine: on a symmetric-memory path
+    they run on its side stream under the other micro-batch's matmuls, and give the same logits as without."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from ferry.parallel.launch import spawn
+
+    out = spawn(2, "cuda", _prefill_with_and_without_overlap, (path_name,))
+    assert out["calls_True"] - out["calls_False"] == 2 * out["layers"]
+    assert float((out[True] - out[False]).abs().max()) < 1e-4
