@@ -51,6 +51,11 @@ def variants(size: int, device: torch.device) -> dict:
         pool.release(buf, fence)
         fence.synchronize()
 
+    def pooled_in_order_wait_then_release():
+        buf = pool.acquire(size)
+        copy.copy_in_order(dev, buf.view(size), buf.pinned, buf.event).synchronize()
+        pool.release(buf)  # waited for: no fence for the next acquire to query
+
     def side_stream_no_wait():
         with torch.cuda.stream(side):
             dev.copy_(raw, non_blocking=True)
@@ -72,7 +77,8 @@ def variants(size: int, device: torch.device) -> dict:
         fence.synchronize()
 
     return {"raw_copy": raw_copy, "raw_copy_event": raw_copy_event, "pool_buffer_raw_copy": pool_buffer_raw_copy,
-            "pooled_in_order": pooled_in_order, "side_stream_no_wait": side_stream_no_wait,
+            "pooled_in_order": pooled_in_order, "pooled_in_order_wait_then_release": pooled_in_order_wait_then_release,
+            "side_stream_no_wait": side_stream_no_wait,
             "side_stream_after_compute": side_stream_after_compute, "pooled_copy_stream": pooled_copy_stream}
 
 

@@ -49,13 +49,15 @@ def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
         raw = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
 
         def pooled(direction: str, how) -> None:
-            """The pool as the engine uses it: acquire, copy, release with the copy's fence, wait."""
+            """The pool as a caller that waits for its copy uses it (token readback does): acquire, copy on the
+            buffer's own event, wait, release. Released after the wait, the buffer carries no fence for the next
+            acquire to query (a driver call: benchmarks/host_copy_anatomy.py times both orders)."""
             buf = pool.acquire(size)
             host = buf.view(size)
             fence = (how(dev, host, buf.pinned, buf.event) if direction == "h2d"
                      else how(host, dev, buf.pinned, buf.event))
-            pool.release(buf, fence)
             fence.synchronize()
+            pool.release(buf)
 
         cases = {
             ("h2d", "pageable"): lambda: dev.copy_(pageable),

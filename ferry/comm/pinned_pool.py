@@ -94,7 +94,9 @@ class PinnedBufferPool:
         return PinnedBuffer(tensor, cls, self.pin, torch.cuda.Event() if self.pin else None)
 
     def release(self, buf: PinnedBuffer, fence: Fence | None = None) -> None:
-        """Return `buf`; with `fence`, it is reused only once the copy the fence marks has completed."""
+        """Return `buf`; with `fence`, it is reused only once the copy the fence marks has completed. A caller
+        that already waited for its copy passes none: the next acquire then has no event to query (a driver
+        call that costs a 4 KiB copy ~3 us on the H200 machine)."""
         buf.fence = fence
         with self._lock:
             self._free.setdefault(buf.size_class, []).append(buf)
