@@ -222,6 +222,8 @@ def test_bench_host_on_cpu_says_what_it_cannot_measure_and_runs_the_rest(tmp_pat
     doc = json.loads(result.read_text())
     assert doc["link"].startswith("host memory only")
     assert {r["test"] for r in doc["results"]} == {"bandwidth", "per-step upload"}
+    # Nothing is pinned without CUDA: no row may say it is.
+    assert not [r["mode"] for r in doc["results"] if "pinned" in r["mode"] and "pageable" not in r["mode"]]
 
 
 def test_streamed_layers_are_built_in_host_memory_never_on_the_device():

@@ -23,17 +23,26 @@ SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30]
 
 def _timed(fn, device: torch.device, reps: int, waits_itself: bool = False) -> float:
     """Median seconds of `fn` (synchronised, unless it waits for its own work), after one warm-up."""
-    fn()
-    times = []
+    return _timed_side_by_side({"fn": (fn, waits_itself)}, device, reps)["fn"]
+
+
+def _timed_side_by_side(fns: dict, device: torch.device, reps: int) -> dict:
+    """Median seconds of each `name -> (fn, waits_itself)`, measured round-robin (one rep of each in turn), so a
+    machine that drifts during the run shifts every variant alike and their ratios hold."""
+    cuda = device.type == "cuda"
+    for fn, _ in fns.values():
+        fn()  # warm-up
+    samples: dict = {name: [] for name in fns}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda" and not waits_itself:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, (fn, waits_itself) in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if cuda and not waits_itself:
+                torch.cuda.synchronize(device)
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
@@ -71,10 +80,13 @@ def bandwidth_rows(device: torch.device, sizes: list[int]) -> list[dict]:
         }
         if not cuda:  # nothing can be pinned without a CUDA driver
             cases = {k: fn for k, fn in cases.items() if "pin" not in k[1] or k[1].startswith("pooled")}
+        slow = {k: cases.pop(k) for k in list(cases) if k[1] == "pin per call"}  # pins per rep: timed apart
+        seconds_by_case = _timed_side_by_side({k: (fn, k[1].startswith("pooled")) for k, fn in cases.items()},
+                                              device, reps)
+        seconds_by_case |= {k: _timed(fn, device, 2 if size > 256 << 20 else reps) for k, fn in slow.items()}
         floor = {}
-        for (direction, mode), fn in cases.items():
-            reps_here = 2 if mode == "pin per call" and size > 256 << 20 else reps
-            seconds = _timed(fn, device, reps_here, waits_itself=mode.startswith("pooled"))
+        for (direction, mode), seconds in sorted(seconds_by_case.items(), key=lambda kv: (kv[0][0] != "h2d",
+                                                                                           "raw" not in kv[0][1])):
             row = {"test": "bandwidth", "direction": direction, "mode": mode, "bytes": size,
                    "us": round(seconds * 1e6, 1), "GBps": round(size / seconds / 1e9, 2)}
             if mode == "raw pinned":
@@ -112,10 +124,11 @@ def small_vs_packed(device: torch.device, count: int = 64, each: int = 4096) -> 
 
     one_host = torch.empty(count * each, dtype=torch.uint8, pin_memory=device.type == "cuda")
     one_dev = torch.empty(count * each, dtype=torch.uint8, device=device)
-    t_sep = _timed(separate, device, 200)
-    t_raw = _timed(lambda: one_dev.copy_(one_host, non_blocking=True), device, 200)
-    t_cat = _timed(lambda: packer.upload(fields), device, 200)
-    t_layout = _timed(upload_in_place, device, 200)
+    times = _timed_side_by_side({"sep": (separate, False),
+                                 "raw": (lambda: one_dev.copy_(one_host, non_blocking=True), False),
+                                 "cat": (lambda: packer.upload(fields), False),
+                                 "layout": (upload_in_place, False)}, device, 200)
+    t_sep, t_raw, t_cat, t_layout = times["sep"], times["raw"], times["cat"], times["layout"]
     return [
         {"test": "per-step upload", "mode": f"{count} separate copies", "bytes": count * each, "us": round(t_sep * 1e6, 1)},
         {"test": "per-step upload", "mode": "one raw copy of the same bytes (floor)", "bytes": count * each,
