@@ -138,7 +138,7 @@ def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dty
     with torch.device("meta"):
         model = LlamaForCausalLM(config, ParallelGroup.single()).to(dtype)
     model.eval()
-    model.norm.to_empty(device=device)
+    allocate(model.norm, device)
     with torch.no_grad():
         model.norm.load(source, "model.norm")
     model.embed_tokens = CheckpointRowsEmbedding(source, "model.embed_tokens.weight", config.vocab_size, dtype, device)
@@ -159,24 +159,35 @@ def load_layers(loaded: LoadedModel, count: int | None) -> None:
     started, first = time.perf_counter(), loaded.layers_read
     stop = config.num_layers if count is None else min(count, config.num_layers)
     for i in range(first, stop):
-        model.layers[i].to_empty(device=device)
+        allocate(model.layers[i], device)
         model.layers[i].load(source, f"model.layers.{i}")
     loaded.layers_read = max(first, stop)
     if count is None:
         with torch.device("meta"):
             embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, model.group).to(dtype)
-        embedding.to_empty(device=device)
+        allocate(embedding, device)
         embedding.load(source, "model.embed_tokens")
         model.embed_tokens = embedding
         if config.tie_word_embeddings:
             model.lm_head.tie_to(embedding)
         else:
-            model.lm_head.to_empty(device=device)
+            allocate(model.lm_head, device)
             model.lm_head.load(source, "lm_head")
         loaded.source, loaded.layers_read = None, None
     if stop > first or count is None:
         what = "the whole model" if count is None else f"decoder layers {first}..{stop - 1}"
         log.info("read %s of %s in %.2f s", what, loaded.path.name, time.perf_counter() - started)
+
+
+def allocate(module: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta module's parameters (uninitialised) memory on `device`: what `to_empty` does, without its
+    meta -> device path, which imports sympy and mpmath (~35 MiB resident, measured) that a small edge process
+    otherwise never needs. Parameters shared between submodules are not expected here."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                                           requires_grad=False)
 
 
 def streamed_layers(num_layers: int, fraction: float) -> list[int]:
