@@ -158,11 +158,9 @@ def load_layers(loaded: LoadedModel, count: int | None) -> None:
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     started, first = time.perf_counter(), loaded.layers_read
     stop = config.num_layers if count is None else min(count, config.num_layers)
-    for i in range(first, stop):
-        allocate(model.layers[i], device)
-        model.layers[i].load(source, f"model.layers.{i}")
-    loaded.layers_read = max(first, stop)
     if count is None:
+        # The dense table first: its dequantization temporaries (~2x the table) are freed before the layers are
+        # allocated and reuse that memory; read last, they came on top of every layer (+240 MiB peak, measured).
         with torch.device("meta"):
             embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, model.group).to(dtype)
         allocate(embedding, device)
@@ -173,6 +171,11 @@ def load_layers(loaded: LoadedModel, count: int | None) -> None:
         else:
             allocate(model.lm_head, device)
             model.lm_head.load(source, "lm_head")
+    for i in range(first, stop):
+        allocate(model.layers[i], device)
+        model.layers[i].load(source, f"model.layers.{i}")
+    loaded.layers_read = max(first, stop)
+    if count is None:
         loaded.source, loaded.layers_read = None, None
     if stop > first or count is None:
         what = "the whole model" if count is None else f"decoder layers {first}..{stop - 1}"
