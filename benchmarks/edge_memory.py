@@ -107,7 +107,8 @@ def main() -> None:
                "weights_read", "exit", "wall_s"]
     notes = ("vs_whole_model: peak RSS / the `ferry generate` process's. above_floor_vs_whole_model: the same with the "
              "floor (an edge refused by the cloud before reading weights) subtracted from both: what the weights and "
-             "the run cost.")
+             f"the run cost. The floor alone is {floor / full:.0%} of the whole-model process, so a split edge in one "
+             "Python + torch process cannot go below that however few layers it holds.")
     json_path, md_path = write_results(args.out, stem, meta, rows, columns, notes)
     print(f"wrote {json_path} and {md_path}")
 
