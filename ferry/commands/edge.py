@@ -156,7 +156,8 @@ def edge(
         from ferry.device import resolve_device, resolve_dtype
         from ferry.edge.auth import load_token
         from ferry.edge.codecs import Codec
-        from ferry.edge.edge import EdgeClient
+        from ferry.edge.edge import EdgeClient, LinkError
+        from ferry.edge.protocol import ProtocolError
         from ferry.edge.speculative import Drafter
         from ferry.edge.split_planner import format_table
         from ferry.engine.sampling import SamplingParams
@@ -189,7 +190,12 @@ def edge(
         printer = StreamPrinter(out, len(prompts)) if stream else None
         results = []
         try:
-            client.connect()  # HELLO: the cloud checks the token, model, split and codec; then the weights are read
+            try:
+                client.connect()  # HELLO: the cloud checks the token, model, split and codec; then weights are read
+            except (LinkError, ProtocolError) as exc:
+                if fallback != "local":
+                    raise
+                err(f"ferry: no session with the cloud ({exc}); --fallback local answers here")
             if draft == "int8":
                 client.use_drafter(Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False,
                                                       weights="int8")))
