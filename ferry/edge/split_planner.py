@@ -33,26 +33,32 @@ class LinkProfile:
 
 
 @torch.inference_mode()
-def measure_compute(loaded: LoadedModel, steps: int = 8, context: int = 64) -> ComputeProfile:
-    """Median time of a decode step's layers and head on this machine (after a warm-up step)."""
+def measure_compute(loaded: LoadedModel, steps: int = 8, context: int = 64,
+                    first_layers: int | None = None) -> ComputeProfile:
+    """Median time of a decode step's layers and head on this machine (after a warm-up step).
+
+    `first_layers`: time only those decoder layers and not the head (head_s 0), for an edge that has read just
+    them (a partial model); every layer costs the same."""
     model, cfg = loaded.model, loaded.config
+    count = cfg.num_layers if first_layers is None else first_layers
     device = model.norm.weight.device
-    cache = KVCache.for_model(model)
+    cache = KVCache.for_model(model, count)
     cache.ensure(1, context + steps + 2)
     x = model.embed_tokens(torch.tensor([[1]], device=device))
     layers, heads = [], []
     for i in range(steps + 1):
         positions = torch.tensor([[context + i]], device=device)
         t = time.perf_counter()
-        h = model.run_layers(x, positions, cache.layers, context + i + 1)
+        h = model.run_layers(x, positions, cache.layers, context + i + 1, range(count))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
-        model.logits(h[:, -1])
+        if first_layers is None:
+            model.logits(h[:, -1])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:  # the first step warms up
-            layers.append((t1 - t) / cfg.num_layers)
+            layers.append((t1 - t) / count)
             heads.append(time.perf_counter() - t1)
     return ComputeProfile(statistics.median(layers), statistics.median(heads))
 

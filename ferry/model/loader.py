@@ -14,6 +14,7 @@ from ferry.comm.group import ParallelGroup
 from ferry.errors import FerryError, ModelNotFoundError
 from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
+from ferry.model.layers.embedding import VocabParallelEmbedding
 from ferry.model.layers.quant import check_int8_supported
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
@@ -31,6 +32,13 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     load_seconds: float
+    # A partial model (open_partial): the checkpoint stays open and only `layers_read` decoder layers hold values.
+    source: WeightSource | None = None
+    layers_read: int | None = None  # None: the whole model is loaded
+
+    @property
+    def partial(self) -> bool:
+        return self.layers_read is not None
 
 
 def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokenizer]:
@@ -112,6 +120,77 @@ def load_model(
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s, %s weights) in %.2f s", resolved.name, device, dtype, weights, seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
+
+
+def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A model with nothing read yet but its final norm and rotary tables: what a split edge starts from.
+
+    The embedding looks its rows up in the (memory-mapped) checkpoint (CheckpointRowsEmbedding) and every other
+    parameter stays on the meta device, taking no memory, until `load_layers` reads decoder layers 0..K-1 or the
+    whole model. Opening costs the header and tokenizer only (~0.1 s for SmolLM2), so the caller can check its
+    arguments against the config, and with a cloud, before spending seconds and memory on weights.
+    """
+    from ferry.model.layers.embedding import CheckpointRowsEmbedding
+
+    started = time.perf_counter()
+    resolved = resolve_model_path(path)
+    source, config, tokenizer = open_checkpoint(resolved)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, ParallelGroup.single()).to(dtype)
+    model.eval()
+    allocate(model.norm, device)
+    with torch.no_grad():
+        model.norm.load(source, "model.norm")
+    model.embed_tokens = CheckpointRowsEmbedding(source, "model.embed_tokens.weight", config.vocab_size, dtype, device)
+    freq_factors = source.get("rope_freqs.weight") if source.has("rope_freqs.weight") else None
+    model.rotary.build_tables(device, freq_factors)
+    return LoadedModel(model, tokenizer, config, resolved, time.perf_counter() - started, source, layers_read=0)
+
+
+@torch.no_grad()
+def load_layers(loaded: LoadedModel, count: int | None) -> None:
+    """Read decoder layers up to `count` of a partial model (those already read are kept); `count=None` completes
+    it into the whole model: every layer, the dense embedding table and the LM head. No-op on a whole model."""
+    if not loaded.partial:
+        return
+    assert loaded.source is not None
+    model, source, config = loaded.model, loaded.source, loaded.config
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
+    started, first = time.perf_counter(), loaded.layers_read
+    stop = config.num_layers if count is None else min(count, config.num_layers)
+    if count is None:
+        # The dense table first: its dequantization temporaries (~2x the table) are freed before the layers are
+        # allocated and reuse that memory; read last, they came on top of every layer (+240 MiB peak, measured).
+        with torch.device("meta"):
+            embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, model.group).to(dtype)
+        allocate(embedding, device)
+        embedding.load(source, "model.embed_tokens")
+        model.embed_tokens = embedding
+        if config.tie_word_embeddings:
+            model.lm_head.tie_to(embedding)
+        else:
+            allocate(model.lm_head, device)
+            model.lm_head.load(source, "lm_head")
+    for i in range(first, stop):
+        allocate(model.layers[i], device)
+        model.layers[i].load(source, f"model.layers.{i}")
+    loaded.layers_read = max(first, stop)
+    if count is None:
+        loaded.source, loaded.layers_read = None, None
+    if stop > first or count is None:
+        what = "the whole model" if count is None else f"decoder layers {first}..{stop - 1}"
+        log.info("read %s of %s in %.2f s", what, loaded.path.name, time.perf_counter() - started)
+
+
+def allocate(module: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta module's parameters (uninitialised) memory on `device`: what `to_empty` does, without its
+    meta -> device path, which imports sympy and mpmath (~35 MiB resident, measured) that a small edge process
+    otherwise never needs. Parameters shared between submodules are not expected here."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                                           requires_grad=False)
 
 
 def streamed_layers(num_layers: int, fraction: float) -> list[int]:

@@ -51,3 +51,29 @@ class ParallelLMHead(VocabParallelEmbedding, QuantizableMatmul):
             self.int8 = quantize_rows_int8(self.weight.data)
         else:
             super().quantize_int8()
+
+
+class CheckpointRowsEmbedding(nn.Module):
+    """An embedding that reads the rows it is asked for from the checkpoint instead of holding the table.
+
+    For a split edge the table is the largest thing it would hold: SmolLM2-135M's 49152 x 576 rows are 113 MB in
+    fp32, twice its first 4 decoder layers. The checkpoint is memory-mapped and GGUF rows are whole quantized
+    blocks, so a lookup touches only its rows' bytes; values equal the dense table's (the same dequantization).
+    """
+
+    def __init__(self, source: WeightSource, name: str, vocab_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.source, self.name, self.vocab_size = source, name, vocab_size
+        self.dtype, self.device = dtype, device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.flatten().tolist()
+        bad = [i for i in flat if not 0 <= i < self.vocab_size]
+        if bad:
+            raise IndexError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
+        unique = sorted(set(flat))
+        rows = torch.cat([self.source.get(self.name, dim=0, start=i, stop=i + 1) for i in unique])
+        where = {token: row for row, token in enumerate(unique)}
+        index = torch.tensor([where[i] for i in flat], dtype=torch.long).view(ids.shape)
+        return F.embedding(index, rows).to(self.device, self.dtype)
