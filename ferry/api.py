@@ -32,6 +32,9 @@ class LLM:
         allreduce: str = "auto",
         overlap_prefill: bool = False,
     ) -> None:
+        from ferry.parallel.layout import check_parallel_options
+
+        check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tp = tp
@@ -39,9 +42,8 @@ class LLM:
         self.engine: Engine | None = None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill)
-        if tp > 1 or compressed_allreduce:
-            self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce,
-                               allreduce)
+        if tp > 1:
+            self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce)
             return
         from ferry.model.loader import load_model
 
@@ -51,12 +53,11 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
 
-    def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression, allreduce) -> None:
+    def _start_workers(self, model, dtype, engine_options, compression, allreduce) -> None:
         from ferry.model.loader import open_checkpoint, resolve_model_path
-        from ferry.parallel.layout import check_launch, check_parallel_options
+        from ferry.parallel.layout import check_launch
         from ferry.parallel.workers import TensorParallelWorkers, WorkerSpec
 
-        check_parallel_options(weights, offload_weights, compression)
         path = resolve_model_path(model)
         _, config, self.tokenizer = open_checkpoint(path)
         check_launch(config, self.device.type, self.tp)

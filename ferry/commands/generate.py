@@ -74,16 +74,17 @@ def generate(
     def run() -> None:
         from ferry.api import LLM
         from ferry.engine.sampling import SamplingParams
-        from ferry.parallel.launch import under_torchrun
+        from ferry.parallel.launch import torchrun_world_size, under_torchrun
+        from ferry.parallel.layout import check_parallel_options
 
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
+        # Under torchrun the rank count is torchrun's, whatever --tp says.
+        check_parallel_options(torchrun_world_size() if under_torchrun() else tp, weights, offload_weights,
+                               compressed_allreduce, allreduce)
         if tp > 1 or under_torchrun():
-            from ferry.parallel.layout import check_parallel_options
-
-            check_parallel_options(weights, offload_weights, compressed_allreduce)
             engine_options = dict(compile=compile or compile_mode is not None, compile_mode=compile_mode,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
