@@ -28,7 +28,7 @@ def test_json_prints_exactly_one_object_with_every_field():
     out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # the whole of stdout is one JSON document
-    assert doc["device"] == "cpu" and doc["model"].endswith(".gguf")
+    assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["model"].endswith(".gguf")  # the CLI spelling
     assert [c["prompt"] for c in doc["completions"]] == ["Hello", "The sky is"]
     for c in doc["completions"]:
         assert set(c) == {"prompt", "text", "token_ids", "finish_reason", "ttft_s", "tokens_per_s"}

@@ -73,6 +73,7 @@ def generate(
 
     def run() -> None:
         from ferry.api import LLM
+        from ferry.device import dtype_name
         from ferry.engine.sampling import SamplingParams
         from ferry.parallel.launch import torchrun_world_size, under_torchrun
         from ferry.parallel.layout import check_parallel_options
@@ -105,7 +106,7 @@ def generate(
             doc = {
                 "model": str(llm.model_path),
                 "device": str(llm.device),
-                "dtype": str(llm.dtype).removeprefix("torch."),
+                "dtype": dtype_name(llm.dtype),
                 "completions": [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)],
             }
             print(json.dumps(doc), flush=True)
