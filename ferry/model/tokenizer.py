@@ -209,6 +209,9 @@ class FerryTokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (template_file := folder / "chat_template.jinja").exists():
+            # Where transformers (>= 4.50) saves the template; like transformers, the file wins over the config.
+            template = template_file.read_text(encoding="utf-8")
         return cls(
             tok,
             bos_token_id=bos if bos is not None else config_bos,
