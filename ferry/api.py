@@ -94,10 +94,15 @@ class LLM:
         return self.engine.generate(prompts, params, on_token=on_token)
 
     def stream(self, prompts: list[str], params: SamplingParams | None = None, chat: bool = False) -> Iterator[TokenEvent]:
-        ids, params = [self.encode(p, chat) for p in prompts], params or SamplingParams()
+        return self.stream_ids([self.encode(p, chat) for p in prompts], params)
+
+    def stream_ids(self, prompts: list[list[int]], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Token events as they come. Leaving the loop early ends the request between two steps on one rank;
+        tensor-parallel ranks finish it on their own (its events are skipped) before taking the next."""
+        params = params or SamplingParams()
         if self.workers:
-            return (e for e in self.workers.stream(ids, params) if isinstance(e, TokenEvent))
-        return self.engine.stream(ids, params)
+            return (e for e in self.workers.stream(prompts, params) if isinstance(e, TokenEvent))
+        return self.engine.stream(prompts, params)
 
     def close(self) -> None:
         if self.workers:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -169,7 +171,8 @@ def chat(
     allreduce: AllReduceOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
+    """Interactive chat using the model's chat template (Ctrl-C stops an answer; /exit, Ctrl-D or Ctrl-C at the
+    prompt quits; /reset starts over)."""
     setup_logging(verbose)
 
     def run() -> None:
@@ -181,13 +184,17 @@ def chat(
                  compile=compile or compile_mode is not None, compile_mode=compile_mode,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
-            err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")
+            err(f"ferry: chatting with {llm.model_path.name} on {where}; Ctrl-C stops an answer, /reset starts "
+                "over, /exit or Ctrl-D quits")
             _chat_loop(llm, params)
 
     run_guarded(run)
 
 
 def _chat_loop(llm, params) -> None:
+    """Ctrl-C while the model answers stops that answer; Ctrl-C at an empty prompt, Ctrl-D or /exit quits."""
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the tokenizer as their byte tokens
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -195,17 +202,49 @@ def _chat_loop(llm, params) -> None:
         except EOFError:
             print()
             return
-        if line.strip() in ("/exit", "/quit"):
+        except KeyboardInterrupt:
+            print()
             return
-        if line.strip() == "/reset":
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
             history.clear()
+            err("ferry: conversation cleared; the next message starts a new one")
             continue
-        if not line.strip():
+        if not command:
             continue
         history.append({"role": "user", "content": line})
-        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
-        sys.stdout.write("assistant> ")
-        printer = StreamPrinter(sys.stdout, 1)
-        [reply] = llm.generate_ids([ids], params, on_token=printer)
+        try:
+            ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
+            sys.stdout.write("assistant> ")
+            reply, stopped = _answer(llm, ids, params)
+        except KeyboardInterrupt:  # Ctrl-C before the answer's own handler took over
+            print()
+            reply, stopped = "", True
+        if stopped:
+            history.pop()  # a cut answer would be continued as if complete; the turn is dropped
+            err("ferry: answer stopped and left out of the conversation (Ctrl-C at the prompt or Ctrl-D quits)")
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def _answer(llm, ids: list[int], params) -> tuple[str, bool]:
+    """Stream one answer; returns its text and whether Ctrl-C stopped it. SIGINT only sets a flag here, read
+    between tokens, so the engine is never interrupted inside a step (its cache and buffers stay consistent)."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    printer = StreamPrinter(sys.stdout, 1)
+    parts: list[str] = []
+    events = llm.stream_ids([ids], params)
+    try:
+        for event in events:
+            printer(event)
+            parts.append(event.text)
+            if stop.is_set():
+                break
+    finally:
+        events.close()
+        signal.signal(signal.SIGINT, previous)
         printer.close()
-        history.append({"role": "assistant", "content": reply.text})
+    return "".join(parts), stop.is_set()
