@@ -32,6 +32,9 @@ class LLM:
         allreduce: str = "auto",
         overlap_prefill: bool = False,
     ) -> None:
+        from ferry.parallel.layout import check_parallel_options
+
+        check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tp = tp
@@ -43,9 +46,8 @@ class LLM:
         compile = compile or compile_mode is not None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill)
-        if tp > 1 or compressed_allreduce:
-            self._start_workers(model, dtype, engine_options, weights, offload_weights, compressed_allreduce,
-                               allreduce)
+        if tp > 1:
+            self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce)
             return
         from ferry.model.loader import load_model
 
@@ -57,12 +59,11 @@ class LLM:
         if compile:
             self.engine.warm_up()  # the compile is paid here, where the log says so, not inside the first request
 
-    def _start_workers(self, model, dtype, engine_options, weights, offload_weights, compression, allreduce) -> None:
+    def _start_workers(self, model, dtype, engine_options, compression, allreduce) -> None:
         from ferry.model.loader import open_checkpoint, resolve_model_path
-        from ferry.parallel.layout import check_launch, check_parallel_options
+        from ferry.parallel.layout import check_launch
         from ferry.parallel.workers import TensorParallelWorkers, WorkerSpec
 
-        check_parallel_options(weights, offload_weights, compression)
         path = resolve_model_path(model)
         _, config, self.tokenizer = open_checkpoint(path)
         check_launch(config, self.device.type, self.tp)
@@ -99,10 +100,15 @@ class LLM:
         return self.engine.generate(prompts, params, on_token=on_token)
 
     def stream(self, prompts: list[str], params: SamplingParams | None = None, chat: bool = False) -> Iterator[TokenEvent]:
-        ids, params = [self.encode(p, chat) for p in prompts], params or SamplingParams()
+        return self.stream_ids([self.encode(p, chat) for p in prompts], params)
+
+    def stream_ids(self, prompts: list[list[int]], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Token events as they come. Leaving the loop early ends the request between two steps on one rank;
+        tensor-parallel ranks finish it on their own (its events are skipped) before taking the next."""
+        params = params or SamplingParams()
         if self.workers:
-            return (e for e in self.workers.stream(ids, params) if isinstance(e, TokenEvent))
-        return self.engine.stream(ids, params)
+            return (e for e in self.workers.stream(prompts, params) if isinstance(e, TokenEvent))
+        return self.engine.stream(prompts, params)
 
     def close(self) -> None:
         if self.workers:

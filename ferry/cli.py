@@ -11,7 +11,7 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    app()
+    app(prog_name="ferry")  # also under `python -m ferry.cli`, so usage lines show the command people type
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_json_prints_exactly_one_object_with_every_field():
     out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # the whole of stdout is one JSON document
-    assert doc["device"] == "cpu" and doc["model"].endswith(".gguf")
+    assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["model"].endswith(".gguf")  # the CLI spelling
     assert [c["prompt"] for c in doc["completions"]] == ["Hello", "The sky is"]
     for c in doc["completions"]:
         assert set(c) == {"prompt", "text", "token_ids", "finish_reason", "ttft_s", "tokens_per_s"}
@@ -44,6 +44,12 @@ def test_json_prints_exactly_one_object_with_every_field():
         (["generate", "x", "--device", "cuda"], "no CUDA device"),
         (["generate", "x", "--dtype", "int3"], "unknown dtype"),
         (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
+        (["generate", "x", "--tp", "0"], "--tp must be 1 or more"),
+        (["generate", "x", "--tp", "-1"], "--tp must be 1 or more"),
+        (["chat", "--tp", "0"], "--tp must be 1 or more"),
+        (["generate", "x", "--tp", "1", "--allreduce", "process_group"], "--allreduce process_group picks"),
+        (["generate", "x", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
+        (["chat", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):

@@ -10,14 +10,56 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from ferry.errors import FerryError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ferry: distributed LLM inference.")
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF checkpoint folder [default: SmolLM2-135M-Instruct]")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N [default: cuda if present]")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 [default: bf16 on GPU, fp32 on CPU]")]
+class _FlagsTakeNoValue:
+    """A flag shows no `<bool>` value to type in help (Typer 0.29 shows one for every flag, --help included)."""
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)  # with --help, which is made here
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""  # the type column shows the metavar when one is set
+        return params
+
+
+class FerryCommand(_FlagsTakeNoValue, TyperCommand):
+    """The usage line names arguments the classic way (`PROMPTS...`, `[NAME]` when optional) where Typer
+    writes `{prompts}...`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class FerryGroup(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class FerryTyper(typer.Typer):
+    """A Typer whose commands are FerryCommands and whose groups FerryGroups (the `ferry` app and `bench`)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cls=FerryGroup, **kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or FerryCommand, **kwargs)
+
+
+app = FerryTyper(add_completion=False, no_args_is_help=True, help="Ferry: distributed LLM inference.")
+
+# Help text is Rich markup: a literal "[default: ...]" must be escaped, or it is read as a tag and vanishes.
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF checkpoint folder "
+                                                  "\\[default: SmolLM2-135M-Instruct]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N \\[default: cuda if present]")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 \\[default: bf16 on GPU, fp32 on CPU]")]
 WeightsOpt = Annotated[str, typer.Option(help="native, or int8 (weight-only, CPU with --dtype bf16)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log which paths ran and timings to stderr")]
 
@@ -54,7 +96,7 @@ StreamOpt = Annotated[bool, typer.Option("--stream", help="print tokens as they 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")]
 CompileOpt = Annotated[Optional[bool], typer.Option(
     "--compile/--no-compile", help="CUDA: torch.compile the decode step (max-autotune, kernels cached per machine) "
-    "[default: on for chat, off for generate]", show_default=False)]
+    "\\[default: on for chat, off for generate]", show_default=False)]
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode instead of Ferry's "
                                                        "(max-autotune-no-cudagraphs), e.g. default")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")]

@@ -7,17 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferry.commands import DeviceOpt, DtypeOpt, ModelOpt, VerboseOpt, app, err, run_guarded, setup_logging
+from ferry.commands import DeviceOpt, DtypeOpt, FerryTyper, ModelOpt, VerboseOpt, app, err, run_guarded, setup_logging
 
 OutOpt = Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")]
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table, write JSON (+ PNG) with provenance.")
+bench_app = FerryTyper(no_args_is_help=True, help="Benchmarks: print a table, write JSON (+ PNG) with provenance.")
 app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("edge")
 def bench_edge(
     split: Annotated[int, typer.Option(help="split point K whose hidden states are encoded")] = 15,
-    codecs: Annotated[Optional[str], typer.Option(help="comma list [default: all]")] = None,
+    codecs: Annotated[Optional[str], typer.Option(help="comma list \\[default: all]")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,

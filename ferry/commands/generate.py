@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -73,17 +75,19 @@ def generate(
 
     def run() -> None:
         from ferry.api import LLM
+        from ferry.device import dtype_name
         from ferry.engine.sampling import SamplingParams
-        from ferry.parallel.launch import under_torchrun
+        from ferry.parallel.launch import torchrun_world_size, under_torchrun
+        from ferry.parallel.layout import check_parallel_options
 
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
+        # Under torchrun the rank count is torchrun's, whatever --tp says.
+        check_parallel_options(torchrun_world_size() if under_torchrun() else tp, weights, offload_weights,
+                               compressed_allreduce, allreduce)
         if tp > 1 or under_torchrun():
-            from ferry.parallel.layout import check_parallel_options
-
-            check_parallel_options(weights, offload_weights, compressed_allreduce)
             engine_options = dict(compile=bool(compile) or compile_mode is not None, compile_mode=compile_mode,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
@@ -104,7 +108,7 @@ def generate(
             doc = {
                 "model": str(llm.model_path),
                 "device": str(llm.device),
-                "dtype": str(llm.dtype).removeprefix("torch."),
+                "dtype": dtype_name(llm.dtype),
                 "completions": [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)],
             }
             print(json.dumps(doc), flush=True)
@@ -167,7 +171,8 @@ def chat(
     allreduce: AllReduceOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Interactive chat using the model's chat template (/exit or Ctrl-D to quit, /reset to start over)."""
+    """Interactive chat using the model's chat template (Ctrl-C stops an answer; /exit, Ctrl-D or Ctrl-C at the
+    prompt quits; /reset starts over)."""
     setup_logging(verbose)
 
     def run() -> None:
@@ -179,13 +184,17 @@ def chat(
                  compile=compile, compile_mode=compile_mode,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
-            err(f"ferry: chatting with {llm.model_path.name} on {where}; /exit to quit, /reset to start over")
+            err(f"ferry: chatting with {llm.model_path.name} on {where}; Ctrl-C stops an answer, /reset starts "
+                "over, /exit or Ctrl-D quits")
             _chat_loop(llm, params)
 
     run_guarded(run)
 
 
 def _chat_loop(llm, params) -> None:
+    """Ctrl-C while the model answers stops that answer; Ctrl-C at an empty prompt, Ctrl-D or /exit quits."""
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the tokenizer as their byte tokens
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -193,17 +202,49 @@ def _chat_loop(llm, params) -> None:
         except EOFError:
             print()
             return
-        if line.strip() in ("/exit", "/quit"):
+        except KeyboardInterrupt:
+            print()
             return
-        if line.strip() == "/reset":
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
             history.clear()
+            err("ferry: conversation cleared; the next message starts a new one")
             continue
-        if not line.strip():
+        if not command:
             continue
         history.append({"role": "user", "content": line})
-        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
-        sys.stdout.write("assistant> ")
-        printer = StreamPrinter(sys.stdout, 1)
-        [reply] = llm.generate_ids([ids], params, on_token=printer)
+        try:
+            ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_bos=False)
+            sys.stdout.write("assistant> ")
+            reply, stopped = _answer(llm, ids, params)
+        except KeyboardInterrupt:  # Ctrl-C before the answer's own handler took over
+            print()
+            reply, stopped = "", True
+        if stopped:
+            history.pop()  # a cut answer would be continued as if complete; the turn is dropped
+            err("ferry: answer stopped and left out of the conversation (Ctrl-C at the prompt or Ctrl-D quits)")
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def _answer(llm, ids: list[int], params) -> tuple[str, bool]:
+    """Stream one answer; returns its text and whether Ctrl-C stopped it. SIGINT only sets a flag here, read
+    between tokens, so the engine is never interrupted inside a step (its cache and buffers stay consistent)."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    printer = StreamPrinter(sys.stdout, 1)
+    parts: list[str] = []
+    events = llm.stream_ids([ids], params)
+    try:
+        for event in events:
+            printer(event)
+            parts.append(event.text)
+            if stop.is_set():
+                break
+    finally:
+        events.close()
+        signal.signal(signal.SIGINT, previous)
         printer.close()
-        history.append({"role": "assistant", "content": reply.text})
+    return "".join(parts), stop.is_set()

@@ -56,8 +56,12 @@ class Sequence:
             return ""
         window = self.output_ids[self._prefix_offset :]
         decoded = tokenizer.decode(window)
-        if decoded.endswith("\ufffd") and len(self.output_ids) < max_tokens:
-            return ""  # an incomplete UTF-8 character: wait for its remaining bytes
+        if decoded.endswith("\ufffd"):  # an incomplete UTF-8 character ...
+            if len(self.output_ids) < max_tokens:
+                return ""  # ... waits for its remaining bytes
+            # ... cut by the token limit never gets them: its bytes are dropped rather than shown as U+FFFD.
+            # (The already-read part of the window ended complete, so this strips only the unread tail.)
+            decoded = decoded.rstrip("\ufffd")
         seen = self._read_offset - self._prefix_offset
         delta = decoded[len(tokenizer.decode(window[:seen])) :] if seen else decoded
         self._prefix_offset, self._read_offset = self._read_offset, len(self.output_ids)

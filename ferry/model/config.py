@@ -13,6 +13,9 @@ SUPPORTED_HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# A config.json saved from a config alone (not from a model) has no `architectures`; its `model_type` names the
+# family, and Ferry runs each of these families as a causal LM.
+SUPPORTED_HF_MODEL_TYPES = set(SUPPORTED_HF_ARCHITECTURES.values())
 SUPPORTED_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 
@@ -75,11 +78,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_HF_ARCHITECTURES[a] for a in archs if a in SUPPORTED_HF_ARCHITECTURES), None)
+        if archs:  # a model class named: it must be one Ferry runs (LlamaForSequenceClassification is not)
+            arch = next((SUPPORTED_HF_ARCHITECTURES[a] for a in archs if a in SUPPORTED_HF_ARCHITECTURES), None)
+        else:
+            arch = cfg.get("model_type") if cfg.get("model_type") in SUPPORTED_HF_MODEL_TYPES else None
         if arch is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"Ferry runs {', '.join(sorted(SUPPORTED_HF_ARCHITECTURES))}"
+                f"Ferry runs {', '.join(sorted(SUPPORTED_HF_ARCHITECTURES))} "
+                f"(model_type {', '.join(sorted(SUPPORTED_HF_MODEL_TYPES))})"
             )
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")

@@ -7,12 +7,14 @@ merges, with the pre-tokenizer split that the file's `tokenizer.ggml.pre` names.
 from __future__ import annotations
 
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from ferry.errors import UnsupportedModelError
+from ferry.errors import InvalidRequestError, UnsupportedModelError
 from ferry.model.chat_template import render_chat
 
 _LLAMA3_SPLIT = (
@@ -25,6 +27,24 @@ _QWEN2_SPLIT = (
 )
 _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
+# Bytes that were not UTF-8 reach Python as lone surrogates U+DC80..U+DCFF ("surrogateescape": command-line
+# arguments, file names, stdin read that way). Any other lone surrogate is not text at all.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+_OTHER_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte 0..255 in a byte-level BPE vocabulary
+    (printable Latin-1 bytes stand for themselves, the rest are moved up past U+0100 in order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    chars, moved = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + moved))
+            moved += 1
+    return chars
 
 
 def _byte_level_pre_tokenizer(pre: str):
@@ -73,11 +93,50 @@ class FerryTokenizer:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._encode_text(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id, *ids]
         return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Token ids of `text`; bytes that were not UTF-8 (surrogate-escaped) become their byte tokens, which any
+        byte-level (or byte-fallback) vocabulary has, so a prompt from any bytes can be run."""
+        if not _ESCAPED_BYTES.search(text):
+            if bad := _OTHER_SURROGATE.search(text):
+                raise InvalidRequestError(
+                    f"the prompt holds a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}, which is "
+                    "not text (is it half of a split surrogate pair?); pass valid Unicode"
+                )
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids, start = [], 0
+        for run in _ESCAPED_BYTES.finditer(text):
+            ids += self._encode_text(text[start : run.start()])
+            ids += [self._byte_token(ord(c) - 0xDC00, run.start() + i) for i, c in enumerate(run.group())]
+            start = run.end()
+        return ids + self._encode_text(text[start:])
+
+    def _byte_token(self, byte: int, where: int) -> int:
+        token = self._byte_tokens[byte]
+        if token is None:
+            # Byte-level vocabularies may leave out bytes that UTF-8 never uses (SmolLM2 has no 0xC0, 0xC1,
+            # 0xF5..0xFF): such a byte has no meaning to the model, so it is refused rather than dropped.
+            raise InvalidRequestError(
+                f"the prompt holds byte 0x{byte:02X} (at character {where}), which is not UTF-8, and this model's "
+                "vocabulary has no token for that byte; pass the prompt as valid UTF-8"
+            )
+        return token
+
+    @cached_property
+    def _byte_tokens(self) -> list[int | None]:
+        """Each byte's token id: `<0xXX>` in a byte-fallback vocabulary, the byte's character in a byte-level one."""
+        fallback = [self.tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+        if all(t is not None for t in fallback):
+            return fallback
+        pre = json.loads(self.tokenizer.to_str()).get("pre_tokenizer")
+        if "ByteLevel" not in json.dumps(pre):
+            return [None] * 256
+        return [self.tokenizer.token_to_id(c) for c in byte_level_alphabet()]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -150,6 +209,9 @@ class FerryTokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (template_file := folder / "chat_template.jinja").exists():
+            # Where transformers (>= 4.50) saves the template; like transformers, the file wins over the config.
+            template = template_file.read_text(encoding="utf-8")
         return cls(
             tok,
             bos_token_id=bos if bos is not None else config_bos,

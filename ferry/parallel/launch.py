@@ -175,6 +175,10 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def torchrun_world_size() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
 def torchrun_group(device_type: str, timeout_s: float = 300.0, compression: str | None = None) -> ParallelGroup:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), torchrun_world_size()
     return init_group(rank, world, device_type, "env://", timeout_s, compression)

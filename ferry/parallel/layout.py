@@ -1,8 +1,8 @@
 """Which tensor-parallel layouts a model supports (the head rule itself lives in ferry.model.layers.heads).
 
 MLP columns and the vocabulary split as evenly as possible, unevenly when they must; attention heads follow
-`HeadShard`, replicating KV heads when ranks outnumber them. Refused by name: tp < 1 and tp above the
-query-head count.
+`HeadShard`, replicating KV heads when ranks outnumber them. Refused by name: tp < 1, tp above the
+query-head count, and options that do not fit the rank count.
 """
 
 from __future__ import annotations
@@ -13,18 +13,32 @@ from ferry.model.layers.heads import HeadShard
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    if tp < 1:
-        raise FerryError(f"--tp must be >= 1, got {tp}")
+    _check_rank_count(tp)
     for rank in range(tp):
         HeadShard.for_rank(config.num_heads, config.num_kv_heads, tp, rank)
 
 
-def check_parallel_options(weights: str, offload_fraction: float, compression: str | None) -> None:
-    """Options a tensor-parallel launch cannot take, refused before any rank starts."""
-    if weights != "native" or offload_fraction:
-        raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
+def _check_rank_count(tp: int) -> None:
+    if tp < 1:
+        raise FerryError(f"--tp must be 1 or more (one rank per device), got {tp}")
+
+
+def check_parallel_options(tp: int, weights: str = "native", offload_fraction: float = 0.0,
+                           compression: str | None = None, allreduce: str = "auto") -> None:
+    """The one check of the rank count and the options that go with it, run before any model loads or rank
+    starts (CLI and API alike): an option that only a tensor-parallel run uses is refused on one rank rather
+    than dropped, and single-rank options are refused with several."""
+    _check_rank_count(tp)
     if compression not in (None, "int8"):
         raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
+    if tp == 1:
+        if compression:
+            raise FerryError("--compressed-allreduce compresses tensor-parallel all-reduces; it needs --tp 2 or more")
+        if allreduce != "auto":
+            raise FerryError(f"--allreduce {allreduce} picks the tensor-parallel all-reduce path; it needs --tp 2 "
+                             "or more")
+    elif weights != "native" or offload_fraction:
+        raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
 
 
 def check_launch(config: ModelConfig, device_type: str, tp: int) -> None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ferry.comm.group import ParallelGroup
+from ferry.device import dtype_name
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
@@ -99,7 +100,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     return {
         "model": str(loaded.path),
         "device": str(engine.device.type),
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": dtype_name(engine.dtype),
         "tp": group.world_size,
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(group, peak_after_load, engine.device),

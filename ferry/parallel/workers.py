@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ferry.device import dtype_name
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
@@ -54,7 +55,7 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
         engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_host_mb(), engine.device)
         if rank == 0:
-            events.put(("ready", 0, {"device": engine.device.type, "dtype": str(engine.dtype).removeprefix("torch."),
+            events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
                                      "tp": world,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
