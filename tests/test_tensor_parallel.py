@@ -232,6 +232,56 @@ def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, s
     assert abs(quality["perplexity_variant"] - quality["perplexity_exact"]) / quality["perplexity_exact"] < 0.05
 
 
+def _agreement_verdicts(group, odd_rank: int) -> list[str | None]:
+    """check_ranks_agree on identical completions, then with `odd_rank` holding one different token."""
+    from ferry.engine.engine import Completion
+    from ferry.parallel.tp_generate import check_ranks_agree
+
+    def completions(last: int) -> list[Completion]:
+        return [Completion([1, 2], [5, 6, 7], "", "length", 0.0, 0.0), Completion([3], [8, last], "", "length", 0.0, 0.0)]
+
+    verdicts = []
+    for tokens in (completions(9), completions(10 if group.rank == odd_rank else 9)):
+        try:
+            check_ranks_agree(group, tokens, torch.device("cpu"))
+            verdicts.append(None)
+        except FerryError as exc:
+            verdicts.append(str(exc))
+    return verdicts
+
+
+def test_ranks_that_produced_different_tokens_are_an_error_naming_them():
+    agreed, disagreed = spawn(3, "cpu", _agreement_verdicts, (2,))
+    assert agreed is None
+    assert disagreed == "tensor-parallel ranks [2] produced different tokens than rank 0"
+
+
+def _compressed_sums(group) -> dict:
+    """Every rank's int8 all-reduce result (gathered bit for bit), and the exact sum for comparison."""
+    gen = torch.Generator().manual_seed(100 + group.rank)  # different partial sums on every rank
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 576, generator=gen).to(dtype)
+        x[:, group.rank * 7] *= 300  # an outlier channel, different per rank (the escape path)
+        exact = x.clone()
+        torch.distributed.all_reduce(exact)
+        summed = group.all_reduce(x.clone(), compressible=True)
+        bits = summed.float().view(torch.int32)  # bf16 -> fp32 is exact: same bits in, same bits out
+        gathered = [torch.empty_like(bits) for _ in range(group.world_size)]
+        torch.distributed.all_gather(gathered, bits)
+        out[dtype] = (gathered, summed, exact)
+    return out
+
+
+def test_int8_compressed_allreduce_gives_every_rank_bit_identical_sums():
+    """The SPMD engine needs every rank to continue from the same hidden state: the lossy sum must be the same bits
+    on each rank (each sums the dequantized shards in rank order), not merely close."""
+    for dtype, (gathered, summed, exact) in spawn(3, "cpu", _compressed_sums, (), compression="int8").items():
+        assert all(torch.equal(g, gathered[0]) for g in gathered[1:]), dtype
+        err = float((summed.float() - exact.float()).abs().max())
+        assert 0 < err < 0.05 * float(exact.float().abs().max()), (dtype, err)  # lossy, really compressed, close
+
+
 def test_the_same_command_runs_under_torchrun(ferry_smollm):
     import json
     import shutil
