@@ -222,6 +222,8 @@ def test_bench_host_on_cpu_says_what_it_cannot_measure_and_runs_the_rest(tmp_pat
     doc = json.loads(result.read_text())
     assert doc["link"].startswith("host memory only")
     assert {r["test"] for r in doc["results"]} == {"bandwidth", "per-step upload"}
+    pooled = {r["mode"] for r in doc["results"] if r["mode"].startswith("pooled")}
+    assert pooled == {"pooled (pageable, no GPU to pin for)"}  # nothing is pinned without a GPU: not labelled so
 
 
 def test_streamed_layers_are_built_in_host_memory_never_on_the_device():
