@@ -4,7 +4,8 @@
     python benchmarks/decode.py --device cuda                # SmolLM2 + Llama-3-8B shape (random bf16), batch 1 and 16
 
 Decode tokens/s counts tokens after the first over the time after the first (prefill excluded), per sequence;
-`aggregate` multiplies by the batch. Roofline: measured memory copy bandwidth (read + write counted) over the
+`aggregate` multiplies by the batch. Both engines get the same prompts and --new-tokens, and report the median of
+--repeats runs after a warm-up. Roofline: measured memory copy bandwidth (read + write counted) over the
 bytes a decode step must read (every weight once).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,8 +31,11 @@ from ferry.model.default_model import default_model_path  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
 
 
-def hf_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device) -> float:
-    """transformers `generate` (greedy): decode tokens/s per sequence from a 1-token and an N-token run."""
+def hf_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device,
+              repeats: int) -> float:
+    """transformers `generate` (greedy), given Ferry's work and statistic: the same prompts and token count, decode
+    tokens/s per sequence (tokens after the first over the time after the first, from an N-token and a 1-token
+    run), the median of `repeats` after one warm-up."""
     ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed=batch), device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
 
@@ -41,8 +46,8 @@ def hf_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, d
         sync(device)
         return time.perf_counter() - t
 
-    timed(2)  # warm-up
-    return (new_tokens - 1) / (timed(new_tokens) - timed(1))
+    timed(new_tokens)  # warm-up
+    return statistics.median([(new_tokens - 1) / (timed(new_tokens) - timed(1)) for _ in range(repeats)])
 
 
 def load_hf_smollm(path: Path, device: torch.device, dtype: torch.dtype):
@@ -137,7 +142,7 @@ def main() -> None:
         load_s = time.perf_counter() - t
         with torch.inference_mode():
             for batch in batches:
-                rate = hf_decode(hf, batch, args.prompt_len, min(args.new_tokens, 32), hf.config.vocab_size, device)
+                rate = hf_decode(hf, batch, args.prompt_len, args.new_tokens, hf.config.vocab_size, device, args.repeats)
                 ferry_rate = max(r["tokens_per_s"] for r in rows if r["model"] == name and r["batch"] == batch
                                  and r["engine"].startswith("ferry") and r["dtype"] == str(dtype).removeprefix("torch.")
                                  and r["weights"] == "native")

@@ -30,10 +30,36 @@ def test_same_seed_gives_same_text_and_other_seed_differs(engine, prompts):
     assert first != other
 
 
-def test_top_k_one_is_greedy(engine, prompts):
-    greedy = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
-    top1 = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.7, top_k=1, seed=5, ignore_eos=True))
-    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+def _teacher_forced_logits(ferry_smollm, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """The model's logits before each generated token, from one full forward over prompt + generated."""
+    from ferry.engine.kv_cache import KVCache
+
+    ids = torch.tensor([prompt + generated])
+    cache = KVCache.for_model(ferry_smollm.model)
+    cache.ensure(1, ids.shape[1])
+    with torch.inference_mode():
+        logits = ferry_smollm.model.full_logits(ids, cache.layers)[0]
+    return logits[len(prompt) - 1 : -1]
+
+
+def test_sampled_tokens_lie_within_the_models_top_k(engine, prompts, ferry_smollm):
+    # Temperature 3 flattens the distribution: without the cut, draws from outside the top 3 of a 49k vocabulary
+    # would be all but certain over 2 x 16 tokens.
+    params = SamplingParams(max_tokens=16, temperature=3.0, top_k=3, seed=5, ignore_eos=True)
+    for prompt, c in zip(prompts, engine.generate(prompts, params)):
+        logits = _teacher_forced_logits(ferry_smollm, prompt, c.token_ids)
+        rank = (logits > logits.gather(-1, torch.tensor(c.token_ids)[:, None])).sum(-1)
+        assert rank.max() < 3, rank.tolist()
+        assert len(set(rank.tolist())) > 1  # not the greedy path in disguise: lower-ranked tokens were drawn
+
+
+def test_sampled_tokens_lie_within_the_models_top_p_nucleus(engine, prompts, ferry_smollm):
+    params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.6, seed=8, ignore_eos=True)
+    for prompt, c in zip(prompts, engine.generate(prompts, params)):
+        probs = (_teacher_forced_logits(ferry_smollm, prompt, c.token_ids) / 1.5).softmax(-1)
+        chosen = probs.gather(-1, torch.tensor(c.token_ids)[:, None])
+        mass_before = torch.where(probs > chosen, probs, 0).sum(-1)  # mass of the tokens ranked above the draw
+        assert mass_before.max() < 0.6, mass_before.tolist()
 
 
 def test_stop_string_truncates_text_and_reports_stop(engine, ferry_smollm):

@@ -1,4 +1,6 @@
-"""Ferry's GGUF header reader and dequantizers agree with the gguf package on every supported type."""
+"""Ferry's GGUF header reader against the gguf package, and every supported dequantizer against an independent
+reference: Ferry's own torch kernels (Q8_0, Q4_0, Q4_1) against gguf's numpy code, the types Ferry hands to gguf
+(F16, BF16, Q5_0, Q5_1, Q2_K..Q6_K) against a plain reading of ggml's block layouts (tests/ggml_reference.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +13,27 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 
+import ggml_reference
 from ferry.errors import UnsupportedModelError
 from ferry.model.weights.dequant import dequantize
 from ferry.model.weights.gguf_file import GGUFWeights, unpermute_qk
 from ferry.model.weights.gguf_header import read_gguf
 
-QUANTIZABLE = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.BF16]
-# K-quants have no quantizer in gguf: their blocks are filled with random bytes whose fp16 scales are made finite.
-RANDOM_BLOCKS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+OWN_KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1]  # dequantized by Ferry's torch code (ferry/model/weights/dequant.py)
+FROM_GGUF = [T.F16, T.BF16, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]  # dequantized by gguf
+RANDOM_BLOCKS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]  # no quantizer in gguf
+# Byte offsets of the fp16 scales in each block (ggml-common.h); random bytes elsewhere are valid codes.
+HALF_SCALES = {T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
+               T.Q6_K: (208,)}
 
 
-def _random_kquant(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def _random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniformly random block bytes, so every bit of every code field is exercised, with finite fp16 scales."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    # Scales are fp16 at type-specific offsets; clear the exponent's top bit everywhere to rule out inf/NaN.
-    halves = raw.view(np.uint16)
-    halves &= np.uint16(0xBBFF)
+    for at in HALF_SCALES[qtype]:
+        # Clearing the exponent's top bit rules out inf/NaN and keeps |scale| < 4.
+        raw[:, at + 1] &= np.uint8(0xBF)
     return raw.reshape(rows, cols // block * size)
 
 
@@ -46,18 +53,15 @@ def _write(path, tensors: dict[str, tuple[np.ndarray, T]], extra_meta: dict | No
     writer.close()
 
 
-def test_reader_and_dequantizers_match_gguf_package_for_every_supported_type(tmp_path):
+def test_reader_metadata_and_ferrys_own_dequantizers_match_the_gguf_package(tmp_path):
     rng = np.random.default_rng(0)
     rows, cols = 8, 512
     tensors: dict[str, tuple[np.ndarray, T]] = {
         "f32": (rng.standard_normal((rows, cols)).astype(np.float32), T.F32),
-        "f16": (rng.standard_normal((rows, cols)).astype(np.float16), T.F16),
         "norm": (rng.standard_normal(cols).astype(np.float32), T.F32),
     }
-    for qtype in QUANTIZABLE:
+    for qtype in OWN_KERNELS:
         tensors[qtype.name] = (quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype), qtype)
-    for qtype in RANDOM_BLOCKS:
-        tensors[qtype.name] = (_random_kquant(qtype, rows, cols, rng), qtype)
     path = tmp_path / "types.gguf"
     _write(path, tensors)
 
@@ -66,12 +70,51 @@ def test_reader_and_dequantizers_match_gguf_package_for_every_supported_type(tmp
     for field in reference.fields.values():
         if not field.name.startswith("GGUF."):
             assert meta[field.name] == pytest.approx(field.contents()), field.name
+    assert {t.name for t in reference.tensors} == set(tensors)
     for tensor in reference.tensors:
         ours = dequantize(infos[tensor.name].rows_view(buf), infos[tensor.name].qtype)
         theirs = torch.from_numpy(np.array(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
         assert ours.shape == theirs.shape, tensor.name
         assert torch.isfinite(ours).all(), tensor.name
         assert torch.equal(ours, theirs), tensor.name
+
+
+@pytest.mark.parametrize("qtype", FROM_GGUF, ids=lambda q: q.name)
+def test_dequantizers_taken_from_gguf_match_an_independent_reading_of_the_ggml_layout(tmp_path, qtype):
+    """Random bytes for every field (finite scales), read back through Ferry's GGUF reader and dequantize(),
+    against tests/ggml_reference.py, which follows ggml's scalar dequantize_row_* loops value by value."""
+    rng = np.random.default_rng(list(T).index(qtype))
+    rows, cols = 4, 512
+    if qtype == T.F16:
+        data = rng.standard_normal((rows, cols)).astype(np.float16)
+    elif qtype == T.BF16:
+        data = rng.integers(0, 1 << 16, size=(rows, cols), dtype=np.uint16)
+        data[(data & 0x7F80) == 0x7F80] &= np.uint16(0xBFFF)  # no inf/NaN: they compare unequal to themselves
+        data = data.view(np.uint8)
+    else:
+        data = _random_blocks(qtype, rows, cols, rng)
+    _write(tmp_path / "t.gguf", {"w": (data, qtype)})
+    buf, _, infos = read_gguf(tmp_path / "t.gguf")
+    ours = dequantize(infos["w"].rows_view(buf), infos["w"].qtype)
+    expected = torch.from_numpy(ggml_reference.dequantize(np.ascontiguousarray(infos["w"].rows_view(buf)), qtype.name))
+    assert ours.shape == expected.shape == (rows, cols)
+    assert torch.isfinite(expected).all() and expected.abs().max() > 0
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16, T.Q5_0, T.Q5_1], ids=lambda q: q.name)
+def test_values_on_the_quantization_grid_come_back_exactly(tmp_path, qtype):
+    """Values each type represents exactly survive quantize -> GGUF file -> Ferry unchanged; a misread bit or scale
+    would change them. Every block holds all 32 five-bit codes, so Q5_0's scale is exactly (-4) / -16 = 0.25 and
+    Q5_1's is (12.5 - (-3)) / 31 = 0.5 with minimum -3."""
+    codes = np.stack([np.random.default_rng(r).permutation(32) for r in range(64)]).astype(np.float32)
+    values = {T.F16: (codes - 16) / 8, T.BF16: (codes - 16) * 1024, T.Q5_0: (codes - 16) / 4,
+              T.Q5_1: codes / 2 - 3}[qtype]
+    values = values.reshape(4, 512)
+    data = values.astype(np.float16) if qtype == T.F16 else quantize(values, qtype)
+    _write(tmp_path / "g.gguf", {"w": (data, qtype)})
+    buf, _, infos = read_gguf(tmp_path / "g.gguf")
+    assert torch.equal(dequantize(infos["w"].rows_view(buf), infos["w"].qtype), torch.from_numpy(values))
 
 
 def test_row_slices_read_only_their_rows(tmp_path):
@@ -93,7 +136,7 @@ def test_column_slices_on_block_boundaries_read_only_their_blocks(tmp_path, monk
     rng = np.random.default_rng(3)
     rows, cols = 16, 1024
     if qtype in RANDOM_BLOCKS:
-        data = _random_kquant(qtype, rows, cols, rng)
+        data = _random_blocks(qtype, rows, cols, rng)
     elif qtype in (T.F32, T.F16):
         data = rng.standard_normal((rows, cols)).astype(np.float32 if qtype == T.F32 else np.float16)
     else:

@@ -106,6 +106,25 @@ def test_cuda_graph_decode_matches_eager_decode_token_for_token(smollm_path):
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
 
 
+def test_cuda_graph_decode_recaptured_at_a_new_context_bucket_mid_generation_matches_eager(smollm_path):
+    """Prompts end just below the 256-token bucket and decode 48 tokens past it, so the graph for the next bucket
+    is captured mid-generation (its warm-up writes K/V while the live rows' caches are in use). fp32, as above."""
+    from ferry.bench.edge_codecs import eval_text
+    from ferry.engine.cuda_graphs import MIN_CONTEXT_BUCKET
+    from ferry.model.loader import load_model
+
+    loaded = load_model(None, CUDA, torch.float32, show_progress=False)
+    ids = loaded.tokenizer.encode(eval_text())
+    prompts = [ids[:240], ids[100:330]]  # two rows of different lengths (240, 230), both below the bucket's end
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    graphed_engine = Engine(loaded.model, loaded.tokenizer, cuda_graphs=True)
+    graphed_engine.cache.ensure(2, 1024)  # room for a full second bucket (512), not just the request's length
+    graphed = graphed_engine.generate(prompts, params)
+    assert sorted(graphed_engine.graphs.graphs) == [(2, MIN_CONTEXT_BUCKET), (2, 2 * MIN_CONTEXT_BUCKET)]
+    eager = Engine(loaded.model, loaded.tokenizer, cuda_graphs=False).generate(prompts, params)
+    assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
+
+
 def test_seeded_sampling_repeats_on_gpu(ferry_bf16):
     engine = Engine(ferry_bf16.model, ferry_bf16.tokenizer)
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)

@@ -4,9 +4,12 @@ work are refused by name, and a rank that dies ends the run promptly with no pro
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,16 +133,6 @@ def test_tp_on_cuda_without_gpus_is_a_clear_error():
     assert out.returncode == 2 and "no CUDA device" in out.stderr and "Traceback" not in out.stderr
 
 
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids |= {int(c) for c in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return kids
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -148,31 +141,81 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+class _TpRun:
+    """`ferry generate --tp 2 --verbose` on CPU, its stderr read line by line on a thread, so the test can wait for
+    what the ranks themselves report (joined the group with their pid, engine ready to decode) instead of sleeping."""
+
+    def __init__(self, max_tokens: int = 4000) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ferry.cli", "generate", "Tell me a long story.", "--tp", "2", "--device", "cpu",
+             "--max-tokens", str(max_tokens), "--ignore-eos", "--verbose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_until_decoding(self, timeout_s: float = 120) -> dict[int, int]:
+        """Rank -> pid, once both ranks said they joined and both engines are built (decode starts next)."""
+        pids: dict[int, int] = {}
+        engines: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(pids) < 2 or len(engines) < 2:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"ferry exited before the ranks were decoding:\n{''.join(self.stderr)[-3000:]}"
+            if joined := re.match(r"ferry: rank (\d): ferry.launch: rank \d of 2 joined the group \(pid (\d+)\)", line):
+                pids[int(joined[1])] = int(joined[2])
+            elif ready := re.match(r"ferry: rank (\d): ferry.engine: engine on cpu", line):
+                engines.add(int(ready[1]))
+        return pids
+
+    def wait(self, timeout_s: float) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout_s)
+        self._reader.join(timeout=10)
+        return code, "".join(self.stderr)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
 def test_killing_one_rank_ends_the_run_quickly_with_no_processes_left():
-    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "generate", "Tell me a long story.", "--tp", "2",
-                             "--device", "cpu", "--max-tokens", "4000", "--ignore-eos"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    run = _TpRun()
     try:
-        ranks: set[int] = set()
-        deadline = time.time() + 60
-        while time.time() < deadline and len(ranks) < 2:
-            ranks = {c for c in _children(proc.pid) if "ferry-rank" in Path(f"/proc/{c}/comm").read_text()
-                     or "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()} if _alive(proc.pid) else set()
-            time.sleep(0.2)
-        assert len(ranks) >= 2, "ranks did not start"
-        time.sleep(6)  # let them load and start decoding
-        victim = max(ranks)
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.time()
-        _, stderr = proc.communicate(timeout=90)
-        assert proc.returncode != 0
-        assert time.time() - killed_at < 60
-        assert "rank" in stderr and "Traceback" not in stderr.split("ferry: error:")[-1]
-        time.sleep(1)
-        assert not [pid for pid in ranks if _alive(pid)], "orphan rank processes left"
+        pids = run.wait_until_decoding()
+        assert all(_alive(pid) for pid in pids.values())
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code, stderr = run.wait(timeout_s=90)
+        assert code == 2 and time.monotonic() - killed_at < 60
+        assert "ferry: error: rank 1 killed by signal 9" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr.split("ferry: error:")[-1]
+        assert not [pid for pid in pids.values() if _alive(pid)], "orphan rank processes left"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        run.close()
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_tp_generate_with_status_130():
+    run = _TpRun()
+    try:
+        pids = run.wait_until_decoding()
+        assert all(_alive(pid) for pid in pids.values())
+        os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
+        code, stderr = run.wait(timeout_s=60)
+        assert code == 130, stderr[-2000:]
+        assert stderr.rstrip().endswith("ferry: interrupted"), stderr[-2000:]
+        assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+        # The parent joins its ranks before it exits: none may outlive it, not even briefly.
+        assert not [pid for pid in pids.values() if _alive(pid)], "orphan rank processes left"
+    finally:
+        run.close()
 
 
 def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, smollm_path):
@@ -187,6 +230,56 @@ def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, s
     assert 0 < quality["max_logit_error"]  # the compressed path really ran
     assert quality["top1_agreement"] >= 0.95
     assert abs(quality["perplexity_variant"] - quality["perplexity_exact"]) / quality["perplexity_exact"] < 0.05
+
+
+def _agreement_verdicts(group, odd_rank: int) -> list[str | None]:
+    """check_ranks_agree on identical completions, then with `odd_rank` holding one different token."""
+    from ferry.engine.engine import Completion
+    from ferry.parallel.tp_generate import check_ranks_agree
+
+    def completions(last: int) -> list[Completion]:
+        return [Completion([1, 2], [5, 6, 7], "", "length", 0.0, 0.0), Completion([3], [8, last], "", "length", 0.0, 0.0)]
+
+    verdicts = []
+    for tokens in (completions(9), completions(10 if group.rank == odd_rank else 9)):
+        try:
+            check_ranks_agree(group, tokens, torch.device("cpu"))
+            verdicts.append(None)
+        except FerryError as exc:
+            verdicts.append(str(exc))
+    return verdicts
+
+
+def test_ranks_that_produced_different_tokens_are_an_error_naming_them():
+    agreed, disagreed = spawn(3, "cpu", _agreement_verdicts, (2,))
+    assert agreed is None
+    assert disagreed == "tensor-parallel ranks [2] produced different tokens than rank 0"
+
+
+def _compressed_sums(group) -> dict:
+    """Every rank's int8 all-reduce result (gathered bit for bit), and the exact sum for comparison."""
+    gen = torch.Generator().manual_seed(100 + group.rank)  # different partial sums on every rank
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 576, generator=gen).to(dtype)
+        x[:, group.rank * 7] *= 300  # an outlier channel, different per rank (the escape path)
+        exact = x.clone()
+        torch.distributed.all_reduce(exact)
+        summed = group.all_reduce(x.clone(), compressible=True)
+        bits = summed.float().view(torch.int32)  # bf16 -> fp32 is exact: same bits in, same bits out
+        gathered = [torch.empty_like(bits) for _ in range(group.world_size)]
+        torch.distributed.all_gather(gathered, bits)
+        out[dtype] = (gathered, summed, exact)
+    return out
+
+
+def test_int8_compressed_allreduce_gives_every_rank_bit_identical_sums():
+    """The SPMD engine needs every rank to continue from the same hidden state: the lossy sum must be the same bits
+    on each rank (each sums the dequantized shards in rank order), not merely close."""
+    for dtype, (gathered, summed, exact) in spawn(3, "cpu", _compressed_sums, (), compression="int8").items():
+        assert all(torch.equal(g, gathered[0]) for g in gathered[1:]), dtype
+        err = float((summed.float() - exact.float()).abs().max())
+        assert 0 < err < 0.05 * float(exact.float().abs().max()), (dtype, err)  # lossy, really compressed, close
 
 
 def test_the_same_command_runs_under_torchrun(ferry_smollm):
@@ -341,21 +434,3 @@ def test_tp_speed_benchmark_runs_tp1_and_tp2_and_reports_scaling_and_roofline():
     assert decode[2]["allreduce_us"] > 0 and 0 < decode[2]["of_roofline"]
     assert prefill["prefill_ms"] > 0 and prefill["prefill_overlap_ms"] > 0
     assert results[1]["allreduce_calls"]["process_group"] > 0
-
-
-def test_ctrl_c_to_the_whole_process_group_stops_tp_generate_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "generate", "Tell me a long story.", "--tp", "2",
-                             "--device", "cpu", "--max-tokens", "4000", "--ignore-eos"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        time.sleep(8)  # ranks loaded and decoding
-        ranks = set(_children(proc.pid))
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode != 0
-        assert "KeyboardInterrupt" not in stderr, stderr[-2000:]
-        time.sleep(1)
-        assert not [pid for pid in ranks if _alive(pid)], "orphan rank processes left"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)

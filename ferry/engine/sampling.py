@@ -51,19 +51,23 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [batch, vocab] fp32 -> token ids [batch]."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # Drop a token once the mass before it already reaches top_p; the first always stays.
-            drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return torch.multinomial(filtered_probs(logits, self.params), 1, generator=self.generator).squeeze(-1)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: [batch, vocab] logits -> probabilities per row, after
+    temperature, then top-k (ties with the k-th logit stay), then top-p; every dropped token has probability 0."""
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the first always stays.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)

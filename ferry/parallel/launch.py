@@ -17,6 +17,7 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -95,11 +96,19 @@ def keep_multicast_off() -> None:
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 
-def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results) -> None:
+def log_like_parent(rank: int, level: int) -> None:
+    """A spawned rank starts with logging unconfigured: give it the parent's level (so `--verbose` shows what each
+    rank loaded and which paths it took), every line naming the rank."""
+    logging.basicConfig(level=level, stream=sys.stderr, format=f"ferry: rank {rank}: %(name)s: %(message)s")
+
+
+def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results, log_level) -> None:
     die_with_parent()
     keep_multicast_off()
+    log_like_parent(rank, log_level)
     try:
         group = init_group(rank, world, device_type, init_method, timeout_s, compression)
+        log.info("rank %d of %d joined the group (pid %d)", rank, world, os.getpid())
         result = fn(group, *args)
         if rank == 0:
             # Plain pickle copies tensor data: the queue's own pickler would pass tensors as shared-memory
@@ -124,12 +133,14 @@ def spawn(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results),
-                         name=f"ferry-rank{r}", daemon=True) for r in range(world)]
+    level = logging.getLogger("ferry").getEffectiveLevel()
+    procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results,
+                                               level), name=f"ferry-rank{r}", daemon=True) for r in range(world)]
     with sigint_ignored_by_children():
         for p in procs:
             p.start()
-    log.info("spawned %d ranks (%s, %s)", world, device_type, BACKENDS[device_type])
+    log.info("spawned %d ranks (%s, %s), pids %s", world, device_type, BACKENDS[device_type],
+             " ".join(str(p.pid) for p in procs))
     try:
         outcome = None
         while outcome is None:
