@@ -4,13 +4,14 @@ Two ways, by what the data is for:
 - `copy`: on a dedicated copy stream, for transfers that can run ahead of or behind compute (weight streaming,
   token readback): the compute stream waits for the fence only where it needs the data.
 - `copy_in_order`: on the current stream, for a small upload the very next kernel consumes (a step's packed
-  inputs). There is nothing to overlap it with, and the copy stream would add a stream-wait each way.
+  inputs). There is nothing to overlap it with, and a second stream costs: a 4 KiB copy there took 1.5x the raw
+  copy's time before any wait and 2.0x once ordered after compute, on the H200 machine
+  (benchmarks/results/2026-11-30_host_copy_anatomy.md).
 `non_blocking` is used only when the host side is pinned (a non-blocking copy from pageable memory is silently
 synchronous). Callers that own their buffers say whether they are pinned: `Tensor.is_pinned()` asks the driver,
-which on the H200 machine cost more than a 4 KiB copy itself. Events are reused, never made per copy: creating and
-destroying one per copy made a pooled 4 KiB upload on the copy stream take 56 us against 19 us for the raw copy
-(benchmarks/results/2026-11-30_host_link_cuda_before_event_reuse.md). A caller that owns a buffer passes the
-buffer's own event as the fence to record (a buffer is reused only after that fence completed). Without CUDA the copies are plain and the returned
+is a driver call per copy. Events are reused rather than created and destroyed per copy: a caller that owns a
+buffer passes the buffer's own event as the fence to record (a buffer is reused only after that fence completed);
+recording and waiting on such an event costs no more than synchronising the device (same file). Without CUDA the copies are plain and the returned
 fence is already complete, so the same calling code runs (and is tested) on CPU.
 """
 
