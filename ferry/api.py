@@ -40,9 +40,10 @@ class LLM:
         self.tp = tp
         self.workers = None
         self.engine: Engine | None = None
-        # A long-lived process: compile on CUDA unless told not to (engine/compiled_step.py says why).
+        # A long-lived process: compile on one GPU unless told not to (engine/compiled_step.py says why). With
+        # tensor parallelism it stays opt-in: compiled steps around the all-reduce paths are not measured yet.
         if compile is None:
-            compile = self.device.type == "cuda"
+            compile = self.device.type == "cuda" and tp == 1
         compile = compile or compile_mode is not None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill)
