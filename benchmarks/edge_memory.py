@@ -1,7 +1,7 @@
 """Peak resident memory of a split edge vs a whole-model process: how many edges fit on one machine.
 
-Each row is its own `ferry` process on the same prompt; its peak RSS is the kernel's count (wait4's ru_maxrss),
-so nothing is estimated. A `ferry cloud` on loopback serves every split. Rows: `ferry generate` (the whole
+Each row is its own `ferry` process on the same prompt; its peak RSS is the kernel's count for that process's
+address space (VmHWM, reported by the process at exit: ferry/bench/process_memory.py), so nothing is estimated. A `ferry cloud` on loopback serves every split. Rows: `ferry generate` (the whole
 model), `ferry edge --split K` for several K, `--fallback local` (reads the whole model), an edge refused by the
 cloud before reading any weight (the floor: Python, torch, tokenizer, checkpoint header), and optionally the
 same edge at an earlier commit (`--before COMMIT`, extracted with `git archive`).
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ferry.bench.process_memory import run_ferry  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
 from ferry.parallel.launch import free_port  # noqa: E402
 
@@ -36,19 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(args: list[str], token: str = TOKEN, tree: Path = ROOT) -> dict:
     """One `ferry` process: its peak RSS (MiB), exit code, wall time and --json output (if any)."""
     env = {**os.environ, "FERRY_TOKEN": token, "PYTHONPATH": str(tree)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
-        began = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", *args], env=env, stdout=out, stderr=errors,
-                                cwd=tree)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - began
-        out.seek(0)
-        errors.seek(0)
-        stdout, stderr = out.read().decode(), errors.read().decode()
-    code = os.waitstatus_to_exitcode(status)
-    doc = json.loads(stdout) if code == 0 and stdout.startswith("{") else None
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "exit": code, "wall_s": round(wall, 1), "json": doc,
-            "error": stderr.strip().splitlines()[-1] if code else ""}
+    run = run_ferry(args, env=env, cwd=tree)
+    doc = json.loads(run.stdout) if run.returncode == 0 and run.stdout.startswith("{") else None
+    return {"peak_rss_mib": round(run.peak_rss_mib, 1), "exit": run.returncode, "wall_s": round(run.wall_s, 1),
+            "json": doc, "error": run.stderr.strip().splitlines()[-1] if run.returncode else ""}
 
 
 def main() -> None:
@@ -100,8 +92,8 @@ def main() -> None:
         r["vs_whole_model"] = round(r["peak_rss_mib"] / full, 3)
         r["above_floor_vs_whole_model"] = round((r["peak_rss_mib"] - floor) / (full - floor), 3)
     meta = {**provenance(torch.device("cpu")), "prompt": PROMPT, "max_tokens": 16,
-            "note": "peak RSS per process from wait4 (ru_maxrss); fp32 SmolLM2-135M-Instruct Q4_1 GGUF; the cloud "
-                    "runs in its own process and is not counted"}
+            "note": "peak RSS per process: VmHWM of its address space, reported at exit; fp32 SmolLM2-135M-Instruct "
+                    "Q4_1 GGUF; the cloud runs in its own process and is not counted"}
     stem = f"{meta['date']}_edge_memory"
     columns = ["process", "peak_rss_mib", "vs_whole_model", "above_floor_vs_whole_model", "reported_peak_rss_mib",
                "weights_read", "exit", "wall_s"]

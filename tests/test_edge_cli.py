@@ -108,14 +108,13 @@ def test_edge_without_the_token_is_refused_with_one_line(cloud_process):
     assert "read decoder layers" not in out.stderr  # refused by the cloud before any weight was read
 
 
-def _peak_rss_mib(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    """Run `ferry ARGS` and return its peak resident memory (the kernel's own count, from wait4)."""
-    env = {**os.environ, "FERRY_TOKEN": "cli-secret"}
-    with open(os.devnull, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", *args], env=env, stdout=sink, stderr=sink)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, proc
+def _peak_rss_mib(*args: str):
+    """Run `ferry ARGS` and return its peak resident memory as the process itself saw it (VmHWM; a child's
+    ru_maxrss would start from this test process's size at fork) and the run."""
+    from ferry.bench.process_memory import run_ferry
+
+    run = run_ferry(list(args), env={**os.environ, "FERRY_TOKEN": "cli-secret"})
+    return run.peak_rss_mib, run
 
 
 @pytest.mark.slow
