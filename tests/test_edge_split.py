@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import struct
 import threading
 
 import grpc
@@ -118,31 +120,72 @@ def _raw_session(port: int, frames: list[bytes], token: str = TOKEN) -> list[byt
             return [exc.code()]
 
 
-def test_hundreds_of_hostile_frames_do_not_crash_the_cloud(ferry_smollm, cloud_factory, prompt_ids, reference):
+def _hostile_cases(config, rng: random.Random) -> list[tuple[str, list[bytes], object]]:
+    """(what, frames, expected): expected is the grpc.StatusCode the transport answers with, a regex the ERROR
+    frame's message must match (after a WELCOME where the frames open with HELLO), or VERDICT for a
+    well-formed round the cloud must answer normally."""
+    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(config), "split": 8, "codec": "fp32"}).encode()
+
+    def request(sampling) -> bytes:
+        return Frame(Kind.REQUEST, 1, 1, meta={"sampling": sampling}).encode()
+
+    greedy = request({"temperature": 0})
+    row = 4 * config.hidden_size  # one fp32 hidden state
+
+    def verify(start: int, tokens: int, draft: list[int], payload_rows: int | None = None) -> bytes:
+        rows = tokens if payload_rows is None else payload_rows
+        return Frame.verify(1, 1, start, tokens, draft, b"\x00" * (row * rows)).encode()
+
+    def raw_verify(body: bytes) -> bytes:
+        return Frame(Kind.VERIFY, 1, 1, body=body).encode()
+
+    cases = [
+        ("garbage", [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))], r"header|magic"),
+        ("truncated HELLO", [hello[: rng.randrange(1, len(hello))]], r"shorter than|do not match"),
+        ("oversized frame", [b"\x00" * (64 * 1024 + 1)], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("HIDDEN before REQUEST", [hello, Frame.hidden(1, 1, 0, 2, b"\x00" * 10).encode()], r"open request is None"),
+        ("HIDDEN before HELLO", [Frame.hidden(0, 0, 0, 1, b"").encode()], r"must start with HELLO"),
+        ("top_p out of range", [hello, request({"top_p": 7})], r"bad sampling parameters: top_p"),
+        ("seed that is a string", [hello, request({"temperature": 1, "seed": "x"})], r"seed must be an integer"),
+        ("seed past 64 bits", [hello, request({"temperature": 1, "seed": 2**70})], r"seed .* is outside"),
+        ("sampling that is a list", [hello, request([1, 2])], r"expected a JSON object"),
+        ("VERIFY with no drafts", [hello, greedy, verify(0, 2, [], payload_rows=0)], r"VERIFY frame with 0 drafts"),
+        ("VERIFY drafting every token", [hello, greedy, verify(0, 2, [5, 6], payload_rows=0)], r"VERIFY frame with 2 drafts"),
+        ("VERIFY with too many drafts", [hello, greedy, verify(0, 80, list(range(70)), payload_rows=0)], r"VERIFY frame with 70"),
+        ("VERIFY cut inside its draft list", [hello, greedy, raw_verify(struct.pack("<III", 0, 3, 2) + b"\x01")],
+         r"VERIFY frame with 2 drafts"),
+        ("VERIFY with no draft count", [hello, greedy, raw_verify(struct.pack("<II", 0, 3))], r"VERIFY frame too short"),
+        ("VERIFY payload of the wrong size", [hello, greedy, verify(0, 3, [5], payload_rows=2)], r"fp32: payload"),
+        ("VERIFY out of order", [hello, greedy, verify(4, 3, [5])], r"expected to start at 0"),
+        ("VERIFY while sampling", [hello, request({"temperature": 0.7, "seed": 1}), verify(0, 3, [5])], r"greedy"),
+        ("VERDICT sent to the cloud", [hello, greedy, Frame.verdict(1, 1, 0, 5, 0.0).encode()],
+         r"unexpected VERDICT"),
+        ("TOKEN sent to the cloud", [hello, greedy, Frame.token(1, 1, 5, 0, 0.0).encode()], r"unexpected TOKEN"),
+        ("VERIFY drafting impossible token ids", [hello, greedy, verify(0, 3, [-1, 10**9])], Kind.VERDICT),
+    ]
+    return cases
+
+
+def test_every_hostile_frame_gets_an_error_frame_or_a_named_transport_status(ferry_smollm, cloud_factory, prompt_ids,
+                                                                            reference):
     server = cloud_factory(8, max_frame_bytes=64 * 1024)
     rng = random.Random(7)
-    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(ferry_smollm.config), "split": 8, "codec": "fp32"}).encode()
-    valid_hidden = Frame.hidden(1, 1, 0, 2, b"\x00" * 10).encode()
-    hostile = []
-    for i in range(300):
-        kind = i % 6
-        if kind == 0:
-            hostile.append([bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))])  # garbage
-        elif kind == 1:
-            hostile.append([hello[: rng.randrange(1, len(hello))]])  # truncated HELLO
-        elif kind == 2:
-            hostile.append([b"\x00" * (64 * 1024 + 1)])  # oversized: refused by the transport
-        elif kind == 3:
-            hostile.append([hello, valid_hidden])  # HIDDEN with no REQUEST and a payload of the wrong size
-        elif kind == 4:
-            hostile.append([Frame.hidden(0, 0, 0, 1, b"").encode()])  # no HELLO first
-        else:
-            hostile.append([hello, Frame(Kind.REQUEST, 1, 1, meta={"sampling": {"top_p": 7}}).encode()])
-    for frames in hostile:
-        replies = _raw_session(server.port, frames)
-        assert replies, "every hostile stream gets an answer"
-        last = replies[-1]
-        assert isinstance(last, grpc.StatusCode) or Frame.decode(last).kind == Kind.ERROR
+    for _ in range(12):  # the random cases (garbage, truncation points) differ each time round
+        for what, frames, expected in _hostile_cases(ferry_smollm.config, rng):
+            replies = _raw_session(server.port, frames)
+            if isinstance(expected, grpc.StatusCode):
+                assert replies == [expected], what
+                continue
+            assert all(isinstance(r, bytes) for r in replies), (what, replies)  # e.g. UNKNOWN: an unhandled error
+            decoded = [Frame.decode(r) for r in replies]
+            opened = 1 if len(frames) > 1 else 0  # the multi-frame cases open with a valid HELLO
+            assert [f.kind for f in decoded[:opened]] == [Kind.WELCOME] * opened, what
+            assert len(decoded) == opened + 1, (what, [f.kind for f in decoded])
+            last = decoded[-1]
+            if expected is Kind.VERDICT:
+                assert last.kind == Kind.VERDICT and last.verdict_fields()[0] == 0, what
+            else:
+                assert last.kind == Kind.ERROR and re.search(expected, last.meta["error"]), (what, last.meta)
     client = _edge(ferry_smollm, server, 8)
     try:
         assert client.generate(prompt_ids[0], GREEDY)[0].token_ids == reference[0]

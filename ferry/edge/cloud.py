@@ -35,6 +35,33 @@ class CloudLimits:
     idle_timeout_s: float = 120.0
 
 
+# REQUEST's sampling fields and the JSON types each may have (bool is an int to Python, so it is refused by name).
+_SAMPLING_FIELDS = {"temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,)}
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _sampling_params(raw: object) -> SamplingParams:
+    """REQUEST's `sampling` object -> SamplingParams; anything else is a ProtocolError naming the field."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"bad sampling parameters: expected a JSON object, got {type(raw).__name__}")
+    values = {}
+    for name, types in _SAMPLING_FIELDS.items():
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = "an integer" if types == (int,) else "a number"
+            raise ProtocolError(f"bad sampling parameters: {name} must be {kind}, got {value!r}")
+        values[name] = value
+    seed = values.get("seed")
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise ProtocolError(f"bad sampling parameters: seed {seed} is outside {_SEED_RANGE[0]}..{_SEED_RANGE[1]}")
+    try:
+        return SamplingParams(**values)
+    except FerryError as exc:
+        raise ProtocolError(f"bad sampling parameters: {exc}") from None
+
+
 class _Session:
     """One edge's state: negotiated codec, KV cache for the cloud's layers, the current request's sampler."""
 
@@ -48,12 +75,12 @@ class _Session:
         self.next_position = 0
 
     def start_request(self, frame: Frame) -> None:
-        try:
-            params = SamplingParams(**{k: v for k, v in frame.meta.get("sampling", {}).items()
-                                       if k in ("temperature", "top_k", "top_p", "seed")})
-        except (TypeError, FerryError) as exc:
+        params = _sampling_params(frame.meta.get("sampling", {}))
+        try:  # inside the handled block: a seed the generator cannot take is the edge's error, not ours
+            sampler = Sampler(params, self.server.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
-        self.request, self.sampler, self.next_position = frame.request, Sampler(params, self.server.device), 0
+        self.request, self.sampler, self.next_position = frame.request, sampler, 0
 
     def _run(self, frame: Frame, start: int, tokens: int, payload: bytes) -> torch.Tensor:
         """Decode, check and run this frame's hidden states through the cloud's layers; [1, tokens, hidden]."""
