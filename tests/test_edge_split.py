@@ -193,12 +193,62 @@ def test_every_hostile_frame_gets_an_error_frame_or_a_named_transport_status(fer
         client.close()
 
 
-def test_session_limit_and_per_session_token_limit_are_enforced(ferry_smollm, cloud_factory, prompt_ids):
+def test_a_session_past_its_token_limit_is_closed_with_that_limit_named(ferry_smollm, cloud_factory, prompt_ids):
     server = cloud_factory(4, max_tokens_per_session=len(prompt_ids[0]) + 4)
     client = _edge(ferry_smollm, server, 4, reconnects=0)
-    with pytest.raises(LinkError, match="session limit"):
+    with pytest.raises(LinkError, match="within the session limit of"):
         client.generate(prompt_ids[0], GREEDY)
     client.close()
+
+
+def _held_session(port: int, frames: list[bytes], release: threading.Event):
+    """A stream that sends `frames` and then stays open, silent, until `release` (at most 30 s)."""
+
+    def outgoing():
+        yield from frames
+        release.wait(30)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.stream_stream(METHOD)(outgoing(), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=30)
+    return channel, call
+
+
+def test_a_session_past_max_sessions_is_refused_by_name_and_admitted_once_one_ends(ferry_smollm, cloud_factory,
+                                                                                  prompt_ids, reference):
+    server = cloud_factory(4, max_sessions=1)
+    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(ferry_smollm.config), "split": 4, "codec": "fp32"})
+    release = threading.Event()
+    channel, call = _held_session(server.port, [hello.encode()], release)
+    try:
+        assert Frame.decode(next(call)).kind == Kind.WELCOME  # the one allowed session is open
+        refused = _edge(ferry_smollm, server, 4, reconnects=0)
+        with pytest.raises(LinkError, match=r"RESOURCE_EXHAUSTED: the cloud is at its limit of 1 concurrent sessions"):
+            refused.generate(prompt_ids[0], GREEDY)
+        refused.close()
+    finally:
+        release.set()
+    assert list(call) == []  # the held session ends normally once its edge closes its side
+    channel.close()
+    admitted = _edge(ferry_smollm, server, 4)
+    try:
+        short = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert admitted.generate(prompt_ids[0], short)[0].token_ids == reference[0][:4]
+    finally:
+        admitted.close()
+
+
+def test_an_idle_session_gets_an_error_frame_naming_the_idle_limit(ferry_smollm, cloud_factory):
+    server = cloud_factory(4, idle_timeout_s=0.5)
+    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(ferry_smollm.config), "split": 4, "codec": "fp32"})
+    release = threading.Event()
+    channel, call = _held_session(server.port, [hello.encode()], release)
+    try:
+        replies = [Frame.decode(raw) for raw in call]  # ends when the cloud closes the stream
+    finally:
+        release.set()
+        channel.close()
+    assert [f.kind for f in replies] == [Kind.WELCOME, Kind.ERROR]
+    assert re.search(r"session idle for 0.5 s \(the cloud's --idle-timeout\)", replies[1].meta["error"])
 
 
 def _stop_after(server: CloudServer, n: int):

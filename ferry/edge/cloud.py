@@ -8,6 +8,7 @@ size (enforced by gRPC before Ferry sees the bytes), concurrent sessions, tokens
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from concurrent import futures
@@ -146,6 +147,7 @@ class CloudServer:
         self.fingerprint = model_fingerprint(loaded.config)
         self._lock = threading.Lock()
         self._next_session = 1
+        self._active = 0  # streams being served (admitted against max_sessions)
         self._server: grpc.Server | None = None
         self.port: int | None = None
         self._profile = None  # measured on the first PING
@@ -170,7 +172,8 @@ class CloudServer:
             futures.ThreadPoolExecutor(max_workers=self.limits.max_sessions + 4, thread_name_prefix="ferry-cloud"),
             handlers=[handler],
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-            maximum_concurrent_rpcs=self.limits.max_sessions,
+            # gRPC's own cap is the worker count; below it, _session refuses past max_sessions with a message.
+            maximum_concurrent_rpcs=self.limits.max_sessions + 4,
         )
         if tls is not None:
             port = self._server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
@@ -195,12 +198,19 @@ class CloudServer:
         auth = dict(context.invocation_metadata()).get("authorization", "")
         if not token_matches(auth.removeprefix("Bearer "), self.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared token")
-        watchdog = _IdleWatchdog(context, self.limits.idle_timeout_s)
+        with self._lock:
+            admitted = self._active < self.limits.max_sessions
+            self._active += admitted
+        if not admitted:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the cloud is at its limit of {self.limits.max_sessions} concurrent sessions; try later")
+        inbox = _Inbox(request_iterator)
         session: _Session | None = None
         try:
-            for raw in request_iterator:
-                watchdog.touch()
+            while True:
                 try:
+                    if (raw := inbox.next(self.limits.idle_timeout_s)) is None:
+                        return  # the edge closed its side
                     frame = Frame.decode(raw)
                     if session is None and frame.kind == Kind.PING:
                         yield self._pong(frame).encode()
@@ -223,7 +233,9 @@ class CloudServer:
                     yield Frame.error(str(exc), session.id if session else 0).encode()
                     return
         finally:
-            watchdog.stop()
+            inbox.close()
+            with self._lock:
+                self._active -= 1
 
     def _hello(self, frame: Frame) -> tuple[_Session, Frame]:
         if frame.kind != Kind.HELLO:
@@ -254,25 +266,43 @@ class CloudServer:
                                       "num_layers": self.loaded.config.num_layers})
 
 
-class _IdleWatchdog:
-    """Cancels a stream that sends nothing for `timeout` seconds, so an idle edge cannot hold a worker forever."""
+_END = object()
 
-    def __init__(self, context: grpc.ServicerContext, timeout: float) -> None:
-        self.context, self.timeout = context, timeout
-        self.last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def touch(self) -> None:
-        self.last = time.monotonic()
+class _Inbox:
+    """Reads a stream's frames on a thread of its own, so the handler can wait for the next one with a deadline:
+    an edge that sends nothing for the idle limit gets an ERROR frame saying so, and its worker is freed."""
 
-    def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout)):
-            if time.monotonic() - self.last > self.timeout:
-                log.warning("cancelling a session idle for %.0f s", self.timeout)
-                self.context.cancel()
-                return
+    def __init__(self, requests) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # small: the reader waits for the handler (flow control)
+        self._closed = threading.Event()
+        threading.Thread(target=self._read, args=(requests,), daemon=True, name="ferry-cloud-inbox").start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _read(self, requests) -> None:
+        try:
+            for raw in requests:
+                if not self._put(raw):
+                    return
+        except grpc.RpcError:
+            pass  # the edge cancelled or the call ended under us: the handler sees the end below
+        self._put(_END)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():  # the handler may have returned: never block on a queue nobody reads
+            try:
+                self._queue.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self, timeout_s: float) -> bytes | None:
+        """The next frame's bytes, or None once the stream ended; ProtocolError after `timeout_s` of silence."""
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ProtocolError(f"session idle for {timeout_s:g} s (the cloud's --idle-timeout); closed") from None
+        return None if item is _END else item
+
+    def close(self) -> None:
+        self._closed.set()
