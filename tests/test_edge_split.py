@@ -338,21 +338,75 @@ def test_speculative_rounds_refuse_sampling(ferry_smollm, cloud_factory, prompt_
     client.close()
 
 
-def test_gamma_grows_with_acceptance_and_shrinks_with_rejections():
+def _settled(overhead_s: float, accepted: int, gamma: int = 4, draft_s: float = 0.04, rounds: int = 30):
+    """A controller after `rounds` identical rounds (the smoothed estimates have converged on them)."""
     from ferry.edge.speculative import GammaController
 
-    sure, unsure = GammaController(gamma_max=12), GammaController(gamma_max=12)
-    for _ in range(20):
-        sure.update(gamma=8, accepted=8, overhead_s=0.1, draft_s=0.08)
-        unsure.update(gamma=8, accepted=0, overhead_s=0.1, draft_s=0.08)
+    controller = GammaController(gamma_max=12)
+    for _ in range(rounds):
+        controller.update(gamma=gamma, accepted=accepted, overhead_s=overhead_s, draft_s=draft_s)
+    return controller
+
+
+def test_gamma_grows_with_acceptance():
+    sure, unsure = _settled(0.1, accepted=4), _settled(0.1, accepted=1)
     assert sure.choose() > unsure.choose() >= 1
-    slow_link = GammaController(gamma_max=12)
-    for _ in range(20):
-        slow_link.update(gamma=4, accepted=2, overhead_s=0.5, draft_s=0.04)
-    fast_link = GammaController(gamma_max=12)
-    for _ in range(20):
-        fast_link.update(gamma=4, accepted=2, overhead_s=0.005, draft_s=0.04)
-    assert slow_link.choose() >= fast_link.choose()
+
+
+def test_gamma_grows_with_the_round_trip_and_drafting_stops_where_the_link_is_too_fast_to_pay():
+    # acceptance 3/4 per token, 10 ms per draft step; round overhead (RTT + verify) from 2 ms to 2 s
+    choices = [_settled(overhead, accepted=3).choose() for overhead in (0.002, 0.02, 0.2, 2.0)]
+    assert all(a < b for a, b in zip(choices, choices[1:])), choices
+    assert choices[0] == 0  # at 2 ms a round cannot win back its 10 ms draft step: plain steps
+    assert choices[-1] == 12  # at 2 s every extra draft is nearly free
+
+
+def test_drafting_pauses_when_its_expected_gain_is_below_one_and_probes_again_later():
+    from ferry.edge.speculative import GammaController
+
+    controller = GammaController(gamma_max=8, pause=4, max_pause=16)
+    rounds = 0
+    while controller.choose() > 0:  # a draft that is never accepted, at a round overhead of 20 ms
+        controller.update(gamma=controller.choose(), accepted=0, overhead_s=0.02, draft_s=0.01)
+        rounds += 1
+        assert rounds < 10, "drafting never paused"
+    assert controller.gain(controller.best_gamma()) < 1
+    pauses = []
+    for _ in range(3):  # each losing probe doubles the pause: 4, 8, 16
+        plain = 0
+        while controller.choose() == 0:
+            controller.plain_step(0.02)
+            plain += 1
+        pauses.append(plain)
+        controller.update(gamma=controller.choose(), accepted=0, overhead_s=0.02, draft_s=0.01)  # the probe
+    assert pauses == [4, 8, 16]
+    for _ in range(16):
+        controller.plain_step(0.02)
+    for _ in range(100):  # the text turned predictable: probes win, and drafting resumes for good
+        gamma = controller.choose()
+        if gamma == 0:
+            controller.plain_step(0.02)
+            continue
+        controller.update(gamma=gamma, accepted=gamma, overhead_s=0.02, draft_s=0.001 * gamma)
+    assert controller.choose() > 1 and not controller.paused
+    assert controller.acceptance > 0.99
+
+
+def test_an_always_wrong_draft_is_switched_off_and_split_stays_exact(ferry_smollm, cloud_factory, prompt_ids, reference,
+                                                                     int8_draft):
+    from ferry.bench.poor_draft import WrongDrafter
+
+    server = cloud_factory(15)
+    client = _edge(ferry_smollm, server, 15, codec="int8", drafter=WrongDrafter(int8_draft), gamma_max=6)
+    try:
+        completion, stats = client.generate(prompt_ids[1], GREEDY)
+    finally:
+        client.close()
+    assert completion.token_ids == reference[1]
+    assert stats.accepted <= 1 and stats.draft_rounds >= 1
+    # drafting paused after a few losing rounds; the rest are plain steps with a probe round now and then
+    assert stats.undrafted_steps >= GREEDY.max_tokens // 2, stats
+    assert stats.draft_rounds + stats.undrafted_steps + 1 == stats.round_trips  # + 1: the prefill step
 
 
 def test_split_auto_measures_and_picks_a_feasible_k(ferry_smollm, cloud_factory, prompt_ids, reference):

@@ -47,6 +47,8 @@ class LinkStats:
     total_s: float = 0.0  # the whole request, as the edge saw it
     drafted: int = 0  # speculative rounds: tokens the edge proposed
     accepted: int = 0  # ... and the cloud agreed with
+    draft_rounds: int = 0  # speculative rounds (one VERIFY each)
+    undrafted_steps: int = 0  # plain steps while drafting was paused (its expected gain was below 1)
 
     @property
     def link_s(self) -> float:
@@ -268,12 +270,19 @@ class EdgeClient:
         """Draft gamma tokens, send pending + drafts in one VERIFY, return the accepted drafts + the cloud's token."""
         assert self.drafter is not None and self.gamma is not None
         history = seq.prompt_ids + seq.output_ids
-        gamma = max(1, min(self.gamma.choose(), remaining - 1, self.tokens_per_frame - 1))
-        draft, draft_s = timed(self.drafter.draft, history, gamma)
         pending = history[start:]
+        if (gamma := self.gamma.choose()) == 0:  # drafting paused: a plain step, timed for the controller
+            began = time.perf_counter()
+            token = self._step(request, self._local_hidden(pending, start), start, stats, [])
+            self.gamma.plain_step(time.perf_counter() - began)
+            stats.undrafted_steps += 1
+            return [token]
+        gamma = max(1, min(gamma, remaining - 1, self.tokens_per_frame - 1))
+        self.drafter.catch_up(history)
+        draft, draft_s = timed(self.drafter.draft, history, gamma)
+        began = time.perf_counter()  # the round's overhead: edge layers, link and verify, as a plain step's
         hidden = self._local_hidden(pending + draft, start)
         frame = Frame.verify(self.session, request, start, len(pending) + gamma, draft, self.codec.encode(hidden))
-        began = time.perf_counter()
         reply = self._exchange([frame.encode()], stats)
         if reply.kind != Kind.VERDICT or reply.request != request:
             raise ProtocolError(f"expected VERDICT for request {request}, got {reply.kind.name}")
@@ -282,6 +291,7 @@ class EdgeClient:
             raise ProtocolError(f"cloud accepted {accepted} of {gamma} drafts")
         stats.cloud_compute_s += cloud_ms / 1000
         stats.drafted += gamma
+        stats.draft_rounds += 1
         stats.accepted += accepted
         self.drafter.rollback(len(history) + min(accepted, gamma - 1))
         self.gamma.update(gamma, accepted, time.perf_counter() - began, draft_s)

@@ -7,12 +7,15 @@ steps on the edge, so gamma is chosen each round from the measured acceptance ra
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from ferry.engine.kv_cache import KVCache
 from ferry.model.loader import LoadedModel
+
+log = logging.getLogger("ferry.edge")
 
 
 class Drafter:
@@ -35,6 +38,13 @@ class Drafter:
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         return int(model(x, positions, self.cache.layers, start + len(ids)).argmax(dim=-1)[0])
 
+    def catch_up(self, sequence: list[int]) -> None:
+        """Feed all but the last unseen token (after plain steps, many are unseen), so that `draft` times only
+        the steady-state cost of a round."""
+        if len(sequence) - self.fed > 1:
+            self._feed(sequence[self.fed : -1], self.fed)
+            self.fed = len(sequence) - 1
+
     def draft(self, sequence: list[int], gamma: int) -> list[int]:
         """Greedy continuation of `sequence` by `gamma` tokens (feeds what it has not seen yet first)."""
         token = self._feed(sequence[self.fed :], self.fed)
@@ -50,32 +60,69 @@ class Drafter:
 
 
 class GammaController:
-    """Picks gamma to maximise expected tokens per second of a round.
+    """Picks gamma to maximise expected tokens per second, or 0 (a plain step) while drafting does not pay.
 
-    With per-token acceptance a, a round with gamma drafts yields (1 - a^(gamma+1)) / (1 - a) tokens on average
-    and costs RTT + cloud verify + gamma draft steps.
+    With per-token acceptance a, a round with gamma drafts yields E(gamma) = (1 - a^(gamma+1)) / (1 - a) tokens on
+    average and costs the round overhead (edge layers, RTT, cloud verify) plus gamma draft steps; a plain step
+    yields one token for about one overhead. The expected gain of drafting over plain steps is
+    E(gamma) * plain / (overhead + gamma * draft_step). When the best gamma's gain falls below 1 (a draft that is
+    rarely accepted, or draft steps that cost more than the round trips they save), drafting pauses for `pause`
+    plain steps; then one round probes again, since acceptance and costs change with the text and the link. A probe
+    that still loses doubles the pause (up to `max_pause`); one that wins resumes drafting.
     """
 
-    def __init__(self, gamma_max: int = 8, acceptance: float = 0.8, smoothing: float = 0.3) -> None:
+    def __init__(self, gamma_max: int = 8, acceptance: float = 0.8, smoothing: float = 0.3, pause: int = 8,
+                 max_pause: int = 64) -> None:
         self.gamma_max, self.acceptance, self.smoothing = gamma_max, acceptance, smoothing
-        self.round_overhead_s = 0.05  # RTT + verify, refined from measurements
+        self.round_overhead_s = 0.05  # edge layers + RTT + verify, refined from measurements
         self.draft_step_s = 0.01
+        self.plain_step_s: float | None = None  # measured while paused; until then the round overhead stands in
+        self.pause, self.max_pause = pause, max_pause
+        self._next_pause = pause
+        self._plain_left = 0  # plain steps before the next probe round
+
+    def expected_tokens(self, gamma: int) -> float:
+        a = min(self.acceptance, 0.99)
+        return (1 - a ** (gamma + 1)) / (1 - a)
+
+    def gain(self, gamma: int) -> float:
+        """Expected tokens per second of rounds with `gamma` drafts, relative to plain steps."""
+        plain = self.plain_step_s if self.plain_step_s is not None else self.round_overhead_s
+        return self.expected_tokens(gamma) * plain / (self.round_overhead_s + gamma * self.draft_step_s)
+
+    def best_gamma(self) -> int:
+        return max(range(1, self.gamma_max + 1), key=self.gain)
+
+    @property
+    def paused(self) -> bool:
+        return self._plain_left > 0
 
     def choose(self) -> int:
-        a = min(self.acceptance, 0.99)
-
-        def rate(g: int) -> float:
-            return ((1 - a ** (g + 1)) / (1 - a)) / (self.round_overhead_s + g * self.draft_step_s)
-
-        return max(range(1, self.gamma_max + 1), key=rate)
+        """gamma for the next round; 0 while drafting is paused (take a plain step and report it)."""
+        return 0 if self.paused else self.best_gamma()
 
     def update(self, gamma: int, accepted: int, overhead_s: float, draft_s: float) -> None:
+        """After a round: fold in what it measured, then pause drafting if it is not expected to pay."""
         s = self.smoothing
         # Per-token acceptance estimated from the accepted prefix length of this round.
         observed = accepted / gamma if accepted < gamma else 1.0
         self.acceptance = (1 - s) * self.acceptance + s * observed
         self.round_overhead_s = (1 - s) * self.round_overhead_s + s * overhead_s
         self.draft_step_s = (1 - s) * self.draft_step_s + s * (draft_s / gamma)
+        best = self.best_gamma()
+        if self.gain(best) < 1:
+            log.info("drafting paused for %d steps: expected gain %.2f (acceptance %.2f)", self._next_pause,
+                     self.gain(best), self.acceptance)
+            self._plain_left = self._next_pause
+            self._next_pause = min(2 * self._next_pause, self.max_pause)
+        else:
+            self._next_pause = self.pause
+
+    def plain_step(self, seconds: float) -> None:
+        """A plain step taken while paused: its time is what drafting has to beat."""
+        s = self.smoothing
+        self.plain_step_s = seconds if self.plain_step_s is None else (1 - s) * self.plain_step_s + s * seconds
+        self._plain_left = max(0, self._plain_left - 1)
 
 
 def timed(fn, *args):
