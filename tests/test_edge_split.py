@@ -409,6 +409,41 @@ def test_an_always_wrong_draft_is_switched_off_and_split_stays_exact(ferry_smoll
     assert stats.draft_rounds + stats.undrafted_steps + 1 == stats.round_trips  # + 1: the prefill step
 
 
+@pytest.mark.slow
+def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_hold(ferry_smollm, cloud_factory,
+                                                                                  int8_draft, monkeypatch):
+    """Every session cache starts at 256 positions; a longer answer grows it mid-sequence (ensure keep=True)."""
+    from ferry.edge.speculative import Drafter
+    from ferry.engine.kv_cache import KVCache
+
+    grown: list[tuple[int, int, int]] = []  # (cache layers, positions before, after)
+    ensure = KVCache.ensure
+
+    def spy(cache, batch, length, keep=False):
+        before = cache.max_len
+        if ensure(cache, batch, length, keep) and before and keep:
+            grown.append((cache.num_layers, before, cache.max_len))
+            return True
+        return False
+
+    monkeypatch.setattr(KVCache, "ensure", spy)
+    # 128 prompt tokens: the first request is for 256 positions, so a 140-token answer has to grow every cache
+    prompt = ferry_smollm.tokenizer.encode("A long story about a lighthouse keeper and a storm at sea. " * 20)[:128]
+    params = SamplingParams(max_tokens=140, ignore_eos=True)
+    reference = Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate([prompt], params)[0].token_ids
+    client = _edge(ferry_smollm, cloud_factory(10), 10, drafter=Drafter(int8_draft), gamma_max=6)
+    try:
+        completion, stats = client.generate(prompt, params)
+    finally:
+        client.close()
+    assert completion.token_ids == reference
+    layers = ferry_smollm.config.num_layers
+    # the edge's 10 layers, the cloud session's 20 and the draft's 30 each grew once, from 256, while holding data
+    assert sorted(n for n, before, after in grown if before == 256 and after > 256) == [10, layers - 10, layers]
+    assert len(grown) == 3, grown
+    assert stats.draft_rounds > 0
+
+
 def test_split_auto_measures_and_picks_a_feasible_k(ferry_smollm, cloud_factory, prompt_ids, reference):
     server = cloud_factory(3)
     client = _edge(ferry_smollm, server, None, min_edge_layers=6)

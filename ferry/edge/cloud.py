@@ -96,7 +96,7 @@ class _Session:
         config = self.server.loaded.config
         x = self.codec.decode(payload, tokens, config.hidden_size)
         x = x.to(self.server.device, self.server.dtype).unsqueeze(0)
-        self.cache.ensure(1, min(limit, max(256, 2 * (start + tokens))), keep=True)
+        self.cache.grow_for(start + tokens, limit=limit)
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
         self.next_position = start + tokens

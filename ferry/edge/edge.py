@@ -232,7 +232,7 @@ class EdgeClient:
     def _local_hidden(self, ids: list[int], start: int) -> torch.Tensor:
         """Layers 0..K-1 over tokens at positions [start, start + len(ids)); returns [tokens, hidden]."""
         assert self.cache is not None
-        self.cache.ensure(1, max(256, 2 * (start + len(ids))), keep=True)
+        self.cache.grow_for(start + len(ids))
         model = self.loaded.model
         x = model.embed_tokens(torch.tensor([ids], device=self.device))
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)

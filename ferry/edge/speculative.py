@@ -33,7 +33,7 @@ class Drafter:
     @torch.inference_mode()
     def _feed(self, ids: list[int], start: int) -> int:
         model = self.loaded.model
-        self.cache.ensure(1, max(256, 2 * (start + len(ids))), keep=True)
+        self.cache.grow_for(start + len(ids))
         x = torch.tensor([ids], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         return int(model(x, positions, self.cache.layers, start + len(ids)).argmax(dim=-1)[0])
