@@ -468,6 +468,106 @@ def test_planner_keeps_slow_compute_on_the_fast_side():
     assert limited[0]["split"] == 8
 
 
+def test_planner_picks_an_interior_k_where_the_hidden_state_is_cheapest_on_the_wire():
+    from ferry.edge.split_planner import ComputeProfile, LinkProfile, WireBytes, predict
+
+    same = ComputeProfile(0.002, 0.002)
+    slow_link = LinkProfile(rtt_s=0.05, bandwidth_Bps=1e5)  # 100 kB/s: 1 kB more per token costs 10 ms
+    sizes = {k: 2000 - 1000 * (k == 11) for k in range(30)}  # a compressing codec that does best after layer 10
+    rows = predict(30, same, same, slow_link, WireBytes(sizes, sizes), 1e-5)
+    assert rows[0]["split"] == 11
+    # a slightly slower edge (2 layers' worth of 0.5 ms) does not outweigh the 10 ms the wire saves at K=11
+    rows = predict(30, ComputeProfile(0.0025, 0.002), same, slow_link, WireBytes(sizes, sizes), 1e-5)
+    assert rows[0]["split"] == 11
+
+
+def test_planner_counts_the_prefill_compute_and_the_prompt_on_the_wire():
+    from ferry.edge.split_planner import ComputeProfile, LinkProfile, WireBytes, Workload, predict
+
+    link = LinkProfile(rtt_s=0.05, bandwidth_Bps=1e6)
+    # decode: the edge is faster per layer; prefill: the cloud batches far better (an accelerator)
+    edge, cloud = ComputeProfile(0.001, 0.0, prefill_layer_s=0.001), ComputeProfile(0.002, 0.002, prefill_layer_s=2e-5)
+    decode_only = predict(30, edge, cloud, link, 2000, 1e-5, workload=Workload(0, 16))
+    long_prompt = predict(30, edge, cloud, link, 2000, 1e-5, workload=Workload(2000, 16))
+    assert decode_only[0]["split"] == 29 and long_prompt[0]["split"] == 1
+    assert long_prompt[0]["prefill_s"] > 2000 * 2000 / 1e6  # 2000 prompt tokens x 2 kB crossed the link once
+    # equal compute: only the prompt's bytes per K decide, and they are cheapest after layer 20
+    same = ComputeProfile(0.002, 0.002)
+    prefill_bytes = {k: 2000 - 500 * (k == 20) for k in range(30)}
+    wire = WireBytes(dict.fromkeys(range(30), 2000), prefill_bytes)
+    assert predict(30, same, same, link, wire, 1e-5, workload=Workload(1000, 16))[0]["split"] == 20
+
+
+# Per-layer times as a CPU measures them for this model (decode layer, head, prefill layer per token). The tests
+# below inject them: edge and cloud share this machine and its other work, so their own measurements, taken at
+# different moments, can differ by more than the effects under test.
+BASE = (0.0015, 0.01, 0.0003)
+
+
+def _measures(monkeypatch, edge_factor: float, cloud_factor):
+    """measure_compute replaced: the edge (this thread) measures BASE x edge_factor; the cloud's threads measure
+    BASE x cloud_factor() at the moment they measure; every call is recorded."""
+    from ferry.edge import split_planner
+
+    calls = []
+
+    def measure(loaded, **kw):
+        side = "cloud" if threading.current_thread().name.startswith("ferry-cloud") else "edge"
+        factor = cloud_factor() if side == "cloud" else edge_factor
+        calls.append((side, factor))
+        return split_planner.ComputeProfile(*(t * factor for t in BASE))
+
+    monkeypatch.setattr(split_planner, "measure_compute", measure)
+    return calls
+
+
+def test_split_auto_keeps_layers_off_an_edge_held_to_a_quarter_of_the_clouds_speed(ferry_smollm, cloud_factory,
+                                                                                   prompt_ids, reference, monkeypatch):
+    calls = _measures(monkeypatch, edge_factor=4.0, cloud_factor=lambda: 1.0)
+    client = _edge(ferry_smollm, cloud_factory(3), None)
+    try:
+        completion, _ = client.generate(prompt_ids[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    finally:
+        client.close()
+    assert sorted(side for side, _ in calls) == ["cloud", "edge"]
+    assert client.split == 3  # the fewest layers this cloud lets the edge keep
+    assert completion.token_ids == reference[0][:8]
+
+
+def test_split_auto_moves_layers_to_the_edge_when_the_cloud_is_busy_with_other_sessions(ferry_smollm, cloud_factory,
+                                                                                        prompt_ids, reference,
+                                                                                        monkeypatch):
+    server = cloud_factory(1)
+    # A cloud time-shares its device between the sessions it serves: measured while serving n, it is n times slower.
+    calls = _measures(monkeypatch, edge_factor=1.0, cloud_factor=lambda: float(server._active))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def auto_split() -> int:
+        client = _edge(ferry_smollm, server, None)
+        try:
+            assert client.generate(prompt_ids[0], params)[0].token_ids == reference[0][:4]
+        finally:
+            client.close()
+        return client.split
+
+    # idle: both sides measure the same; no K is better, and the planner keeps its first (the fewest edge layers)
+    assert auto_split() == 1
+    hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(ferry_smollm.config), "split": 1, "codec": "fp32"})
+    release = threading.Event()
+    held = [_held_session(server.port, [hello.encode()], release) for _ in range(3)]
+    try:
+        for _, call in held:
+            assert Frame.decode(next(call)).kind == Kind.WELCOME
+        busy = auto_split()  # the cloud measures itself again: it now serves 4 sessions
+    finally:
+        release.set()
+        for channel, call in held:
+            list(call)
+            channel.close()
+    assert [factor for side, factor in calls if side == "cloud"] == [1.0, 4.0]
+    assert busy == 29  # every layer it may keep runs on the edge
+
+
 def test_tls_session_is_exact_and_plaintext_clients_are_refused(ferry_smollm, prompt_ids, reference, tmp_path):
     import shutil
     import subprocess

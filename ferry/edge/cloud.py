@@ -150,14 +150,20 @@ class CloudServer:
         self._active = 0  # streams being served (admitted against max_sessions)
         self._server: grpc.Server | None = None
         self.port: int | None = None
-        self._profile = None  # measured on the first PING
+        self._profile = None  # measured on a PING (see compute_profile)
+        self._profile_sessions = -1  # sessions served when it was measured
+        self._profile_lock = threading.Lock()
 
     def compute_profile(self):
-        with self._lock:
-            if self._profile is None:
-                from ferry.edge.split_planner import measure_compute
+        """This cloud's per-layer times for a PONG, measured under the load it carries: re-measured whenever the
+        number of sessions it serves has changed since, since a cloud busy with other edges is slower for a new one."""
+        from ferry.edge.split_planner import measure_compute
 
-                self._profile = measure_compute(self.loaded)
+        with self._lock:
+            active = self._active
+        with self._profile_lock:
+            if self._profile is None or self._profile_sessions != active:
+                self._profile, self._profile_sessions = measure_compute(self.loaded), active
             return self._profile
 
     # --- gRPC plumbing ---------------------------------------------------------------------------------
@@ -262,7 +268,8 @@ class CloudServer:
     def _pong(self, frame: Frame) -> Frame:
         profile = self.compute_profile()
         return Frame(Kind.PONG, meta={"received": len(frame.body), "layer_s": profile.layer_s,
-                                      "head_s": profile.head_s, "min_split": self.min_split,
+                                      "head_s": profile.head_s, "prefill_layer_s": profile.prefill_layer_s,
+                                      "min_split": self.min_split,
                                       "num_layers": self.loaded.config.num_layers})
 
 

@@ -145,6 +145,7 @@ class EdgeClient:
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.min_edge_layers = min_edge_layers
         self.split_table: list[dict] = []  # the --split auto predictions, best first
+        self._plan_request: tuple[list[int], int] = ([], 1)  # the prompt and max_tokens --split auto plans for
         self.cache: KVCache | None = None
         if split is not None:
             self._use_split(split)
@@ -163,7 +164,8 @@ class EdgeClient:
 
     def _choose_split(self) -> None:
         """Probe the link and both sides' compute, predict time per token for every K, take the best."""
-        from ferry.edge.split_planner import ComputeProfile, LinkProfile, measure_compute, predict
+        from ferry.edge.split_planner import (ComputeProfile, LinkProfile, Workload, measure_compute,
+                                              measure_wire_bytes, predict)
 
         assert self.link is not None
         def ping(size: int) -> tuple[float, dict]:
@@ -186,9 +188,13 @@ class EdgeClient:
             self.codec.decode(encoded, 1, sample.shape[1])
         codec_s = (time.perf_counter() - began) / 20
         edge = measure_compute(self.loaded)
-        cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]))
-        self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth),
-                                   len(encoded) + 40, codec_s, self.min_edge_layers, int(meta.get("min_split", 1)))
+        prefill = meta.get("prefill_layer_s")
+        cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]), None if prefill is None else float(prefill))
+        prompt_ids, max_tokens = self._plan_request
+        wire = measure_wire_bytes(self.loaded, self.codec, prompt_ids)  # per K: compressing codecs differ with depth
+        self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth), wire,
+                                   codec_s, self.min_edge_layers, int(meta.get("min_split", 1)),
+                                   Workload(len(prompt_ids), max_tokens))
         if not self.split_table:
             raise LinkError("no split point satisfies --min-edge-layers and the cloud's range")
         best = self.split_table[0]
@@ -307,6 +313,7 @@ class EdgeClient:
         stats, seq = LinkStats(), Sequence(list(prompt_ids))
         eos = stop_token_ids(params, self.loaded.tokenizer)
         started = time.perf_counter()
+        self._plan_request = (list(prompt_ids), params.max_tokens)
         if self.link is None:
             try:
                 self.connect()
