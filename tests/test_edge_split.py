@@ -409,6 +409,20 @@ def test_an_always_wrong_draft_is_switched_off_and_split_stays_exact(ferry_smoll
     assert stats.draft_rounds + stats.undrafted_steps + 1 == stats.round_trips  # + 1: the prefill step
 
 
+def test_session_caches_grow_only_when_full_to_twice_the_need_keeping_their_contents():
+    import torch
+
+    from ferry.engine.kv_cache import KVCache
+
+    cache = KVCache(1, 1, 2, torch.float32, torch.device("cpu"))
+    assert cache.grow_for(10) and cache.max_len == 256  # the floor
+    cache.layers[0][0][0, :10] = 1.0
+    assert not any(cache.grow_for(n) for n in range(11, 257))  # room enough: never reallocated
+    assert cache.grow_for(257) and cache.max_len == 514
+    assert cache.layers[0][0][0, :10].eq(1.0).all() and cache.layers[0][0][0, 10:].eq(0.0).all()
+    assert cache.grow_for(600, limit=700) and cache.max_len == 700  # capped by the session limit
+
+
 @pytest.mark.slow
 def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_hold(ferry_smollm, cloud_factory,
                                                                                   int8_draft, monkeypatch):

@@ -206,7 +206,8 @@ class CloudServer:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared token")
         with self._lock:
             admitted = self._active < self.limits.max_sessions
-            self._active += admitted
+            if admitted:
+                self._active += 1
         if not admitted:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the cloud is at its limit of {self.limits.max_sessions} concurrent sessions; try later")
