@@ -85,6 +85,7 @@ def main() -> None:
     if parts - {"codecs", "draft", "auto", "sessions"}:
         ap.error(f"unknown parts: {sorted(parts - {'codecs', 'draft', 'auto', 'sessions'})}")
 
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine: these timings share its cores
     cloud_port, link_port = free_port(), free_port()
     cloud = spawn("cloud", "--split", "1", "--listen", f"127.0.0.1:{cloud_port}", "--device", "cpu",
                   "--max-sessions", str(args.sessions + 8))
@@ -214,6 +215,7 @@ def main() -> None:
 
     meta = provenance(torch.device("cpu")) | {"rtt": args.rtt, "rate": args.rate, "tokens": args.tokens,
                                                "parts": args.parts, "sweep": args.sweep, "auto_runs": args.auto_runs,
+                                               "load_average_1min_at_start": load_at_start,
                                                "note": "edge, cloud and link emulator share the 2-core machine"}
     cols = ["test", "codec", "mode", "split", "tokens_per_s", "bytes_sent_per_token (incl. prefill)", "exact_prompts",
             "acceptance_rate", "draft_rounds", "undrafted_steps", "link_time_share", "speedup_vs_plain_int8",

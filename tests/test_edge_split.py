@@ -361,6 +361,16 @@ def test_gamma_grows_with_the_round_trip_and_drafting_stops_where_the_link_is_to
     assert choices[-1] == 12  # at 2 s every extra draft is nearly free
 
 
+def test_the_first_round_is_short_and_a_draft_slower_than_a_round_trip_is_paused_after_it():
+    from ferry.edge.speculative import GammaController
+
+    controller = GammaController(gamma_max=12)
+    assert controller.choose() == 2  # nothing measured yet: a short round finds out what rounds cost
+    # both drafts accepted, but each draft step took 100 ms against a 20 ms round: plain steps are faster
+    controller.update(gamma=2, accepted=2, overhead_s=0.02, draft_s=0.2)
+    assert controller.choose() == 0 and controller.paused
+
+
 def test_drafting_pauses_when_its_expected_gain_is_below_one_and_probes_again_later():
     from ferry.edge.speculative import GammaController
 

@@ -69,13 +69,18 @@ class GammaController:
     rarely accepted, or draft steps that cost more than the round trips they save), drafting pauses for `pause`
     plain steps; then one round probes again, since acceptance and costs change with the text and the link. A probe
     that still loses doubles the pause (up to `max_pause`); one that wins resumes drafting.
+
+    Costs are not guessed: the first round drafts `first_gamma` tokens to measure them, and its measurements
+    replace the unknowns outright (later rounds are smoothed in), so a draft much slower than expected loses at
+    most one short round before the controller knows.
     """
 
     def __init__(self, gamma_max: int = 8, acceptance: float = 0.8, smoothing: float = 0.3, pause: int = 8,
-                 max_pause: int = 64) -> None:
+                 max_pause: int = 64, first_gamma: int = 2) -> None:
         self.gamma_max, self.acceptance, self.smoothing = gamma_max, acceptance, smoothing
-        self.round_overhead_s = 0.05  # edge layers + RTT + verify, refined from measurements
-        self.draft_step_s = 0.01
+        self.first_gamma = min(first_gamma, gamma_max)
+        self.round_overhead_s: float | None = None  # edge layers + RTT + verify of one round, measured
+        self.draft_step_s: float | None = None  # one draft token, measured
         self.plain_step_s: float | None = None  # measured while paused; until then the round overhead stands in
         self.pause, self.max_pause = pause, max_pause
         self._next_pause = pause
@@ -86,7 +91,8 @@ class GammaController:
         return (1 - a ** (gamma + 1)) / (1 - a)
 
     def gain(self, gamma: int) -> float:
-        """Expected tokens per second of rounds with `gamma` drafts, relative to plain steps."""
+        """Expected tokens per second of rounds with `gamma` drafts, relative to plain steps (after a round)."""
+        assert self.round_overhead_s is not None and self.draft_step_s is not None, "no round measured yet"
         plain = self.plain_step_s if self.plain_step_s is not None else self.round_overhead_s
         return self.expected_tokens(gamma) * plain / (self.round_overhead_s + gamma * self.draft_step_s)
 
@@ -99,6 +105,8 @@ class GammaController:
 
     def choose(self) -> int:
         """gamma for the next round; 0 while drafting is paused (take a plain step and report it)."""
+        if self.round_overhead_s is None:
+            return self.first_gamma  # a short round that measures what rounds cost here
         return 0 if self.paused else self.best_gamma()
 
     def update(self, gamma: int, accepted: int, overhead_s: float, draft_s: float) -> None:
@@ -107,8 +115,10 @@ class GammaController:
         # Per-token acceptance estimated from the accepted prefix length of this round.
         observed = accepted / gamma if accepted < gamma else 1.0
         self.acceptance = (1 - s) * self.acceptance + s * observed
-        self.round_overhead_s = (1 - s) * self.round_overhead_s + s * overhead_s
-        self.draft_step_s = (1 - s) * self.draft_step_s + s * (draft_s / gamma)
+        self.round_overhead_s = overhead_s if self.round_overhead_s is None else \
+            (1 - s) * self.round_overhead_s + s * overhead_s
+        self.draft_step_s = draft_s / gamma if self.draft_step_s is None else \
+            (1 - s) * self.draft_step_s + s * (draft_s / gamma)
         best = self.best_gamma()
         if self.gain(best) < 1:
             log.info("drafting paused for %d steps: expected gain %.2f (acceptance %.2f)", self._next_pause,
