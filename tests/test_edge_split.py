@@ -343,6 +343,7 @@ def _settled(overhead_s: float, accepted: int, gamma: int = 4, draft_s: float = 
     from ferry.edge.speculative import GammaController
 
     controller = GammaController(gamma_max=12)
+    controller.plain_step(overhead_s)  # a plain step costs what a round costs before its drafts
     for _ in range(rounds):
         controller.update(gamma=gamma, accepted=accepted, overhead_s=overhead_s, draft_s=draft_s)
     return controller
@@ -361,20 +362,35 @@ def test_gamma_grows_with_the_round_trip_and_drafting_stops_where_the_link_is_to
     assert choices[-1] == 12  # at 2 s every extra draft is nearly free
 
 
-def test_the_first_round_is_short_and_a_draft_slower_than_a_round_trip_is_paused_after_it():
+def test_the_first_step_is_plain_the_first_round_short_and_a_slow_draft_is_paused_after_it():
     from ferry.edge.speculative import GammaController
 
     controller = GammaController(gamma_max=12)
-    assert controller.choose() == 2  # nothing measured yet: a short round finds out what rounds cost
-    # both drafts accepted, but each draft step took 100 ms against a 20 ms round: plain steps are faster
+    assert controller.choose() == 0
+    controller.plain_step(0.02)
+    assert controller.choose() == 2  # no round measured yet: a short one finds out what rounds cost
+    # both drafts accepted, but each draft step took 100 ms against a 20 ms plain step: plain steps are faster
     controller.update(gamma=2, accepted=2, overhead_s=0.02, draft_s=0.2)
     assert controller.choose() == 0 and controller.paused
+
+
+def test_verify_positions_that_cost_as_much_as_a_plain_step_make_drafting_not_pay():
+    from ferry.edge.speculative import GammaController
+
+    controller = GammaController(gamma_max=12)
+    controller.plain_step(0.1)
+    # every draft accepted and drafting is nearly free, but the round took 0.1 s more per drafted position
+    controller.update(gamma=2, accepted=2, overhead_s=0.3, draft_s=0.002)
+    assert controller.per_draft_s == pytest.approx(0.1)
+    assert controller.choose() == 0  # a round of g drafts costs (1 + g) plain steps for at most 1 + g tokens
 
 
 def test_drafting_pauses_when_its_expected_gain_is_below_one_and_probes_again_later():
     from ferry.edge.speculative import GammaController
 
     controller = GammaController(gamma_max=8, pause=4, max_pause=16)
+    assert controller.choose() == 0  # the first decode step is plain: it measures what drafting has to beat
+    controller.plain_step(0.02)
     rounds = 0
     while controller.choose() > 0:  # a draft that is never accepted, at a round overhead of 20 ms
         controller.update(gamma=controller.choose(), accepted=0, overhead_s=0.02, draft_s=0.01)

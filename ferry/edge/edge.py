@@ -277,7 +277,7 @@ class EdgeClient:
         assert self.drafter is not None and self.gamma is not None
         history = seq.prompt_ids + seq.output_ids
         pending = history[start:]
-        if (gamma := self.gamma.choose()) == 0:  # drafting paused: a plain step, timed for the controller
+        if (gamma := self.gamma.choose()) == 0:  # paused, or measuring plain steps: timed for the controller
             began = time.perf_counter()
             token = self._step(request, self._local_hidden(pending, start), start, stats, [])
             self.gamma.plain_step(time.perf_counter() - began)
