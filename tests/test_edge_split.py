@@ -453,7 +453,7 @@ def test_session_caches_grow_only_when_full_to_twice_the_need_keeping_their_cont
 def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_hold(ferry_smollm, cloud_factory,
                                                                                   int8_draft, monkeypatch):
     """Every session cache starts at 256 positions; a longer answer grows it mid-sequence (ensure keep=True)."""
-    from ferry.edge.speculative import Drafter
+    from ferry.edge.speculative import Drafter, GammaController
     from ferry.engine.kv_cache import KVCache
 
     grown: list[tuple[int, int, int]] = []  # (cache layers, positions before, after)
@@ -467,6 +467,8 @@ def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_h
         return False
 
     monkeypatch.setattr(KVCache, "ensure", spy)
+    # every step a 4-token round, so the draft's cache crosses 256 positions too (the controller could pause it)
+    monkeypatch.setattr(GammaController, "choose", lambda self: 4)
     # 128 prompt tokens: the first request is for 256 positions, so a 140-token answer has to grow every cache
     prompt = ferry_smollm.tokenizer.encode("A long story about a lighthouse keeper and a storm at sea. " * 20)[:128]
     params = SamplingParams(max_tokens=140, ignore_eos=True)
