@@ -157,6 +157,24 @@ def test_edge_gives_up_fast_naming_the_refusal_when_the_cloud_process_is_killed(
     assert exited_s < 3.0, f"exited {exited_s:.1f} s after the cloud was killed (--timeout 30)"
 
 
+def test_edge_reads_the_token_from_token_file_and_refuses_an_empty_or_missing_one(cloud_process, tmp_path):
+    _, port = cloud_process
+    good, empty = tmp_path / "token", tmp_path / "empty"
+    good.write_text("  cli-secret\n")  # surrounding whitespace (an editor's newline) is not part of the token
+    empty.write_text("\n")
+    args = ["edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--max-tokens", "2", "--device", "cpu"]
+    out = _ferry(*args, "--token-file", str(good), "--json", token=None)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["completions"][0]["token_ids"]) == 2
+    out = _ferry(*args, "--token-file", str(good), token="wrong")  # the file wins over $FERRY_TOKEN
+    assert out.returncode == 0, out.stderr
+    for path, message in ((empty, "no shared token"), (tmp_path / "absent", "cannot read token file")):
+        out = _ferry(*args, "--token-file", str(path), token=None)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("ferry: error:")]
+        assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_cloud_stops_cleanly_on_sigterm():
     proc, _ = _start_cloud(3, "x")
     proc.terminate()

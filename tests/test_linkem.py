@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -84,3 +85,47 @@ def test_reset_all_drops_open_connections(echo_server):
     finally:
         emulator.stop()
 
+
+
+def test_jitter_moves_each_one_way_delay_by_the_seeded_draw(echo_server):
+    rtt, jitter, seed, pings = 0.04, 0.015, 11, 16
+    emulator = LinkEmulator(("127.0.0.1", 0), ("127.0.0.1", echo_server),
+                            LinkProfile(rtt_s=rtt, jitter_s=jitter, seed=seed))
+    port = emulator.start_in_thread()
+    try:
+        measured = [_through(port, b"ping")[1] for _ in range(pings)]
+    finally:
+        emulator.stop()
+    # The emulator draws one uniform(-jitter, jitter) per chunk from its seeded generator, in order: a ping's
+    # request, then its echo. Each way is rtt/2 + its draw (never below zero).
+    draws = random.Random(seed)
+    expected = [sum(max(0.0, rtt / 2 + draws.uniform(-jitter, jitter)) for _ in range(2)) for _ in range(pings)]
+    assert max(expected) - min(expected) > jitter  # the draws spread the round trips, so the check below can fail
+    for want, got in zip(expected, measured):
+        assert want - 0.002 <= got <= want + 0.05, (want, got)  # upper slack: a loaded test machine
+
+
+def test_reset_probability_drops_exactly_the_connections_its_seeded_draws_pick(echo_server):
+    probability, seed, connections = 0.3, 5, 12
+    emulator = LinkEmulator(("127.0.0.1", 0), ("127.0.0.1", echo_server),
+                            LinkProfile(reset_prob=probability, seed=seed))
+    port = emulator.start_in_thread()
+    survived = []
+    try:
+        for _ in range(connections):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"ping")
+                try:
+                    survived.append(s.recv(10) == b"ping")
+                except OSError:  # reset by peer
+                    survived.append(False)
+    finally:
+        emulator.stop()
+    # One draw per chunk, in order: the request (a reset there sends nothing on), then the echo.
+    draws = random.Random(seed)
+    expected = []
+    for _ in range(connections):
+        expected.append(draws.random() >= probability and draws.random() >= probability)
+    assert 0 < sum(expected) < connections  # this seed both keeps and drops some connections
+    assert survived == expected
+    assert emulator.resets == expected.count(False)

@@ -8,6 +8,7 @@ size (enforced by gRPC before Ferry sees the bytes), concurrent sessions, tokens
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from concurrent import futures
@@ -35,6 +36,33 @@ class CloudLimits:
     idle_timeout_s: float = 120.0
 
 
+# REQUEST's sampling fields and the JSON types each may have (bool is an int to Python, so it is refused by name).
+_SAMPLING_FIELDS = {"temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,)}
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _sampling_params(raw: object) -> SamplingParams:
+    """REQUEST's `sampling` object -> SamplingParams; anything else is a ProtocolError naming the field."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"bad sampling parameters: expected a JSON object, got {type(raw).__name__}")
+    values = {}
+    for name, types in _SAMPLING_FIELDS.items():
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = "an integer" if types == (int,) else "a number"
+            raise ProtocolError(f"bad sampling parameters: {name} must be {kind}, got {value!r}")
+        values[name] = value
+    seed = values.get("seed")
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise ProtocolError(f"bad sampling parameters: seed {seed} is outside {_SEED_RANGE[0]}..{_SEED_RANGE[1]}")
+    try:
+        return SamplingParams(**values)
+    except FerryError as exc:
+        raise ProtocolError(f"bad sampling parameters: {exc}") from None
+
+
 class _Session:
     """One edge's state: negotiated codec, KV cache for the cloud's layers, the current request's sampler."""
 
@@ -48,12 +76,12 @@ class _Session:
         self.next_position = 0
 
     def start_request(self, frame: Frame) -> None:
-        try:
-            params = SamplingParams(**{k: v for k, v in frame.meta.get("sampling", {}).items()
-                                       if k in ("temperature", "top_k", "top_p", "seed")})
-        except (TypeError, FerryError) as exc:
+        params = _sampling_params(frame.meta.get("sampling", {}))
+        try:  # inside the handled block: a seed the generator cannot take is the edge's error, not ours
+            sampler = Sampler(params, self.server.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
-        self.request, self.sampler, self.next_position = frame.request, Sampler(params, self.server.device), 0
+        self.request, self.sampler, self.next_position = frame.request, sampler, 0
 
     def _run(self, frame: Frame, start: int, tokens: int, payload: bytes) -> torch.Tensor:
         """Decode, check and run this frame's hidden states through the cloud's layers; [1, tokens, hidden]."""
@@ -68,7 +96,7 @@ class _Session:
         config = self.server.loaded.config
         x = self.codec.decode(payload, tokens, config.hidden_size)
         x = x.to(self.server.device, self.server.dtype).unsqueeze(0)
-        self.cache.ensure(1, min(limit, max(256, 2 * (start + tokens))), keep=True)
+        self.cache.grow_for(start + tokens, limit=limit)
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
         self.next_position = start + tokens
@@ -119,16 +147,23 @@ class CloudServer:
         self.fingerprint = model_fingerprint(loaded.config)
         self._lock = threading.Lock()
         self._next_session = 1
+        self._active = 0  # streams being served (admitted against max_sessions)
         self._server: grpc.Server | None = None
         self.port: int | None = None
-        self._profile = None  # measured on the first PING
+        self._profile = None  # measured on a PING (see compute_profile)
+        self._profile_sessions = -1  # sessions served when it was measured
+        self._profile_lock = threading.Lock()
 
     def compute_profile(self):
-        with self._lock:
-            if self._profile is None:
-                from ferry.edge.split_planner import measure_compute
+        """This cloud's per-layer times for a PONG, measured under the load it carries: re-measured whenever the
+        number of sessions it serves has changed since, since a cloud busy with other edges is slower for a new one."""
+        from ferry.edge.split_planner import measure_compute
 
-                self._profile = measure_compute(self.loaded)
+        with self._lock:
+            active = self._active
+        with self._profile_lock:
+            if self._profile is None or self._profile_sessions != active:
+                self._profile, self._profile_sessions = measure_compute(self.loaded), active
             return self._profile
 
     # --- gRPC plumbing ---------------------------------------------------------------------------------
@@ -143,7 +178,8 @@ class CloudServer:
             futures.ThreadPoolExecutor(max_workers=self.limits.max_sessions + 4, thread_name_prefix="ferry-cloud"),
             handlers=[handler],
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-            maximum_concurrent_rpcs=self.limits.max_sessions,
+            # gRPC's own cap is the worker count; below it, _session refuses past max_sessions with a message.
+            maximum_concurrent_rpcs=self.limits.max_sessions + 4,
         )
         if tls is not None:
             port = self._server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
@@ -168,12 +204,20 @@ class CloudServer:
         auth = dict(context.invocation_metadata()).get("authorization", "")
         if not token_matches(auth.removeprefix("Bearer "), self.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong shared token")
-        watchdog = _IdleWatchdog(context, self.limits.idle_timeout_s)
+        with self._lock:
+            admitted = self._active < self.limits.max_sessions
+            if admitted:
+                self._active += 1
+        if not admitted:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the cloud is at its limit of {self.limits.max_sessions} concurrent sessions; try later")
+        inbox = _Inbox(request_iterator)
         session: _Session | None = None
         try:
-            for raw in request_iterator:
-                watchdog.touch()
+            while True:
                 try:
+                    if (raw := inbox.next(self.limits.idle_timeout_s)) is None:
+                        return  # the edge closed its side
                     frame = Frame.decode(raw)
                     if session is None and frame.kind == Kind.PING:
                         yield self._pong(frame).encode()
@@ -196,7 +240,9 @@ class CloudServer:
                     yield Frame.error(str(exc), session.id if session else 0).encode()
                     return
         finally:
-            watchdog.stop()
+            inbox.close()
+            with self._lock:
+                self._active -= 1
 
     def _hello(self, frame: Frame) -> tuple[_Session, Frame]:
         if frame.kind != Kind.HELLO:
@@ -223,29 +269,48 @@ class CloudServer:
     def _pong(self, frame: Frame) -> Frame:
         profile = self.compute_profile()
         return Frame(Kind.PONG, meta={"received": len(frame.body), "layer_s": profile.layer_s,
-                                      "head_s": profile.head_s, "min_split": self.min_split,
+                                      "head_s": profile.head_s, "prefill_layer_s": profile.prefill_layer_s,
+                                      "min_split": self.min_split,
                                       "num_layers": self.loaded.config.num_layers})
 
 
-class _IdleWatchdog:
-    """Cancels a stream that sends nothing for `timeout` seconds, so an idle edge cannot hold a worker forever."""
+_END = object()
 
-    def __init__(self, context: grpc.ServicerContext, timeout: float) -> None:
-        self.context, self.timeout = context, timeout
-        self.last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def touch(self) -> None:
-        self.last = time.monotonic()
+class _Inbox:
+    """Reads a stream's frames on a thread of its own, so the handler can wait for the next one with a deadline:
+    an edge that sends nothing for the idle limit gets an ERROR frame saying so, and its worker is freed."""
 
-    def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout)):
-            if time.monotonic() - self.last > self.timeout:
-                log.warning("cancelling a session idle for %.0f s", self.timeout)
-                self.context.cancel()
-                return
+    def __init__(self, requests) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # small: the reader waits for the handler (flow control)
+        self._closed = threading.Event()
+        threading.Thread(target=self._read, args=(requests,), daemon=True, name="ferry-cloud-inbox").start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _read(self, requests) -> None:
+        try:
+            for raw in requests:
+                if not self._put(raw):
+                    return
+        except grpc.RpcError:
+            pass  # the edge cancelled or the call ended under us: the handler sees the end below
+        self._put(_END)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():  # the handler may have returned: never block on a queue nobody reads
+            try:
+                self._queue.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self, timeout_s: float) -> bytes | None:
+        """The next frame's bytes, or None once the stream ended; ProtocolError after `timeout_s` of silence."""
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ProtocolError(f"session idle for {timeout_s:g} s (the cloud's --idle-timeout); closed") from None
+        return None if item is _END else item
+
+    def close(self) -> None:
+        self._closed.set()

@@ -71,6 +71,8 @@ class LinkStats:
     accepted: int = 0  # ... and the cloud agreed with
     rss_mib: float | None = None  # the edge process's resident memory when the request finished
     peak_rss_mib: float | None = None  # ... and the most it has held so far
+    draft_rounds: int = 0  # speculative rounds (one VERIFY each)
+    undrafted_steps: int = 0  # plain steps while drafting was paused (its expected gain was below 1)
 
     @property
     def link_s(self) -> float:
@@ -195,6 +197,7 @@ class EdgeClient:
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.min_edge_layers = min_edge_layers
         self.split_table: list[dict] = []  # the --split auto predictions, best first
+        self._plan_request: tuple[list[int], int] = ([], 1)  # the prompt and max_tokens --split auto plans for
         self.cache: KVCache | None = None
         if split is not None:
             self._use_split(split)
@@ -219,7 +222,8 @@ class EdgeClient:
 
     def _choose_split(self) -> None:
         """Probe the link and both sides' compute, predict time per token for every K, take the best."""
-        from ferry.edge.split_planner import ComputeProfile, LinkProfile, measure_compute, predict
+        from ferry.edge.split_planner import (ComputeProfile, LinkProfile, Workload, measure_compute,
+                                              measure_wire_bytes, predict)
 
         assert self.link is not None
         def ping(size: int) -> tuple[float, dict]:
@@ -243,9 +247,14 @@ class EdgeClient:
         codec_s = (time.perf_counter() - began) / 20
         load_layers(self.loaded, self.min_edge_layers)  # a partial model: time the layers it will run anyway
         edge = measure_compute(self.loaded, first_layers=self.loaded.layers_read)
-        cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]))
-        self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth),
-                                   len(encoded) + 40, codec_s, self.min_edge_layers, int(meta.get("min_split", 1)))
+        prefill = meta.get("prefill_layer_s")
+        cloud = ComputeProfile(float(meta["layer_s"]), float(meta["head_s"]), None if prefill is None else float(prefill))
+        prompt_ids, max_tokens = self._plan_request
+        # Per K (compressing codecs differ with depth), over the layers read so far; deeper K take the last size.
+        wire = measure_wire_bytes(self.loaded, self.codec, prompt_ids, layers=self.loaded.layers_read)
+        self.split_table = predict(self.loaded.config.num_layers, edge, cloud, LinkProfile(rtt, bandwidth), wire,
+                                   codec_s, self.min_edge_layers, int(meta.get("min_split", 1)),
+                                   Workload(len(prompt_ids), max_tokens))
         if not self.split_table:
             raise LinkError("no split point satisfies --min-edge-layers and the cloud's range")
         best = self.split_table[0]
@@ -296,7 +305,7 @@ class EdgeClient:
     def _local_hidden(self, ids: list[int], start: int) -> torch.Tensor:
         """Layers 0..K-1 over tokens at positions [start, start + len(ids)); returns [tokens, hidden]."""
         assert self.cache is not None
-        self.cache.ensure(1, max(256, 2 * (start + len(ids))), keep=True)
+        self.cache.grow_for(start + len(ids))
         model = self.loaded.model
         x = model.embed_tokens(torch.tensor([ids], device=self.device))
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
@@ -334,12 +343,19 @@ class EdgeClient:
         """Draft gamma tokens, send pending + drafts in one VERIFY, return the accepted drafts + the cloud's token."""
         assert self.drafter is not None and self.gamma is not None
         history = seq.prompt_ids + seq.output_ids
-        gamma = max(1, min(self.gamma.choose(), remaining - 1, self.tokens_per_frame - 1))
-        draft, draft_s = timed(self.drafter.draft, history, gamma)
         pending = history[start:]
+        if (gamma := self.gamma.choose()) == 0:  # paused, or measuring plain steps: timed for the controller
+            began = time.perf_counter()
+            token = self._step(request, self._local_hidden(pending, start), start, stats, [])
+            self.gamma.plain_step(time.perf_counter() - began)
+            stats.undrafted_steps += 1
+            return [token]
+        gamma = max(1, min(gamma, remaining - 1, self.tokens_per_frame - 1))
+        self.drafter.catch_up(history)
+        draft, draft_s = timed(self.drafter.draft, history, gamma)
+        began = time.perf_counter()  # the round's overhead: edge layers, link and verify, as a plain step's
         hidden = self._local_hidden(pending + draft, start)
         frame = Frame.verify(self.session, request, start, len(pending) + gamma, draft, self.codec.encode(hidden))
-        began = time.perf_counter()
         reply = self._exchange([frame.encode()], stats)
         if reply.kind != Kind.VERDICT or reply.request != request:
             raise ProtocolError(f"expected VERDICT for request {request}, got {reply.kind.name}")
@@ -348,6 +364,7 @@ class EdgeClient:
             raise ProtocolError(f"cloud accepted {accepted} of {gamma} drafts")
         stats.cloud_compute_s += cloud_ms / 1000
         stats.drafted += gamma
+        stats.draft_rounds += 1
         stats.accepted += accepted
         self.drafter.rollback(len(history) + min(accepted, gamma - 1))
         self.gamma.update(gamma, accepted, time.perf_counter() - began, draft_s)
@@ -392,6 +409,7 @@ class EdgeClient:
         stats, seq = LinkStats(), Sequence(list(prompt_ids))
         eos = stop_token_ids(params, self.loaded.tokenizer)
         started = time.perf_counter()
+        self._plan_request = (list(prompt_ids), params.max_tokens)
         if self.link is None:
             try:
                 self.connect()

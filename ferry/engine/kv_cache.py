@@ -43,3 +43,13 @@ class KVCache:
             k_new[:old_b, :old_len].copy_(k_old)
             v_new[:old_b, :old_len].copy_(v_old)
         return True
+
+    def grow_for(self, positions: int, floor: int = 256, limit: int | None = None) -> bool:
+        """Room for one sequence of `positions` tokens, keeping what is held (a session growing mid-sequence).
+
+        Grows only when full, to twice what is needed (at least `floor`, at most `limit`), so a session that
+        decodes n tokens reallocates and copies about log2(n) times rather than at every step."""
+        if positions <= self.max_len and self.max_batch >= 1:
+            return False
+        length = max(floor, 2 * positions)
+        return self.ensure(1, max(positions, min(length, limit)) if limit else length, keep=True)
