@@ -55,6 +55,7 @@ def _sums_through_the_engine(group, mode: str) -> dict:
     return {"sums": out, "calls": grouped.allreduce.calls, "plan": grouped.allreduce.describe()}
 
 
+@pytest.mark.slow
 def test_gloo_sums_through_the_engine_are_exact():
     result = spawn(3, "cpu", _sums_through_the_engine, ("auto",))
     for numel, total in result["sums"].items():
@@ -63,6 +64,7 @@ def test_gloo_sums_through_the_engine_are_exact():
     assert "symm_one_shot: not available (symmetric memory needs CUDA devices)" in result["plan"]
 
 
+@pytest.mark.slow
 def test_forcing_a_path_that_cannot_run_here_is_refused_by_name():
     with pytest.raises(FerryError, match="'symm_two_shot' cannot run here: symmetric memory needs CUDA devices"):
         spawn(2, "cpu", _sums_through_the_engine, ("symm_two_shot",))
@@ -90,11 +92,13 @@ def _cached_plan(group, cache: str) -> list:
     return everyone
 
 
+@pytest.mark.slow
 def test_rank_zeros_cached_plan_reaches_every_rank_and_a_stale_one_is_ignored(tmp_path):
     for found, stale in spawn(2, "cpu", _cached_plan, (str(tmp_path),)):
         assert found == [SizeChoice(4096, ProcessGroupPath.name, {"process_group": 1.5})] and stale is None
 
 
+@pytest.mark.slow
 def test_bench_allreduce_on_cpu_writes_its_table_and_says_what_it_could_not_measure(tmp_path):
     import json
     import subprocess
@@ -125,6 +129,7 @@ def _interpreted(*args: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,numel,blocks", [(2, 700, 1), (3, 3000, 2)])
 def test_own_one_shot_kernel_sums_every_rank_through_peer_pointers(world, numel, blocks):
     """Triton's CPU interpreter, one process per rank: the barrier protocol, the peer reads (grid-stride over
@@ -135,6 +140,7 @@ def test_own_one_shot_kernel_sums_every_rank_through_peer_pointers(world, numel,
     assert result["max_rel_error"] <= 2 ** -7 + 1e-6  # one bf16 rounding of the fp32 sum
 
 
+@pytest.mark.slow
 def test_own_one_shot_kernel_with_a_missing_peer_sets_the_error_word_instead_of_hanging():
     result = _interpreted(2, 600, 1, 1)
     assert result["exit_codes"] == [0] and result["errors"] == [1]
@@ -173,6 +179,7 @@ def _calibrate_with_a_slow_path(group, cache: str) -> dict:
             "sum": total.tolist()[:3], "files": sorted(p.name for p in allreduce_engine.cache_dir().glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_calibration_picks_the_faster_path_everywhere_caches_it_and_reuses_it(tmp_path):
     result = spawn(2, "cpu", _calibrate_with_a_slow_path, (str(tmp_path),))
     assert [r.path for r in result["first"]] == ["process_group", "process_group"]

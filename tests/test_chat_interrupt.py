@@ -67,6 +67,7 @@ def chat():
     session.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_then_the_chat_goes_on_and_ctrl_c_at_the_prompt_quits(chat):
     chat.wait_for("err", "Ctrl-C stops an answer")  # loaded
     chat.send(b"Write a very long story about a dragon who learns to bake bread.\n")
@@ -89,6 +90,7 @@ def test_ctrl_c_stops_the_answer_then_the_chat_goes_on_and_ctrl_c_at_the_prompt_
     assert "Traceback" not in chat.seen["err"] and "interrupted" not in chat.seen["err"]
 
 
+@pytest.mark.slow
 def test_end_of_input_quits_and_bytes_that_are_not_utf8_get_an_answer(chat):
     chat.wait_for("err", "Ctrl-C stops an answer")
     chat.send(b"Say hello to caf\xc3( please\n")  # a cut UTF-8 character in the line

@@ -17,6 +17,7 @@ def ferry(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_chat_answers_capital_of_france_with_paris():
     out = ferry("generate", "--chat", "What is the capital of France?", "--max-tokens", "16", "--device", "cpu")
     assert out.returncode == 0, out.stderr
@@ -24,6 +25,7 @@ def test_chat_answers_capital_of_france_with_paris():
     assert "tokens generated" in out.stderr and "tokens/s" in out.stderr
 
 
+@pytest.mark.slow
 def test_json_prints_exactly_one_object_with_every_field():
     out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu")
     assert out.returncode == 0, out.stderr
@@ -52,6 +54,7 @@ def test_json_prints_exactly_one_object_with_every_field():
         (["chat", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
     if "cuda" in args:
         pytest.importorskip("torch")
@@ -74,6 +77,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     assert "GPTNeoXForCausalLM" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_chat_repl_answers_and_keeps_history_until_exit():
     out = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "chat", "--device", "cpu", "--max-tokens", "24"],

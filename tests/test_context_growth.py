@@ -58,6 +58,7 @@ def _decode_with_growth(model, ids: list[int], keep: bool) -> torch.Tensor:
     return torch.cat(steps)
 
 
+@pytest.mark.slow
 def test_a_sequence_continues_exactly_after_its_cache_grows_past_256_tokens(ferry_smollm, long_ids):
     model = ferry_smollm.model
     cache = KVCache.for_model(model)

@@ -3,6 +3,8 @@ and says it stopped at the limit (finish_reason "length"): in the detokenizer, g
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -43,6 +45,7 @@ def ferry(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
+@pytest.mark.slow
 def test_generate_json_stream_and_chat_end_before_an_emoji_cut_by_max_tokens(ferry_smollm):
     out = ferry("generate", "--chat", EMOJI_PROMPT, "--max-tokens", "16", "--json", "--stream", "--device", "cpu")
     assert out.returncode == 0, out.stderr

@@ -48,6 +48,7 @@ def cloud_process():
     proc.wait(30)
 
 
+@pytest.mark.slow
 def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
     _, port = cloud_process
     local = _ferry("generate", "--chat", PROMPT, "--max-tokens", "16", "--json", "--device", "cpu")
@@ -63,6 +64,7 @@ def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
     assert 0 < link["rss_mib"] <= link["peak_rss_mib"]
 
 
+@pytest.mark.slow
 def test_edge_ignore_eos_generates_exactly_max_tokens(cloud_process):
     _, port = cloud_process
     out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "4", "--chat", PROMPT, "--max-tokens", "12",
@@ -81,6 +83,7 @@ def test_edge_ignore_eos_generates_exactly_max_tokens(cloud_process):
     ({"--split": "99"}, "--split must be between 1 and 29"),
     ({"--fallback": "remote"}, "unknown fallback"),
 ])
+@pytest.mark.slow
 def test_edge_mistakes_fail_in_one_line_before_any_weight_is_read(cloud_process, options, error):
     _, port = cloud_process
     chosen = {"--cloud": f"127.0.0.1:{port}", "--split": "4", **options}
@@ -89,6 +92,7 @@ def test_edge_mistakes_fail_in_one_line_before_any_weight_is_read(cloud_process,
     assert "read decoder layers" not in out.stderr and "read the whole model" not in out.stderr
 
 
+@pytest.mark.slow
 def test_edge_split_auto_verbose_prints_its_prediction_table(cloud_process):
     _, port = cloud_process
     out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "auto", "--min-edge-layers", "6", PROMPT,
@@ -98,6 +102,7 @@ def test_edge_split_auto_verbose_prints_its_prediction_table(cloud_process):
     assert 6 <= json.loads(out.stdout)["split"] <= 29
 
 
+@pytest.mark.slow
 def test_edge_without_the_token_is_refused_with_one_line(cloud_process):
     _, port = cloud_process
     out = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "hi", "--device", "cpu", token=None)
@@ -157,6 +162,7 @@ def test_edge_gives_up_fast_naming_the_refusal_when_the_cloud_process_is_killed(
     assert exited_s < 3.0, f"exited {exited_s:.1f} s after the cloud was killed (--timeout 30)"
 
 
+@pytest.mark.slow
 def test_edge_reads_the_token_from_token_file_and_refuses_an_empty_or_missing_one(cloud_process, tmp_path):
     _, port = cloud_process
     good, empty = tmp_path / "token", tmp_path / "empty"
@@ -175,6 +181,7 @@ def test_edge_reads_the_token_from_token_file_and_refuses_an_empty_or_missing_on
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cloud_stops_cleanly_on_sigterm():
     proc, _ = _start_cloud(3, "x")
     proc.terminate()

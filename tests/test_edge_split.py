@@ -56,6 +56,7 @@ def _edge(loaded, server_or_targets, split, **kw) -> EdgeClient:
     return EdgeClient(loaded, targets, split, kw.pop("token", TOKEN), timeout_s=kw.pop("timeout_s", 20), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [1, 15, 29])
 def test_fp32_split_gives_exactly_the_tokens_of_local_generation(ferry_smollm, cloud_factory, prompt_ids, reference, split):
     client = _edge(ferry_smollm, cloud_factory(split), split, codec="fp32")
@@ -166,6 +167,7 @@ def _hostile_cases(config, rng: random.Random) -> list[tuple[str, list[bytes], o
     return cases
 
 
+@pytest.mark.slow
 def test_every_hostile_frame_gets_an_error_frame_or_a_named_transport_status(ferry_smollm, cloud_factory, prompt_ids,
                                                                             reference):
     server = cloud_factory(8, max_frame_bytes=64 * 1024)
@@ -312,6 +314,7 @@ def int8_draft():
     return load_model(None, torch.device("cpu"), torch.bfloat16, show_progress=False, weights="int8")
 
 
+@pytest.mark.slow
 def test_speculative_rounds_give_exactly_the_tokens_of_plain_split(ferry_smollm, cloud_factory, prompt_ids, reference,
                                                                   int8_draft):
     from ferry.edge.speculative import Drafter
@@ -418,6 +421,7 @@ def test_drafting_pauses_when_its_expected_gain_is_below_one_and_probes_again_la
     assert controller.acceptance > 0.99
 
 
+@pytest.mark.slow
 def test_an_always_wrong_draft_is_switched_off_and_split_stays_exact(ferry_smollm, cloud_factory, prompt_ids, reference,
                                                                      int8_draft):
     from ferry.bench.poor_draft import WrongDrafter
@@ -486,6 +490,7 @@ def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_h
     assert stats.draft_rounds > 0
 
 
+@pytest.mark.slow
 def test_split_auto_measures_and_picks_a_feasible_k(ferry_smollm, cloud_factory, prompt_ids, reference):
     server = cloud_factory(3)
     client = _edge(ferry_smollm, server, None, min_edge_layers=6)

@@ -21,6 +21,7 @@ def prompts(ferry_smollm) -> list[list[int]]:
     return [tok.encode_chat("Write a haiku about the sea."), tok.encode("The three primary colours are")]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_text_and_other_seed_differs(engine, prompts):
     params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     first = [c.token_ids for c in engine.generate(prompts, params)]
@@ -42,6 +43,7 @@ def _teacher_forced_logits(ferry_smollm, prompt: list[int], generated: list[int]
     return logits[len(prompt) - 1 : -1]
 
 
+@pytest.mark.slow
 def test_sampled_tokens_lie_within_the_models_top_k(engine, prompts, ferry_smollm):
     # Temperature 3 flattens the distribution: without the cut, draws from outside the top 3 of a 49k vocabulary
     # would be all but certain over 2 x 16 tokens.
@@ -53,6 +55,7 @@ def test_sampled_tokens_lie_within_the_models_top_k(engine, prompts, ferry_smoll
         assert len(set(rank.tolist())) > 1  # not the greedy path in disguise: lower-ranked tokens were drawn
 
 
+@pytest.mark.slow
 def test_sampled_tokens_lie_within_the_models_top_p_nucleus(engine, prompts, ferry_smollm):
     params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.6, seed=8, ignore_eos=True)
     for prompt, c in zip(prompts, engine.generate(prompts, params)):
@@ -83,6 +86,7 @@ def test_max_tokens_ends_with_length(engine, prompts):
     assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in completions)
 
 
+@pytest.mark.slow
 def test_streamed_events_rebuild_the_generated_completions(engine, prompts):
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     texts, ids = ["", ""], [[], []]

@@ -96,6 +96,7 @@ def test_chat_template_jinja_wins_over_a_template_in_tokenizer_config(folder, tm
     assert transformers.AutoTokenizer.from_pretrained(copy).chat_template == TEMPLATE
 
 
+@pytest.mark.slow
 def test_cli_chats_with_a_save_pretrained_folder(folder):
     out = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", "--chat", "w10 w11", "--model", str(folder),
                           "--max-tokens", "3", "--ignore-eos", "--json", "--device", "cpu"],

@@ -91,6 +91,7 @@ def test_pool_is_thread_safe():
      SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
      SamplingParams(max_tokens=40, stop=("\n\n",))],
 )
+@pytest.mark.slow
 def test_async_readback_gives_exactly_the_synchronous_outputs(ferry_smollm, params):
     tok = ferry_smollm.tokenizer
     prompts = [tok.encode_chat("Name two planets."), tok.encode("Once upon a time"), tok.encode("1, 2, 3,")]
@@ -157,6 +158,7 @@ def test_packed_layout_fields_written_in_place_go_up_in_one_copy_per_step():
     assert not packed.fits(ids=13)
 
 
+@pytest.mark.slow
 def test_engine_prefill_uploads_its_inputs_once_per_step(ferry_smollm):
     import torch
 
@@ -177,6 +179,7 @@ def test_engine_prefill_uploads_its_inputs_once_per_step(ferry_smollm):
     assert tiny._prefill_inputs.uploads == 1 and tiny._prefill_inputs.fits(ids=5000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_streamed_weights_give_identical_output_and_prefetch_one_layer_ahead(ferry_smollm, fraction):
     import torch
@@ -209,6 +212,7 @@ def test_offload_fraction_outside_zero_one_is_refused():
         load_model(None, torch.device("cpu"), torch.float32, show_progress=False, offload_fraction=1.5)
 
 
+@pytest.mark.slow
 def test_bench_host_on_cpu_says_what_it_cannot_measure_and_runs_the_rest(tmp_path):
     import json
     import subprocess

@@ -77,6 +77,7 @@ def _check_completion(completion, tokenizer) -> None:
     assert completion.text == tokenizer.decode(completion.token_ids)
 
 
+@pytest.mark.slow
 def test_full_prompt_logits_match_transformers(ferry_smollm, hf_smollm, prompt_ids):
     tok = ferry_smollm.tokenizer
     chosen = [prompt_ids[1], prompt_ids[3], prompt_ids[4], prompt_ids[5]]
@@ -102,6 +103,7 @@ def test_full_prompt_logits_match_transformers(ferry_smollm, hf_smollm, prompt_i
     print(f"overall max |logit error| = {max(errors):.3e} (bound {LOGIT_ATOL:g})")
 
 
+@pytest.mark.slow
 def test_greedy_32_tokens_match_transformers_one_by_one(ferry_smollm, engine, prompt_ids, hf_greedy_tokens):
     mismatches = []
     for ids, expected in zip(prompt_ids, hf_greedy_tokens, strict=True):
@@ -112,6 +114,7 @@ def test_greedy_32_tokens_match_transformers_one_by_one(ferry_smollm, engine, pr
     assert not mismatches, "\n".join(f"prompt of {n} tokens:\n ferry {a}\n hf    {b}" for n, a, b in mismatches)
 
 
+@pytest.mark.slow
 def test_greedy_batched_ragged_matches_one_by_one(ferry_smollm, engine, prompt_ids, hf_greedy_tokens):
     completions = engine.generate(prompt_ids, _greedy_params())
     assert len(completions) == len(prompt_ids)

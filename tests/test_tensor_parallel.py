@@ -30,6 +30,7 @@ PROMPTS = ("The capital of France is", "def add(a, b):", "Once upon a time, in a
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 3, 4])  # 4 > SmolLM2's 3 KV heads: KV heads replicated
 def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode("Tensor parallel ranks each hold a slice of every layer.")]
@@ -47,6 +48,7 @@ def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp
     assert err < 1e-3  # same fp32 maths, different summation order across ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_tp_greedy_tokens_match_tp1(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS]
@@ -110,6 +112,7 @@ def _uneven_gqa_checkpoint(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_replicated_kv_heads_with_unequal_local_groups_match_tp1(tmp_path):
     from ferry.engine.kv_cache import KVCache
     from ferry.model.loader import load_model
@@ -186,6 +189,7 @@ class _TpRun:
             self.proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_killing_one_rank_ends_the_run_quickly_with_no_processes_left():
     run = _TpRun()
     try:
@@ -202,6 +206,7 @@ def test_killing_one_rank_ends_the_run_quickly_with_no_processes_left():
         run.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_whole_process_group_stops_tp_generate_with_status_130():
     run = _TpRun()
     try:
@@ -218,6 +223,7 @@ def test_ctrl_c_to_the_whole_process_group_stops_tp_generate_with_status_130():
         run.close()
 
 
+@pytest.mark.slow
 def test_int8_compressed_allreduce_stays_close_to_the_exact_path(ferry_smollm, smollm_path):
     """Off by default; when on, teacher-forced agreement and perplexity on the shipped text stay close."""
     from ferry.bench.edge_codecs import eval_text
@@ -250,6 +256,7 @@ def _agreement_verdicts(group, odd_rank: int) -> list[str | None]:
     return verdicts
 
 
+@pytest.mark.slow
 def test_ranks_that_produced_different_tokens_are_an_error_naming_them():
     agreed, disagreed = spawn(3, "cpu", _agreement_verdicts, (2,))
     assert agreed is None
@@ -273,6 +280,7 @@ def _compressed_sums(group) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_int8_compressed_allreduce_gives_every_rank_bit_identical_sums():
     """The SPMD engine needs every rank to continue from the same hidden state: the lossy sum must be the same bits
     on each rank (each sums the dequantized shards in rank order), not merely close."""
@@ -282,6 +290,7 @@ def test_int8_compressed_allreduce_gives_every_rank_bit_identical_sums():
         assert 0 < err < 0.05 * float(exact.float().abs().max()), (dtype, err)  # lossy, really compressed, close
 
 
+@pytest.mark.slow
 def test_the_same_command_runs_under_torchrun(ferry_smollm):
     import json
     import shutil
@@ -308,6 +317,7 @@ def llm_tp2(smollm_path):
         yield llm
 
 
+@pytest.mark.slow
 def test_python_api_tp2_serves_many_requests_like_tp1(ferry_smollm, llm_tp2):
     engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
     ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS[:3]]
@@ -319,6 +329,7 @@ def test_python_api_tp2_serves_many_requests_like_tp1(ferry_smollm, llm_tp2):
     assert info["tp"] == 2 and len(info["peak_host_mb_per_rank"]) == 2
 
 
+@pytest.mark.slow
 def test_python_api_tp2_refuses_a_bad_request_and_keeps_serving(llm_tp2):
     from ferry.errors import InvalidRequestError
 
@@ -327,6 +338,7 @@ def test_python_api_tp2_refuses_a_bad_request_and_keeps_serving(llm_tp2):
     assert llm_tp2.generate([PROMPTS[0]], GREEDY)[0].token_ids  # the ranks are still there, still in step
 
 
+@pytest.mark.slow
 def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
     # Ranks that drew different samples would feed different tokens and break apart (or hang at EOS).
     params = SamplingParams(max_tokens=24, temperature=1.0)
@@ -340,6 +352,7 @@ def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
     assert llm_tp2.generate([PROMPTS[0]], GREEDY)[0].text == "".join(e.text for e in events)
 
 
+@pytest.mark.slow
 def test_python_api_tp_rank_death_is_named_and_close_leaves_nothing(smollm_path):
     from ferry.api import LLM
 
@@ -355,6 +368,7 @@ def test_python_api_tp_rank_death_is_named_and_close_leaves_nothing(smollm_path)
         llm.generate([PROMPTS[0]], GREEDY)
 
 
+@pytest.mark.slow
 def test_chat_with_tp2_answers_and_exits_cleanly():
     out = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "chat", "--device", "cpu", "--max-tokens", "16", "--tp", "2"],
@@ -392,6 +406,7 @@ def _prefill_with_and_without_overlap(group, path: str, ids: list[list[int]]) ->
     return out
 
 
+@pytest.mark.slow
 def test_prefill_micro_batch_overlap_gives_the_same_logits_and_cache(ferry_smollm, smollm_path):
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, ferry_smollm.config.vocab_size, (5, 24), generator=gen).tolist()  # odd batch: 2 + 3 rows
@@ -406,6 +421,7 @@ def test_prefill_micro_batch_overlap_gives_the_same_logits_and_cache(ferry_smoll
     assert torch.equal(plain.argmax(-1), overlapped.argmax(-1))
 
 
+@pytest.mark.slow
 def test_overlap_prefill_generates_the_tp1_tokens_and_needs_tp():
     import json
 
@@ -422,6 +438,7 @@ def test_overlap_prefill_generates_the_tp1_tokens_and_needs_tp():
     assert refused.returncode == 2 and "needs --tp 2 or more" in refused.stderr
 
 
+@pytest.mark.slow
 def test_tp_speed_benchmark_runs_tp1_and_tp2_and_reports_scaling_and_roofline():
     from ferry.bench.shapes import TINY
     from ferry.bench.tp_speed import SpeedJob, run_tp_speed

@@ -117,6 +117,7 @@ def run_cli(*args: str | bytes) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
+@pytest.mark.slow
 def test_cli_answers_random_byte_and_unicode_prompts(byte_tokens):
     rng = random.Random(14)
     nonzero = [b for b in byte_tokens if b]  # an argument cannot hold NUL
@@ -130,6 +131,7 @@ def test_cli_answers_random_byte_and_unicode_prompts(byte_tokens):
     assert [c["prompt"].encode("utf-8", "surrogateescape") for c in doc["completions"]] == prompts
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_byte_without_a_token_in_one_line():
     out = run_cli("generate", b"abc\xff\xfe\xc3(def", "--max-tokens", "1", "--device", "cpu")
     assert out.returncode == 2
