@@ -52,6 +52,25 @@ def ferry_smollm(smollm_path):
     return loaded
 
 
+@pytest.fixture
+def start_cloud(ferry_smollm):
+    """`start(split, token, **limits)`: an in-process cloud serving the default model on a free loopback port;
+    every cloud a test started stops after it."""
+    from ferry.edge.cloud import CloudLimits, CloudServer
+
+    servers = []
+
+    def start(split: int, token: str, **limits) -> CloudServer:
+        server = CloudServer(ferry_smollm, split, token, CloudLimits(**limits) if limits else None)
+        server.start("127.0.0.1:0")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
 @pytest.fixture(scope="session")
 def hf_smollm(smollm_path):
     """The transformers model dequantized from the very same GGUF file (fp32, eval mode)."""

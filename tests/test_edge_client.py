@@ -34,18 +34,8 @@ def reference(ferry_smollm, prompt_ids) -> list[int]:
 
 
 @pytest.fixture
-def cloud(ferry_smollm):
-    servers = []
-
-    def start(split: int = 1) -> CloudServer:
-        server = CloudServer(ferry_smollm, split, TOKEN)
-        server.start("127.0.0.1:0")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(0)
+def cloud(start_cloud):
+    return lambda split=1: start_cloud(split, TOKEN)
 
 
 def _address(server: CloudServer) -> list[str]:

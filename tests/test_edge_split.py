@@ -12,7 +12,7 @@ import threading
 import grpc
 import pytest
 
-from ferry.edge.cloud import CloudLimits, CloudServer
+from ferry.edge.cloud import CloudServer
 from ferry.edge.edge import EdgeClient, LinkError
 from ferry.edge.linkem import LinkEmulator, LinkProfile
 from ferry.edge.protocol import METHOD, Frame, Kind, model_fingerprint
@@ -37,18 +37,8 @@ def reference(ferry_smollm, prompt_ids) -> list[list[int]]:
 
 
 @pytest.fixture
-def cloud_factory(ferry_smollm):
-    servers = []
-
-    def start(split: int, **limits) -> CloudServer:
-        server = CloudServer(ferry_smollm, split, TOKEN, CloudLimits(**limits) if limits else None)
-        server.start("127.0.0.1:0")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(0)
+def cloud_factory(start_cloud):
+    return lambda split, **limits: start_cloud(split, TOKEN, **limits)
 
 
 def _edge(loaded, server_or_targets, split, **kw) -> EdgeClient:
