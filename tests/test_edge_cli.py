@@ -62,6 +62,7 @@ def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
     assert link["round_trips"] == len(ours["completions"][0]["token_ids"]) and link["bytes_sent_per_token"] > 0
     assert ours["weights_read"] == "layers 0..11"
     assert 0 < link["rss_mib"] <= link["peak_rss_mib"]
+    assert ours["dtype"] == theirs["dtype"] == "fp32"  # the CLI's spelling, as --dtype takes it
 
 
 @pytest.mark.slow

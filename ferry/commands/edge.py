@@ -48,7 +48,7 @@ def _read(path: Path | None, what: str) -> bytes | None:
         raise FerryError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
 
 
-TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token [default: $FERRY_TOKEN]")]
+TokenFileOpt = Annotated[Optional[Path], typer.Option(help="file holding the shared token \\[default: $FERRY_TOKEN]")]
 
 
 class _StopSignal:
@@ -153,7 +153,7 @@ def edge(
     setup_logging(verbose)
 
     def run() -> None:
-        from ferry.device import resolve_device, resolve_dtype
+        from ferry.device import dtype_name, resolve_device, resolve_dtype
         from ferry.edge.auth import load_token
         from ferry.edge.codecs import Codec
         from ferry.edge.edge import EdgeClient, LinkError
@@ -213,7 +213,7 @@ def edge(
         completions = [c for c, _ in results]
         if as_json:
             doc = {
-                "model": str(loaded.path), "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+                "model": str(loaded.path), "device": str(dev), "dtype": dtype_name(dt),
                 "split": client.split, "codec": client.codec.name, "draft": draft,
                 "weights_read": "whole model" if not loaded.partial else f"layers 0..{loaded.layers_read - 1}",
                 "completions": [
