@@ -1,4 +1,4 @@
-"""This process's resident memory, now and at its peak: how many edges fit on one machine."""
+"""This process's resident memory, now and at its peak: how many edges or ranks fit on one machine."""
 
 from __future__ import annotations
 

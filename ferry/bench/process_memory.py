@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.edge.memory import vmhwm_mib
+from ferry.memory import vmhwm_mib
 
 # Runs `python -m ferry.cli ARGS` in this interpreter and writes /proc/self/status to the file named first at exit.
 _WRAPPER = ("import atexit, runpy, sys\n"

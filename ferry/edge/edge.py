@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import grpc
 import torch
 
-from ferry.edge.memory import peak_resident_mib, resident_mib
+from ferry.memory import peak_resident_mib, resident_mib
 from ferry.edge.codecs import Codec
 from ferry.edge.linkem import parse_address
 from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -14,6 +13,7 @@ from ferry.device import dtype_name
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
+from ferry.memory import peak_resident_mib
 from ferry.model.loader import LoadedModel
 from ferry.parallel.launch import rank_device
 
@@ -28,10 +28,6 @@ class GenerateJob:
     chat: bool = False
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): compile, sync_output, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
-
-
-def peak_host_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gather_floats(group: ParallelGroup, value: float, device: torch.device) -> list[float]:
@@ -92,7 +88,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
                                  show_progress=group.rank == 0)
     check_tensor_parallel(loaded.config, group.world_size)
     load_s = time.perf_counter() - started
-    peak_after_load = peak_host_mb()
+    peak_after_load = peak_resident_mib()
     tok = loaded.tokenizer
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
     engine = Engine(loaded.model, tok, **job.engine_options)

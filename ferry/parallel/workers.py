@@ -25,6 +25,7 @@ from ferry.device import dtype_name
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
+from ferry.memory import peak_resident_mib
 from ferry.parallel.launch import (BACKENDS, describe_dead_rank, die_with_parent, free_port, init_group,
                                    keep_multicast_off, sigint_ignored_by_children)
 
@@ -48,12 +49,12 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
     keep_multicast_off()
     try:
         from ferry.engine.engine import Engine
-        from ferry.parallel.tp_generate import gather_floats, generate_on_rank, load_on_rank, peak_host_mb
+        from ferry.parallel.tp_generate import gather_floats, generate_on_rank, load_on_rank
 
         group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
         group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
         engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
-        peaks = gather_floats(group, peak_host_mb(), engine.device)
+        peaks = gather_floats(group, peak_resident_mib(), engine.device)
         if rank == 0:
             events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
                                      "tp": world,
