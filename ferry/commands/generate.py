@@ -87,13 +87,14 @@ def generate(
         # Under torchrun the rank count is torchrun's, whatever --tp says.
         check_parallel_options(torchrun_world_size() if under_torchrun() else tp, weights, offload_weights,
                                compressed_allreduce, allreduce)
+        compiled = bool(compile) or compile_mode is not None  # one-shot: compiled only when asked
         if tp > 1 or under_torchrun():
-            engine_options = dict(compile=bool(compile) or compile_mode is not None, compile_mode=compile_mode,
+            engine_options = dict(compile=compiled, compile_mode=compile_mode,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
                          allreduce)
             return
-        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=bool(compile) or compile_mode is not None,
+        llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compiled,
                   compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
                   overlap_prefill=overlap_prefill)
         if verbose:

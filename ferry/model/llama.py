@@ -176,5 +176,10 @@ class LlamaForCausalLM(nn.Module):
         self.norm.load(source, "model.norm")
         if not self.config.tie_word_embeddings:
             self.lm_head.load(source, "lm_head")
+        self.load_rotary(source)
+
+    def load_rotary(self, source: WeightSource) -> None:
+        """Rotary tables on the norm's device, with a checkpoint's per-frequency factors where it has them (GGUF
+        `rope_freqs`, Llama 3)."""
         freq_factors = source.get("rope_freqs.weight") if source.has("rope_freqs.weight") else None
         self.rotary.build_tables(self.norm.weight.device, freq_factors)

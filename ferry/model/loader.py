@@ -142,8 +142,7 @@ def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dty
     with torch.no_grad():
         model.norm.load(source, "model.norm")
     model.embed_tokens = CheckpointRowsEmbedding(source, "model.embed_tokens.weight", config.vocab_size, dtype, device)
-    freq_factors = source.get("rope_freqs.weight") if source.has("rope_freqs.weight") else None
-    model.rotary.build_tables(device, freq_factors)
+    model.load_rotary(source)
     return LoadedModel(model, tokenizer, config, resolved, time.perf_counter() - started, source, layers_read=0)
 
 
