@@ -1,7 +1,13 @@
-"""The step loop: prefill a batch of prompts, then decode one token per sequence per step.
+"""The serving engine: requests join and leave at any step over a paged KV cache.
 
-Every sequence keeps its own positions, so prompts of different lengths share a batch without left
-padding: prefill is right-padded and each row's logits are read at its own last prompt token.
+    add_request(prompt_ids, params) -> id      step() -> token events      abort(id)
+
+A step schedules (scheduler.py), uploads its inputs in one copy (step_inputs.py), runs the model once over every
+scheduled token (a CUDA graph when the step is decode-only), samples each request with its own parameters, and
+starts copying the sampled tokens back. The tokens of step N are read only after step N+1 has been launched: a
+sequence whose token is still in flight feeds it to step N+1 on the device, so detokenizing, stop checks and
+scheduling on the host overlap with the GPU's work. A sequence that turns out to have stopped at step N ran one
+extra token in step N+1; it is dropped. `generate` and `stream` are this loop for a batch of prompts.
 """
 
 from __future__ import annotations
@@ -9,56 +15,48 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
-from ferry.comm.step_packer import PackedLayout
-from ferry.engine.cuda_graphs import MIN_CONTEXT_BUCKET, DecodeGraphs, batch_bucket, context_bucket
-from ferry.engine.kv_cache import KVCache
-from ferry.engine.readback import TokenReadback
+from ferry.engine.block_manager import BlockManager
+from ferry.engine.kv_swap import KVSwap
+from ferry.engine.outputs import Completion, TokenEvent
+from ferry.engine.paged_cache import BLOCK_SIZE, KVMemory, PagedKVCache
+from ferry.engine.readback import PendingTokens, TokenReadback
+from ferry.engine.request import Request
 from ferry.engine.sampling import Sampler, SamplingParams
+from ferry.engine.scheduler import ScheduledStep, Scheduler, SchedulerLimits
 from ferry.engine.sequence import Sequence, stop_token_ids
-from ferry.errors import FerryError, InvalidRequestError
+from ferry.engine.step_inputs import StepInputs
+from ferry.errors import FerryError, InvalidRequestError, UnsupportedModelError
+from ferry.model.layers.attention import PagedBatch, PrefillChunk
+from ferry.model.layers.paged_attention import decode_attention_path
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 
 log = logging.getLogger("ferry.engine")
 
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int  # which prompt of the batch
-    token_id: int
-    text: str  # text this token added
-    finish_reason: str | None
+__all__ = ["Completion", "Engine", "TokenEvent"]
 
 
 @dataclass
-class Completion:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    ttft_s: float
-    tokens_per_s: float
+class _InFlight:
+    rows: list[Request]  # the requests whose tokens this step sampled, in row order
+    tokens: torch.Tensor  # [rows] on the device
+    readback: PendingTokens
+    row_of: dict[int, int]  # request id -> row
 
-    @classmethod
-    def from_sequence(cls, seq: Sequence, started: float) -> Completion:
-        """`started`: when the request began (time to first token counts from it)."""
-        first, last = seq.first_token_time or started, seq.last_token_time or started
-        n = len(seq.output_ids)
-        return cls(
-            prompt_token_ids=seq.prompt_ids,
-            token_ids=seq.output_ids,
-            text=seq.text,
-            finish_reason=seq.finish_reason or "length",
-            ttft_s=first - started,
-            # Decode rate: tokens after the first over the time after the first.
-            tokens_per_s=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
-        )
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    graph_steps: int = 0  # decode-only steps replayed from a CUDA graph
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    wasted_tokens: int = 0  # tokens run for a sequence that had stopped one step earlier (async readback)
 
 
 class Engine:
@@ -72,139 +70,264 @@ class Engine:
         sync_output: bool = False,
         pinned_pool: PinnedBufferPool | None = None,
         overlap_prefill: bool = False,
+        kv_memory: str | float | None = None,
+        num_blocks: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        max_batched_tokens: int | None = None,
+        max_running: int | None = None,
+        max_waiting: int = 1024,
+        prefix_caching: bool = True,
+        preemption: str = "auto",
     ) -> None:
-        self.model = model
-        if overlap_prefill and model.group.world_size == 1:
-            raise FerryError("--overlap-prefill overlaps tensor-parallel all-reduces; it needs --tp 2 or more")
-        if overlap_prefill and model.group.compression is not None:
-            raise FerryError("--overlap-prefill overlaps the exact all-reduce; it does not combine with "
-                             "--compressed-allreduce")
-        model.overlap_micro_batches = overlap_prefill
-        self.tokenizer = tokenizer
-        self.config = model.config
-        self.device = model.norm.weight.device
-        self.dtype = model.norm.weight.dtype
-        self.cache = KVCache.for_model(model)
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if overlap_prefill:
+            raise FerryError("--overlap-prefill (two micro-batches per TP prefill, measured 1.02x) belongs to the "
+                             "static-batch engine; the serving engine packs every sequence in one row")
+        if any(layer.self_attn.group_size is None for layer in model.layers):
+            raise UnsupportedModelError("this tensor-parallel layout gives a rank an uneven number of query heads per "
+                                        "KV head, which the paged KV cache does not run; choose another --tp")
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
+        self.group = model.group
+        cuda = self.device.type == "cuda"
+        self.limits = SchedulerLimits(
+            max_batched_tokens=max_batched_tokens or (2048 if cuda else 512),
+            max_running=max_running or (128 if cuda else 64), max_waiting=max_waiting)
+
+        note = "given"
+        if num_blocks is None:
+            num_blocks, note = PagedKVCache.blocks_within(model, KVMemory.parse(kv_memory), block_size)
+        num_blocks = self._agree_min([num_blocks])[0]  # every rank the same pool, or their schedules part
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.width = self.blocks.blocks_for(self.config.max_context)  # block-table columns: a full-context sequence
+
+        self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=1 << 30, pin=cuda)
+        self._copy = CopyStream(self.device)
+        self.readback = TokenReadback(self.pinned_pool, self._copy)
+        self.swap = KVSwap(self.cache, self.pinned_pool, self._copy, preemption,
+                           measure_prefill=self._measure_prefill, agree=self._agree_min)
+        self.scheduler = Scheduler(self.blocks, self.limits, self.swap)
+        self.inputs = StepInputs(self.device, self._copy, block_size, self.width, self.limits.max_batched_tokens,
+                                 self.limits.max_running)
+
+        use_graphs = cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
             use_graphs = False
-        self.graphs = DecodeGraphs(model, self.cache, compile=compile, compile_mode=compile_mode) if use_graphs else None
-        self.decode_path = self.graphs.path if self.graphs else "eager"
-        # Async readback: step N+1 is enqueued before step N's tokens are read (see readback.py).
+        self.graphs = None
+        if use_graphs:
+            from ferry.engine.paged_graphs import PagedDecodeGraphs
+
+            self.graphs = PagedDecodeGraphs(model, self.cache, self.width, compile=compile, compile_mode=compile_mode)
+        self.decode_path = f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
         self.sync_output = sync_output
-        self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=64 << 20, pin=self.device.type == "cuda")
-        copy = CopyStream(self.device)
-        self.readback = TokenReadback(self.pinned_pool, copy)
-        self._copy = copy
-        self._prefill_inputs: PackedLayout | None = None  # grown to the largest prefill seen
+        self.stats = EngineStats()
+        self._requests: dict[int, Request] = {}
+        self._next_id = 0
+        self._in_flight: _InFlight | None = None
+        usable = self.blocks.usable_blocks * block_size
+        self.kv_report = {
+            "blocks": num_blocks, "block_size": block_size, "tokens": usable,
+            "gib": round(self.cache.nbytes / (1 << 30), 3), "budget": note,
+            "full_context_sequences": usable // self.config.max_context,
+            "max_running": self.limits.max_running, "max_batched_tokens": self.limits.max_batched_tokens,
+        }
+        log.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB (%s); %d sequences of the full %d-token "
+                 "context fit at once, more shorter ones (at most %d running)", num_blocks, block_size, usable,
+                 self.cache.nbytes / (1 << 30), note, usable // self.config.max_context, self.config.max_context,
+                 self.limits.max_running)
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
-        if self.graphs is not None and not self.graphs.compiled:
-            log.info("decode runs uncompiled kernels; --compile (max-autotune, cached per machine) measured 1.49x "
-                     "faster at batch 1 on an H200, Llama-3-8B shape: 149 -> 222 tokens/s, 54%% -> 80%% of the "
-                     "roofline (2026-11-30)")
 
-    @torch.inference_mode()
-    def warm_up(self, batch: int = 1, reserve_tokens: int = 4096) -> None:
-        """For long-lived processes: size the KV cache for `reserve_tokens` (capped at the model's context) and
-        capture, compiling first where compile is on, the decode step most requests start in, before the first
-        request. A cache that grew later would change the compiled step's input shapes and cost a recompile."""
-        if self.graphs is None:
-            return
-        rows = batch_bucket(batch)
-        if self.cache.ensure(rows, min(reserve_tokens, self.config.max_context)):
-            self.graphs.reset()
-        key = (rows, context_bucket(MIN_CONTEXT_BUCKET, self.cache.max_len))
-        if key not in self.graphs.graphs:
-            self.graphs.capture(*key)
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
+        if not prompt_ids:
+            raise InvalidRequestError(f"{name} is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.config.max_context:
+            raise InvalidRequestError(f"{name} has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it "
+                                      f"exceeds the model's context of {self.config.max_context} tokens")
+        if self.blocks.blocks_for(total) > self.blocks.usable_blocks:
+            raise InvalidRequestError(
+                f"{name} with max_tokens={params.max_tokens} needs {self.blocks.blocks_for(total)} KV blocks "
+                f"({total} tokens); the cache holds {self.blocks.usable_blocks} "
+                f"({self.blocks.usable_blocks * self.blocks.block_size} tokens): raise --kv-memory or lower max_tokens")
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not prompts:
             raise InvalidRequestError("no prompts given")
-        limit = self.config.max_context
         for i, ids in enumerate(prompts):
-            if not ids:
-                raise InvalidRequestError(f"prompt {i} is empty")
-            if len(ids) + params.max_tokens > limit:
-                raise InvalidRequestError(
-                    f"prompt {i} has {len(ids)} tokens; with max_tokens={params.max_tokens} it exceeds the "
-                    f"model's context of {limit} tokens"
-                )
+            self.check_request(ids, params, f"prompt {i}")
 
-    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
-        """Yield tokens as they are produced, for every prompt of the batch."""
-        yield from self._run([Sequence(list(p)) for p in prompts], params)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; returns its id (the `index` of its token events). Raises QueueFullError at the bound."""
+        self.check_request(prompt_ids, params)
+        rid = self._next_id
+        request = Request(rid, Sequence(list(prompt_ids)), params, Sampler(params, self.device),
+                          stop_token_ids(params, self.tokenizer))
+        self.scheduler.add(request)
+        self._next_id += 1
+        self._requests[rid] = request
+        return rid
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        on_token: Callable[[TokenEvent], None] | None = None,
-    ) -> list[Completion]:
-        started = time.perf_counter()
-        seqs = [Sequence(list(p)) for p in prompts]
-        for event in self._run(seqs, params):
-            if on_token:
-                on_token(event)
-        return [Completion.from_sequence(s, started) for s in seqs]
+    def abort(self, request_id: int) -> None:
+        """Stop a request now and free its blocks (a token of it still in flight is dropped)."""
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.finished:
+            request.seq.finish_reason = request.seq.finish_reason or "abort"
+            self.scheduler.remove(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or self._in_flight is not None
+
+    def request(self, request_id: int) -> Request | None:
+        return self._requests.get(request_id)
+
+    # -- the step loop ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, seqs: list[Sequence], params: SamplingParams) -> Iterator[TokenEvent]:
-        prompts = [s.prompt_ids for s in seqs]
-        self.check_prompts(prompts, params)
-        batch = len(seqs)
-        rows = batch_bucket(batch) if self.graphs else batch
-        if self.cache.ensure(rows, max(len(p) for p in prompts) + params.max_tokens) and self.graphs:
-            self.graphs.reset()
-        sampler = Sampler(params, self.device)
-        eos = stop_token_ids(params, self.tokenizer)
+    def step(self) -> list[TokenEvent]:
+        """Run one step; returns the token events read back (the previous step's, with async readback)."""
+        scheduled = self.scheduler.schedule()
+        launched = self._launch(scheduled) if scheduled else None
+        events = self._resolve(self._in_flight) if self._in_flight else []
+        self._in_flight = launched
+        if launched is not None and self.sync_output:
+            events += self._resolve(launched)
+            self._in_flight = None
+        if launched is None and not events and self.scheduler.has_work():
+            raise FerryError("the scheduler could not run any waiting request (KV blocks exhausted with nothing "
+                             "running); this is a bug")
+        return events
 
-        tokens = sampler(self._prefill(prompts))
-        # Positions advance on the device (+1 per step, finished rows too: they stay within the cache because no
-        # row decodes more than max_tokens steps), so a step uploads nothing.
-        positions = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)
-        longest = max(len(p) for p in prompts)
+    def _launch(self, step: ScheduledStep) -> _InFlight:
+        for src, dst in step.copies:
+            self.cache.copy_block(src, dst)
+        previous = self._in_flight
+        row_of = previous.row_of if previous else {}
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(step.decodes)
+        self.stats.prefill_tokens += step.num_tokens - len(step.decodes)
+        if self.graphs is not None and not step.prefills and len(step.decodes) <= self.limits.max_running:
+            graph = self.graphs.get(self.graphs.bucket(len(step.decodes)))
+            t = self.inputs.build(step, row_of, bucket=graph.ids.shape[0], into=graph.inputs)
+            self._feed_in_flight(graph.ids, t, previous)
+            logits = graph.replay(len(step.decodes))
+            self.stats.graph_steps += 1
+        else:
+            t = self.inputs.build(step, row_of)
+            self._feed_in_flight(t.ids, t, previous)
+            logits = self.model(t.ids.view(1, -1), t.positions.view(1, -1), self.cache.layers, 0,
+                                logits_index=t.logits_index, paged=t.paged)
+        rows = [c.request for c in step.decodes] + [c.request for c in step.prefills if c.samples]
+        tokens = self._sample(logits, rows)
+        for r in rows:
+            r.pending = True
+        return _InFlight(rows, tokens, self.readback.start(tokens), {r.id: i for i, r in enumerate(rows)})
 
-        def next_step(step: int, current: torch.Tensor) -> torch.Tensor:
-            positions.add_(1)
-            return sampler(self._decode(current.view(batch, 1), positions, longest + step + 1))
+    @staticmethod
+    def _feed_in_flight(ids: torch.Tensor, t, previous: _InFlight | None) -> None:
+        """Tokens sampled by the previous step, still on their way to the host, are this step's inputs."""
+        if t.pending_to.numel():
+            ids.index_copy_(0, t.pending_to.long(), previous.tokens.index_select(0, t.pending_from.long()).to(ids.dtype))
 
-        for step in range(params.max_tokens):
-            pending = self.readback.start(tokens)
-            upcoming = None
-            if not self.sync_output and step + 1 < params.max_tokens:
-                upcoming = next_step(step, tokens)  # the GPU runs step N+1 while the host handles step N
-            for i, (seq, token) in enumerate(zip(seqs, pending.result(), strict=True)):
-                if seq.finished:
-                    continue
-                delta = seq.append(token, self.tokenizer, eos, params.stop, params.max_tokens)
-                yield TokenEvent(i, token, delta, seq.finish_reason)
-            if all(s.finished for s in seqs):
-                return
-            tokens = upcoming if upcoming is not None else next_step(step, tokens)
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        for i, r in enumerate(rows):
+            if not r.params.greedy:
+                tokens[i] = r.sampler(logits[i : i + 1])[0]
+        return tokens
 
-    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        inputs = self._prefill_inputs
-        if inputs is None or not inputs.fits(ids=batch * width, last=batch):
-            grown = 2 * inputs.fields["ids"][1] if inputs else 0
-            inputs = self._prefill_inputs = PackedLayout(
-                self.device, self._copy, {"ids": (torch.long, max(batch * width, grown, 4096)),
-                                          "last": (torch.long, max(batch, 256))})
-        # The step's inputs are written in place into pinned memory and go up in one H2D copy.
-        host = inputs.next_host()
-        ids = host["ids"][: batch * width].view(batch, width).numpy()
-        ids.fill(0)
+    def _resolve(self, flight: _InFlight) -> list[TokenEvent]:
+        events = []
+        for r, token in zip(flight.rows, flight.readback.result(), strict=True):
+            if r.finished:
+                self.stats.wasted_tokens += 1
+                continue
+            r.pending = False
+            r.token_ids.append(token)
+            delta = r.seq.append(token, self.tokenizer, r.eos_ids, r.params.stop, r.params.max_tokens)
+            events.append(TokenEvent(r.id, token, delta, r.seq.finish_reason))
+            if r.seq.finished:
+                self.scheduler.remove(r)
+                self._requests.pop(r.id, None)
+        return events
+
+    # -- batch API on top -------------------------------------------------------------------------------------
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Token events for every prompt of the batch (`index` is the prompt's position), as they come. Leaving
+        the loop early aborts the batch's unfinished requests."""
+        return self._run_batch(prompts, params, [])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_token: Callable[[TokenEvent], None] | None = None) -> list[Completion]:
+        requests: list[Request] = []
+        for event in self._run_batch(prompts, params, requests):
+            if on_token:
+                on_token(event)
+        return [Completion.from_sequence(r.seq, r.arrival) for r in requests]
+
+    def _run_batch(self, prompts, params, requests: list[Request]) -> Iterator[TokenEvent]:
+        """Queue the batch (into `requests`), then step the engine until all of it has finished."""
+        ids = self._add_batch(prompts, params)
+        requests.extend(self._requests[rid] for rid in ids)
+        index = {rid: i for i, rid in enumerate(ids)}
+        try:
+            while any(not r.finished for r in requests):
+                for event in self.step():
+                    if event.index in index:
+                        yield replace(event, index=index[event.index])
+        finally:
+            for rid in ids:
+                self.abort(rid)
+
+    def _add_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
+        self.check_prompts(prompts, params)  # all or nothing: a bad prompt queues none of the batch
+        ids = []
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = p
-        host["last"][:batch].numpy()[:] = [len(p) - 1 for p in prompts]
-        dev = inputs.upload()
-        positions = torch.arange(width, device=self.device).expand(batch, width)
-        return self.model(dev["ids"][: batch * width].view(batch, width), positions, self.cache.layers, width,
-                          logits_index=dev["last"][:batch])
+            # One seed for the batch gives each prompt its own reproducible stream, not n copies of one.
+            ids.append(self.add_request(p, params if params.seed is None else replace(params, seed=params.seed + i)))
+        return ids
 
-    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
+    # -- start-up helpers -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self, batch: int = 1, reserve_tokens: int = 4096) -> None:
+        """Capture (compiling first where compile is on) the decode step most requests start in, before the first
+        request. `reserve_tokens` is kept for callers of the static engine's signature (the paged pool is fixed)."""
         if self.graphs is not None:
-            return self.graphs.step(ids, positions, needed)
-        return self.model(ids, positions, self.cache.layers, needed)
+            self.graphs.get(self.graphs.bucket(batch))
+
+    def _measure_prefill(self, tokens: int = 128) -> float:
+        """Prefill tokens/s of one `tokens`-token chunk, run against the padding block (no cache state touched)."""
+        tokens = min(tokens, self.limits.max_batched_tokens)
+        ids = torch.zeros(1, tokens, dtype=torch.int32, device=self.device)
+        positions = torch.arange(tokens, dtype=torch.int32, device=self.device).view(1, tokens)
+        table = torch.zeros(self.blocks.blocks_for(tokens), dtype=torch.int32, device=self.device)
+        paged = PagedBatch(slots=torch.zeros(tokens, dtype=torch.int32, device=self.device), decode_rows=0,
+                           block_tables=None, context_lens=None, prefills=(PrefillChunk(0, tokens, 0, table),))
+        last = torch.tensor([tokens - 1], device=self.device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(3):
+                started = time.perf_counter()
+                self.model(ids, positions, self.cache.layers, 0, logits_index=last, paged=paged).cpu()
+                times.append(time.perf_counter() - started)
+        return tokens / sorted(times)[1]
+
+    def _agree_min(self, values: list[float]) -> list:
+        """The smallest of each value over the tensor-parallel ranks (unchanged on one rank)."""
+        if self.group.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group.process_group)
+        return [type(v)(x) for v, x in zip(values, t.tolist(), strict=True)]
+
+    def check_no_leaks(self) -> None:
+        """All blocks free and nothing queued (tests call it after every run)."""
+        if self.has_unfinished():
+            raise AssertionError("requests are still queued or running")
+        self.blocks.check_no_leaks()

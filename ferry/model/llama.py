@@ -7,7 +7,7 @@ from torch import nn
 
 from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig
-from ferry.model.layers.attention import Attention, AttentionBatch
+from ferry.model.layers.attention import Attention, AttentionBatch, PagedBatch
 from ferry.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ferry.model.layers.mlp import SwiGLU
 from ferry.model.layers.norm import RMSNorm
@@ -80,13 +80,15 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         kv_len: int,
         layers: range | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
         """Hidden states [batch, tokens, hidden] through `layers` (all by default), one KV cache per layer run.
 
-        A split deployment runs a prefix of the layers on one machine and the rest on another.
+        A split deployment runs a prefix of the layers on one machine and the rest on another. With `paged`, the
+        caches are block pools and x is one packed row of every scheduled sequence's tokens (kv_len unused).
         """
         layers = layers if layers is not None else range(len(self.layers))
-        batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype)
+        batch = AttentionBatch.build(positions, kv_len, self.rotary, x.dtype, paged)
         if (self.overlap_micro_batches and self.group.world_size > 1 and self.group.compression is None
                 and x.shape[0] >= 2 and x.shape[1] > 1):
             return self._run_layers_overlapped(x, batch, kv_caches, layers)
@@ -133,9 +135,10 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         kv_len: int,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden]."""
-        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, kv_len)
+        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, kv_len, paged=paged)
 
     def forward(
         self,
@@ -144,9 +147,14 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         kv_len: int,
         logits_index: torch.Tensor | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
-        """fp32 logits [batch, vocab] for the token at `logits_index` of each row (the last when None)."""
-        x = self.hidden_states(input_ids, positions, kv_caches, kv_len)
+        """fp32 logits [batch, vocab] for the token at `logits_index` of each row (the last when None).
+
+        Paged: input_ids and positions are [1, tokens] and `logits_index` [n] picks tokens of that row -> [n, vocab]."""
+        x = self.hidden_states(input_ids, positions, kv_caches, kv_len, paged)
+        if paged is not None:
+            return self.logits(x[0].index_select(0, logits_index))
         if logits_index is None:
             last = x[:, -1]
         else:

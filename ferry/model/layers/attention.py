@@ -1,8 +1,13 @@
-"""Grouped-query attention over a preallocated KV cache.
+"""Grouped-query attention over a KV cache: a dense one (a row per sequence) or the paged one (blocks).
 
-Every forward (prefill, chunked prefill or decode) takes the same path: write this step's K/V at each
-sequence's own positions, then attend over the cache prefix [0, kv_len) under a mask built from those
-positions. That keeps one code path for ragged batches and makes decode capturable in a CUDA graph.
+Dense: every forward (prefill, chunked prefill or decode) writes this step's K/V at each sequence's own
+positions, then attends over the cache prefix [0, kv_len) under a mask built from those positions. That keeps
+one code path for ragged batches and makes decode capturable in a CUDA graph. The edge/cloud split and the
+static engine use it.
+
+Paged (the serving engine): the step's tokens of every sequence are packed in one row ([1, tokens]); K/V are
+written to their slots in the block pool, decode tokens (first in the row) attend through their block tables in
+one kernel, and each prefill chunk attends to its sequence's cached prefix plus itself (paged_attention.py).
 """
 
 from __future__ import annotations
@@ -14,10 +19,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
-from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
+from ferry.errors import FerryError
 from ferry.model.layers.heads import HeadShard
+from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ferry.model.layers.paged_attention import paged_decode_attention, paged_prefill_attention
+from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
 from ferry.model.weights.source import WeightSource
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's prefill chunk in a paged step: row tokens [q_start, q_start + length) are its positions
+    [start, start + length); `table` is its block table (device, int32)."""
+
+    q_start: int
+    length: int
+    start: int
+    table: torch.Tensor
+
+    @property
+    def context_len(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Where a paged step's tokens go and what they read.
+
+    slots: [tokens] pool slot (block * block_size + offset) each token's K/V is written to.
+    decode_rows: the first `decode_rows` tokens are one decode token each of different sequences, reading
+    through block_tables [decode_rows, width] (int32) up to context_lens [decode_rows] (int32, this token included).
+    prefills: the chunks after them, one sequence each.
+    """
+
+    slots: torch.Tensor
+    decode_rows: int
+    block_tables: torch.Tensor | None
+    context_lens: torch.Tensor | None
+    prefills: tuple[PrefillChunk, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -30,10 +69,11 @@ class AttentionBatch:
     """
 
     positions: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     kv_len: int
     cos: torch.Tensor
     sin: torch.Tensor
+    paged: PagedBatch | None = None
 
     def rows(self, start: int, stop: int) -> AttentionBatch:
         """The same step for batch rows [start, stop) (a micro-batch)."""
@@ -41,7 +81,11 @@ class AttentionBatch:
                               self.cos[start:stop], self.sin[start:stop])
 
     @classmethod
-    def build(cls, positions: torch.Tensor, kv_len: int, rotary: RotaryEmbedding, dtype: torch.dtype) -> AttentionBatch:
+    def build(cls, positions: torch.Tensor, kv_len: int, rotary: RotaryEmbedding, dtype: torch.dtype,
+              paged: PagedBatch | None = None) -> AttentionBatch:
+        if paged is not None:
+            cos, sin = rotary.tables_for(positions, dtype)
+            return cls(positions=positions, mask=None, kv_len=0, cos=cos, sin=sin, paged=paged)
         keys = torch.arange(kv_len, device=positions.device)
         mask = keys.view(1, 1, 1, kv_len) <= positions.unsqueeze(1).unsqueeze(-1)
         cos, sin = rotary.tables_for(positions, dtype)
@@ -86,6 +130,9 @@ class Attention(nn.Module):
         q = q.view(bsz, tokens, self.num_heads, hd)
         k = k.view(bsz, tokens, n_kv, hd)
         q, k = apply_rotary(q, k, batch.cos, batch.sin)
+        if batch.paged is not None:
+            return self.o_proj(self._paged(q[0], k[0], v.view(tokens, n_kv, hd), batch.paged, kv_cache).view(
+                1, tokens, -1), reduce=reduce)
 
         # Cache layout [max_batch, max_len, kv_heads, head_dim]; row i of the batch is cache row i.
         k_cache, v_cache = kv_cache
@@ -106,6 +153,29 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(bsz, n_kv, group, tokens, hd).permute(0, 3, 1, 2, 4).reshape(bsz, tokens, -1)
         return self.o_proj(out, reduce=reduce)
+
+    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: PagedBatch,
+               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q [tokens, heads, hd], k/v [tokens, kv_heads, hd] of one packed step -> attention output like q."""
+        if self.group_size is None:
+            raise FerryError("this tensor-parallel layout gives a rank an uneven number of query heads per KV "
+                             "head, which the paged KV cache does not run; choose a --tp that divides the KV heads")
+        k_pool, v_pool = kv_cache
+        n_kv, hd = self.num_kv_heads, self.head_dim
+        k_pool.view(-1, n_kv, hd)[paged.slots] = k
+        v_pool.view(-1, n_kv, hd)[paged.slots] = v
+        scale = hd**-0.5
+        rows = paged.decode_rows
+        if not paged.prefills:  # a decode-only step (what CUDA graphs capture)
+            return paged_decode_attention(q, k_pool, v_pool, paged.block_tables, paged.context_lens, scale)
+        out = torch.empty_like(q)
+        if rows:
+            out[:rows] = paged_decode_attention(q[:rows], k_pool, v_pool, paged.block_tables, paged.context_lens,
+                                                scale)
+        for c in paged.prefills:
+            out[c.q_start : c.q_start + c.length] = paged_prefill_attention(
+                q[c.q_start : c.q_start + c.length], k_pool, v_pool, c.table, c.start, c.context_len, scale)
+        return out
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.qkv_proj.load(source, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])

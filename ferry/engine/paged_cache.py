@@ -1,0 +1,116 @@
+"""The paged KV cache: one preallocated tensor of fixed-size blocks for every layer, sized from free memory.
+
+Layout [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]: layer l's pools are the views kv[l, 0] and
+kv[l, 1], and one block across every layer is kv[:, :, b], so copying a block (copy on write) or a sequence's
+blocks (swap) is one indexed copy for the whole model rather than one per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ferry.errors import FerryError
+
+log = logging.getLogger("ferry.kv")
+
+BLOCK_SIZE = 16
+# What the KV cache may take on a GPU when nothing is said: a share of the memory free once the weights are
+# loaded; the rest holds prefill activations, logits and captured graphs.
+DEFAULT_GPU_FRACTION = 0.85
+DEFAULT_CPU_GIB = 1.0  # CPU pages are touched only as blocks fill, so an unused reserve costs no resident memory
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """`--kv-memory`: a fraction (0, 1] of free device memory, or an absolute size in GiB."""
+
+    fraction: float | None = None
+    gib: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | float | None) -> KVMemory:
+        if text is None:
+            return cls()
+        if isinstance(text, (int, float)):
+            text = str(text)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|g|gb)?\s*", text.lower())
+        if not m:
+            raise FerryError(f"--kv-memory {text!r}: give a fraction of free memory (0.8) or a size (6GiB)")
+        value = float(m.group(1))
+        if m.group(2):
+            if value <= 0:
+                raise FerryError(f"--kv-memory {text!r} must be more than 0 GiB")
+            return cls(gib=value)
+        if not 0 < value <= 1:
+            raise FerryError(f"--kv-memory {text!r}: a fraction must be in (0, 1]; write '{value}GiB' for a size")
+        return cls(fraction=value)
+
+    def budget_bytes(self, device: torch.device) -> tuple[int, str]:
+        """Bytes the cache may take, and how that figure was reached (for the start-up report)."""
+        if self.gib is not None:
+            return int(self.gib * (1 << 30)), f"{self.gib:g} GiB asked"
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            fraction = self.fraction or DEFAULT_GPU_FRACTION
+            return int(free * fraction), f"{fraction:g} of {free / (1 << 30):.1f} GiB free"
+        if self.fraction is not None:
+            raise FerryError(f"--kv-memory as a fraction needs a GPU (free memory is not measured on {device.type}); "
+                             "give a size such as 2GiB")
+        return int(DEFAULT_CPU_GIB * (1 << 30)), f"{DEFAULT_CPU_GIB:g} GiB default on {device.type}"
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, device
+        # Uninitialised: attention reads only the slots a sequence wrote (the reference path zeroes what it masks).
+        self.kv = torch.empty((num_layers, 2, num_blocks, block_size, kv_heads, head_dim), dtype=dtype, device=device)
+        self.layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]
+
+    @classmethod
+    def bytes_per_block(cls, num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * (torch.finfo(dtype).bits // 8)
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int = BLOCK_SIZE) -> PagedKVCache:
+        """A cache of `num_blocks` blocks for `model`'s layers on this rank, in its dtype and on its device."""
+        weight = model.norm.weight
+        return cls(model.config.num_layers, num_blocks, block_size, model.kv_heads_per_rank, model.config.head_dim,
+                   weight.dtype, weight.device)
+
+    @classmethod
+    def blocks_within(cls, model, memory: KVMemory, block_size: int = BLOCK_SIZE) -> tuple[int, str]:
+        """How many blocks `memory` allows for `model` on this rank, and how the budget was reached."""
+        weight = model.norm.weight
+        per_block = cls.bytes_per_block(model.config.num_layers, block_size, model.kv_heads_per_rank,
+                                        model.config.head_dim, weight.dtype)
+        budget, note = memory.budget_bytes(weight.device)
+        blocks = budget // per_block
+        if blocks < 2:
+            raise FerryError(f"the KV cache budget ({note}, {budget / (1 << 20):.0f} MiB) holds no full block of "
+                             f"{block_size} tokens ({per_block / (1 << 20):.1f} MiB); raise --kv-memory")
+        return int(blocks), note
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * (torch.finfo(self.dtype).bits // 8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def block_view(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The K/V of `blocks` across every layer, packed: [layers, 2, n, block_size, kv_heads, head_dim] (a copy)."""
+        return self.kv.index_select(2, blocks)
+
+    def write_blocks(self, blocks: torch.Tensor, packed: torch.Tensor) -> None:
+        self.kv.index_copy_(2, blocks, packed)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy on write: block `src`'s K/V of every layer into block `dst`."""
+        self.kv[:, :, dst].copy_(self.kv[:, :, src])

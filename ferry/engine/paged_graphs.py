@@ -1,0 +1,78 @@
+"""Decode-only steps of the serving engine captured as CUDA graphs, one per batch bucket.
+
+A captured step reads fixed device buffers: token ids, positions, K/V slots, context lengths and block tables
+(step_inputs.py lays a decode-only step out exactly so, and uploads it straight into them). Attention loops over
+each sequence's blocks up to its own length inside the kernel, so one graph serves every context length: only
+the batch is bucketed. Steps with prefill chunks run eagerly (their shapes change every step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ferry.engine.cuda_graphs import batch_bucket
+from ferry.engine.paged_cache import PagedKVCache
+from ferry.engine.step_inputs import decode_region, decode_views
+from ferry.model.layers.attention import PagedBatch
+
+log = logging.getLogger("ferry.graphs")
+
+
+class _CapturedDecode:
+    def __init__(self, forward, cache: PagedKVCache, rows: int, width: int, pool) -> None:
+        device = cache.device
+        # Zeros: warm-up and capture write K/V into the padding block and read nothing (context 0).
+        self.inputs = torch.zeros(decode_region(rows, width), dtype=torch.int32, device=device)
+        ids, positions, slots, lens, tables = decode_views(self.inputs, rows, width)
+        self.ids = ids
+        paged = PagedBatch(slots=slots, decode_rows=rows, block_tables=tables, context_lens=lens)
+        every_row = torch.arange(rows, device=device)
+
+        def step():
+            return forward(ids.view(1, rows), positions.view(1, rows), cache.layers, 0, logits_index=every_row,
+                           paged=paged)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compilation, lazy inits and autotuning happen outside the capture
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = step()
+
+    def replay(self, rows: int) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits[:rows]
+
+
+class PagedDecodeGraphs:
+    """Captures a bucket on first use; `compile` first runs the step through torch.compile (compiled_step.py)."""
+
+    def __init__(self, model, cache: PagedKVCache, width: int, compile: bool = False,
+                 compile_mode: str | None = None) -> None:
+        from ferry.engine.compiled_step import compile_decode_step
+
+        self.cache, self.width, self.compiled = cache, width, compile
+        self.forward, self.path = model, "cuda-graph"
+        if compile:
+            self.forward, mode = compile_decode_step(model, compile_mode)
+            self.path = f"cuda-graph+compile({mode})"
+        self.graphs: dict[int, _CapturedDecode] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, rows: int) -> int:
+        return batch_bucket(rows)
+
+    def get(self, bucket: int) -> _CapturedDecode:
+        graph = self.graphs.get(bucket)
+        if graph is None:
+            started = time.perf_counter()
+            graph = self.graphs[bucket] = _CapturedDecode(self.forward, self.cache, bucket, self.width, self.pool)
+            log.log(logging.WARNING if self.compiled else logging.INFO, "paged decode step for %d rows %s in %.1f s",
+                    bucket, "compiled and captured" if self.compiled else "captured", time.perf_counter() - started)
+        return graph
