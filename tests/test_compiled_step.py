@@ -28,8 +28,8 @@ def test_a_cache_folder_the_user_chose_is_kept_and_torchs_default_mode_can_be_as
 
 def test_warm_up_without_graphs_does_nothing(tmp_path):
     from ferry.bench.shapes import TINY, random_model
-    from ferry.engine.engine import Engine
+    from ferry.engine.static_engine import StaticBatchEngine
 
-    engine = Engine(random_model(TINY, torch.device("cpu"), torch.float32), None)
+    engine = StaticBatchEngine(random_model(TINY, torch.device("cpu"), torch.float32), None)
     engine.warm_up()
     assert engine.graphs is None and engine.cache.max_len == 0  # CPU: no graphs, nothing reserved

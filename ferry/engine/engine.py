@@ -223,7 +223,7 @@ class Engine:
         rows = [c.request for c in step.decodes] + [c.request for c in step.prefills if c.samples]
         tokens = self._sample(logits, rows)
         for r in rows:
-            r.pending = True
+            r.pending += 1
         return _InFlight(rows, tokens, self.readback.start(tokens), {r.id: i for i, r in enumerate(rows)})
 
     @staticmethod
@@ -246,7 +246,7 @@ class Engine:
             if r.finished:
                 self.stats.wasted_tokens += 1
                 continue
-            r.pending = False
+            r.pending -= 1
             r.token_ids.append(token)
             delta = r.seq.append(token, self.tokenizer, r.eos_ids, r.params.stop, r.params.max_tokens)
             events.append(TokenEvent(r.id, token, delta, r.seq.finish_reason))

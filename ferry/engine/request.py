@@ -30,7 +30,9 @@ class Request:
     table: BlockTable = field(default_factory=BlockTable)
     token_ids: list[int] = field(default_factory=list)  # prompt + output tokens read back so far
     computed: int = 0  # leading tokens whose K/V writes have been launched
-    pending: bool = False  # a sampled token is still on its way back (it is the next input, read on the device)
+    # Sampled tokens still on their way back: at most one when a step is scheduled (the previous step's, which is
+    # the next input, read on the device), two for a moment after the next step launched.
+    pending: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     prefilled_tokens: int = 0  # tokens this request ran through the model as prefill (recomputes included)
     preemptions: int = 0

@@ -67,8 +67,11 @@ class StepInputs:
         for tokens still in flight. `bucket`: a decode-only step padded to this many rows, uploaded `into` the
         graph's input buffer."""
         host = self._next_host()
-        bs, width = self.block_size, self.width
         decodes, prefills = step.decodes, step.prefills
+        # A captured step reads tables of the full width; an eager one only as many columns as its longest
+        # sequence has blocks, so the reference attention never gathers columns nobody uses.
+        bs = self.block_size
+        width = self.width if bucket else max((len(c.request.table.blocks) for c in decodes), default=1)
         d = len(decodes)
         rows = bucket or d
         tokens = rows if bucket else step.num_tokens
