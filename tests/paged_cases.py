@@ -49,7 +49,8 @@ def make_case(contexts: list[int], num_q_heads: int, num_kv_heads: int, head_dim
         values.append(v)
     q = torch.randn(len(contexts), num_q_heads, head_dim, generator=gen).to(dtype)
     dev = torch.device(device)
-    return PagedCase(q.to(dev), k_pool.to(dev), v_pool.to(dev), tables.to(dev),
+    kv = kv.to(dev)  # moved whole, so the pools stay views of one tensor there too
+    return PagedCase(q.to(dev), kv[1, 0], kv[1, 1], tables.to(dev),
                      torch.tensor(contexts, dtype=torch.int32, device=dev), keys, values, head_dim ** -0.5)
 
 
