@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ferry.model.layers.paged_attention import (PagedAttentionError, decode_attention_path, paged_decode_attention,
-                                                paged_prefill_attention, reference_decode)
 from paged_cases import dense_attention, dense_decode, make_case
+
+from ferry.model.layers.paged_attention import (
+    PagedAttentionError,
+    decode_attention_path,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 
 BS = 16
 # One token, exactly one block, one past a block boundary, ragged lengths, and a padding row.
@@ -132,7 +136,8 @@ def test_triton_kernel_in_the_interpreter_matches_dense_and_the_reference_with_s
     pytest.importorskip("triton")
     script = Path(__file__).with_name("paged_attention_interpreted.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parents[1])}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                         check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) == 5
@@ -179,3 +184,18 @@ def test_reduce_kernel_compiles_for_hopper_with_the_real_compiler():
                  "stride_os": "i32", "stride_oh": "i32"}
     constexprs = {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 6, "SPLITS_PAD": 8, "TILE": TILE_TOKENS}
     assert _compile_for_hopper(paged_decode_reduce_kernel, signature, constexprs).asm["cubin"]
+
+
+def test_kernel_benchmark_runs_on_cpu_with_reference_and_dense_rows(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "paged_attention_kernels.py"
+    command = [sys.executable, str(script), "--device", "cpu", "--batches", "2", "--contexts", "40", "--replays", "1",
+               "--out", str(tmp_path)]
+    out = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("*_paged_attention_cpu.json")]
+    assert doc["decode_path"] == "gather-sdpa" and doc["copy_bandwidth_GBps"] > 0
+    assert [r["path"] for r in doc["results"]] == ["gather-sdpa", "dense-sdpa"]
+    for row in doc["results"]:
+        assert row["us"] > 0 and row["GBps"] > 0 and row["max_abs_err"] < 1e-5, row
+    assert (tmp_path / f"{doc['date']}_paged_attention_cpu.md").exists()

@@ -24,10 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+# Starting points, not yet tuned on a GPU: `benchmarks/paged_attention_kernels.py --sweep` times the
+# alternatives (tile 32/64/128, 4/8 warps, 1..32 splits) at Llama-3-8B's shape.
 TILE_TOKENS = 64  # tokens per loop step: 16 KiB of K and 16 KiB of V in flight per program at D=128, bf16
-MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (its partial write and the reduce) outweighs its reads
+MIN_SPLIT_TOKENS = 128  # a split also pays its partial write and a share of the reduce: keep it a few tiles long
 MAX_SPLITS = 32
-PROGRAMS_PER_SM = 2  # enough resident programs per SM to hide the gather loads' latency
+PROGRAMS_PER_SM = 2  # resident programs per SM, so one's gather loads overlap another's arithmetic
 
 
 @triton.jit
