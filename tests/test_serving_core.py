@@ -144,7 +144,9 @@ def test_a_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(ferry_smoll
 
 def test_a_prefix_that_parts_inside_a_block_copies_that_block_and_matches(ferry_smollm):
     tok = ferry_smollm.tokenizer
-    base = tok.encode("Once upon a time in a small village by the river there lived an old fisherman and his wife")
+    base = tok.encode("Once upon a time in a small village by the river there lived an old fisherman and his wife, "
+                      "who mended nets all day and told stories to the children every evening by the fire.")
+    assert len(base) > 32  # its second block is full, so it is cached
     cut = 16 + 9  # share one full block and 9 tokens of the next
     other = base[:cut] + tok.encode(" who sang every morning to the birds")
     engine = _engine(ferry_smollm)
