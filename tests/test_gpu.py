@@ -77,7 +77,7 @@ def test_bf16_full_prompt_logits_match_transformers_on_gpu(ferry_bf16, hf_bf16):
 
 def test_bf16_greedy_tokens_are_fp32_reference_choices_up_to_ties(ferry_bf16, hf_fp32):
     engine = Engine(ferry_bf16.model, ferry_bf16.tokenizer)
-    assert engine.decode_path == "cuda-graph"
+    assert engine.decode_path == "cuda-graph, attention triton-split-k"
     prompts = _prompt_ids(ferry_bf16)
     completions = engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     exact = total = 0
@@ -111,17 +111,18 @@ def test_cuda_graph_decode_recaptured_at_a_new_context_bucket_mid_generation_mat
     is captured mid-generation (its warm-up writes K/V while the live rows' caches are in use). fp32, as above."""
     from ferry.bench.edge_codecs import eval_text
     from ferry.engine.cuda_graphs import MIN_CONTEXT_BUCKET
+    from ferry.engine.static_engine import StaticBatchEngine
     from ferry.model.loader import load_model
 
     loaded = load_model(None, CUDA, torch.float32, show_progress=False)
     ids = loaded.tokenizer.encode(eval_text())
     prompts = [ids[:240], ids[100:330]]  # two rows of different lengths (240, 230), both below the bucket's end
     params = SamplingParams(max_tokens=48, ignore_eos=True)
-    graphed_engine = Engine(loaded.model, loaded.tokenizer, cuda_graphs=True)
+    graphed_engine = StaticBatchEngine(loaded.model, loaded.tokenizer, cuda_graphs=True)
     graphed_engine.cache.ensure(2, 1024)  # room for a full second bucket (512), not just the request's length
     graphed = graphed_engine.generate(prompts, params)
     assert sorted(graphed_engine.graphs.graphs) == [(2, MIN_CONTEXT_BUCKET), (2, 2 * MIN_CONTEXT_BUCKET)]
-    eager = Engine(loaded.model, loaded.tokenizer, cuda_graphs=False).generate(prompts, params)
+    eager = StaticBatchEngine(loaded.model, loaded.tokenizer, cuda_graphs=False).generate(prompts, params)
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
 
 

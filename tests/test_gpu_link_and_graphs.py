@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ferry.engine.engine import Engine
+from ferry.engine.static_engine import StaticBatchEngine as Engine  # the dense cache's graph machinery
 from ferry.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu

@@ -50,11 +50,15 @@ def ferry_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int, v
 
 
 def captured_step(engine: Engine, batch: int, context: int):
-    """The CUDA graph the engine replays for this batch and context (None if none was captured)."""
+    """The CUDA graph the engine replays for this batch and context (None if none was captured). The serving
+    engine's graphs are per batch bucket (attention reads each sequence's own length); the static engine's per
+    batch and context bucket."""
     if engine.graphs is None:
         return None
     from ferry.engine.cuda_graphs import batch_bucket, context_bucket
 
+    if isinstance(engine, Engine):
+        return engine.graphs.graphs.get(batch_bucket(batch))
     return engine.graphs.graphs.get((batch_bucket(batch), context_bucket(context, engine.cache.max_len)))
 
 

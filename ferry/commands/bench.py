@@ -96,3 +96,59 @@ def bench_allreduce(
         print(run_allreduce_bench(dev.type, ranks, max_size_mb, dtype_name, out, log=err))
 
     run_guarded(run)
+
+
+@bench_app.command("serve-core")
+def bench_serve_core(
+    model: ModelOpt = None,
+    shape: Annotated[Optional[str], typer.Option(help="random weights of a real architecture's shape instead of "
+                                                      "--model: llama3-8b, llama3-70b")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    requests: Annotated[int, typer.Option(help="requests in the offline workload")] = 64,
+    concurrency: Annotated[int, typer.Option(help="sequences at once (static: the batch size)")] = 16,
+    prompt_lens: Annotated[str, typer.Option(help="prompt lengths LO:HI, uniform")] = "16:128",
+    output_lens: Annotated[str, typer.Option(help="output lengths LO:HI, log-uniform")] = "16:512",
+    prefix: Annotated[int, typer.Option(help="shared-prefix length for the time-to-first-token test")] = 2000,
+    kv_memory: Annotated[Optional[str], typer.Option(help="KV cache: a fraction of free GPU memory or a size "
+                                                          "(6GiB); leave room for the static engine's dense cache")] = None,
+    parts: Annotated[str, typer.Option(help="comma list of continuous, roofline, batch1, prefix")] =
+        "continuous,roofline,batch1,prefix",
+    out: OutOpt = Path("benchmarks/results"),
+    verbose: VerboseOpt = False,
+) -> None:
+    """The serving core: continuous vs static batching, decode vs roofline, paged vs dense at batch 1, prefix reuse."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.bench.serve_core import run_serve_core_bench
+        from ferry.device import resolve_device, resolve_dtype
+        from ferry.errors import FerryError
+
+        def span(text: str, name: str) -> tuple[int, int]:
+            try:
+                lo, hi = (int(x) for x in text.split(":"))
+            except ValueError:
+                raise FerryError(f"--{name} {text!r}: give LO:HI, e.g. 16:512") from None
+            if not 0 < lo <= hi:
+                raise FerryError(f"--{name} {text!r}: need 0 < LO <= HI")
+            return lo, hi
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if shape:
+            from ferry.bench.shapes import SHAPES, random_model
+
+            if shape not in SHAPES:
+                raise FerryError(f"--shape {shape!r}: choose one of {', '.join(SHAPES)}")
+            loaded_model, label = random_model(SHAPES[shape], dev, dt), shape
+        else:
+            from ferry.model.loader import load_model
+
+            loaded = load_model(model, dev, dt, show_progress=True)
+            loaded_model, label = loaded.model, loaded.path.stem.split(".")[0]
+        print(run_serve_core_bench(loaded_model, None, f"{label}_{dev.type}", requests, concurrency,
+                                   span(prompt_lens, "prompt-lens"), span(output_lens, "output-lens"), prefix,
+                                   kv_memory, [p.strip() for p in parts.split(",")], out, log=err))
+
+    run_guarded(run)

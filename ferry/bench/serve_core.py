@@ -1,0 +1,245 @@
+"""`ferry bench serve-core`: what continuous batching over the paged cache buys, measured side by side.
+
+Four measurements on one loaded model:
+- continuous vs static: an offline workload of N requests (fixed seed; prompt lengths uniform, output lengths
+  log-uniform over their range, as chat answers are mostly short with a long tail) run by the serving engine with
+  at most C sequences at once, and by the static-batch engine in batches of C (each batch decodes until its
+  longest request ends). Output tokens/s and each request's latency (arrival to its last token).
+- decode roofline: C requests prefilled, then decode-only steps timed; bytes each step must read (weights + every
+  sequence's K/V) over the device's copy bandwidth, measured in the same run.
+- batch 1: one sequence's decode tokens/s, paged engine vs the static engine's dense cache, interleaved runs.
+- prefix reuse: time to first token of a request whose long prefix is cached, vs one whose prefix is new.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ferry.bench.decode_timing import copy_bandwidth, sync
+from ferry.bench.shapes import weight_bytes_per_token
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+from ferry.engine.static_engine import StaticBatchEngine
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @classmethod
+    def make(cls, n: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int], vocab: int,
+             seed: int = 0) -> Workload:
+        gen = torch.Generator().manual_seed(seed)
+        lens = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n,), generator=gen).tolist()
+        prompts = [torch.randint(100, min(vocab, 30000), (k,), generator=gen).tolist() for k in lens]
+        lo, hi = math.log(output_lens[0]), math.log(output_lens[1])
+        outs = [round(math.exp(lo + (hi - lo) * u)) for u in torch.rand(n, generator=gen).tolist()]
+        return cls(prompts, outs)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50": ordered[len(ordered) // 2], "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
+
+
+def run_continuous(engine: Engine, work: Workload) -> dict:
+    """Every request arrives at t=0; the engine runs them at most `max_running` at a time."""
+    started = time.perf_counter()
+    ids = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
+           for p, m in zip(work.prompts, work.max_tokens, strict=True)]
+    index = {rid: i for i, rid in enumerate(ids)}
+    first, last = {}, {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            now = time.perf_counter() - started
+            first.setdefault(index[event.index], now)
+            if event.finish_reason:
+                last[index[event.index]] = now
+    wall = time.perf_counter() - started
+    engine.check_no_leaks()
+    return _summary("continuous (paged)", work, wall, first, last)
+
+
+def run_static(engine: StaticBatchEngine, work: Workload, batch: int) -> dict:
+    """Batches of `batch` requests in arrival order; a batch decodes until its longest member's max_tokens, and a
+    request counts as done at its own max_tokens-th token."""
+    started = time.perf_counter()
+    first, last = {}, {}
+    for at in range(0, len(work.prompts), batch):
+        prompts, limits = work.prompts[at : at + batch], work.max_tokens[at : at + batch]
+        counts = [0] * len(prompts)
+
+        def on_token(event, at=at, limits=limits, counts=counts):
+            now = time.perf_counter() - started
+            counts[event.index] += 1
+            first.setdefault(at + event.index, now)
+            if counts[event.index] == limits[event.index]:
+                last[at + event.index] = now
+
+        engine.generate(prompts, SamplingParams(max_tokens=max(limits), ignore_eos=True), on_token=on_token)
+    wall = time.perf_counter() - started
+    return _summary(f"static batches of {batch}", work, wall, first, last)
+
+
+def _summary(name: str, work: Workload, wall: float, first: dict, last: dict) -> dict:
+    return {"engine": name, "requests": len(work.prompts), "output_tokens": work.output_tokens, "wall_s": wall,
+            "output_tokens_per_s": work.output_tokens / wall,
+            **{f"latency_{k}_s": v for k, v in _percentiles(list(last.values())).items()},
+            **{f"ttft_{k}_s": v for k, v in _percentiles(list(first.values())).items()},
+            "latencies_s": [last[i] for i in sorted(last)]}
+
+
+def decode_roofline(engine: Engine, work: Workload, steps: int = 64) -> dict:
+    """All of `work` (at most max_running requests, outputs longer than `steps`) prefilled, then `steps`
+    decode-only steps timed; each step must read every weight once and every running sequence's K/V."""
+    device = engine.device
+    ids = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
+           for p, m in zip(work.prompts, work.max_tokens, strict=True)]
+    while any(r.computed < len(r.token_ids) for r in map(engine.request, ids)):
+        engine.step()
+    engine.step()  # the first all-decode step (captures its graph bucket on first use)
+    weights = weight_bytes_per_token(engine.model)
+    kv_tokens = 0
+    graph_steps = engine.stats.graph_steps
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        kv_tokens += sum(r.computed + 1 for r in engine.scheduler.running)
+        engine.step()
+    sync(device)
+    elapsed = time.perf_counter() - started
+    graph_steps = engine.stats.graph_steps - graph_steps
+    for rid in ids:
+        engine.abort(rid)
+    engine.check_no_leaks()
+    bandwidth = copy_bandwidth(device)
+    read = steps * weights + kv_tokens * engine.cache.bytes_per_token
+    return {"batch": len(ids), "steps": steps, "graph_steps": graph_steps, "step_ms": elapsed / steps * 1e3,
+            "decode_tokens_per_s": len(ids) * steps / elapsed, "bytes_per_step_gb": read / steps / 1e9,
+            "kv_share_of_bytes": kv_tokens * engine.cache.bytes_per_token / read,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "of_roofline": read / bandwidth / elapsed}
+
+
+def batch1(paged: Engine, static: StaticBatchEngine, prompt: list[int], new_tokens: int, repeats: int = 3) -> dict:
+    """One sequence's decode tokens/s on each engine, alternating runs (after one warm-up each), medians."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    rates: dict[str, list[float]] = {"paged": [], "dense": []}
+    for name, engine in (("paged", paged), ("dense", static)):
+        engine.generate([prompt], params)
+    for _ in range(repeats):
+        for name, engine in (("paged", paged), ("dense", static)):
+            rates[name].append(engine.generate([prompt], params)[0].tokens_per_s)
+    paged_rate, dense_rate = statistics.median(rates["paged"]), statistics.median(rates["dense"])
+    return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "paged_tokens_per_s": paged_rate,
+            "dense_tokens_per_s": dense_rate, "paged_vs_dense": paged_rate / dense_rate,
+            "paged_path": paged.decode_path, "dense_path": static.decode_path}
+
+
+def prefix_ttft(engine: Engine, prefix_len: int, suffix_len: int, vocab: int, repeats: int = 3) -> dict:
+    """Time to first token with a `prefix_len`-token prefix already cached (another request used it) vs new."""
+    gen = torch.Generator().manual_seed(1234)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(100, min(vocab, 30000), (n,), generator=gen).tolist()
+
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    engine.generate([tokens(prefix_len + suffix_len)], one)  # warm-up: kernels, graph buckets
+    cold, warm, hits = [], [], []
+    for _ in range(repeats):
+        prefix = tokens(prefix_len)
+        cold.append(engine.generate([prefix + tokens(suffix_len)], one)[0].ttft_s)
+        before = engine.blocks.stats.prefix_hit_tokens
+        warm.append(engine.generate([prefix + tokens(suffix_len)], one)[0].ttft_s)
+        hits.append(engine.blocks.stats.prefix_hit_tokens - before)
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    return {"prefix_tokens": prefix_len, "suffix_tokens": suffix_len, "cold_ttft_ms": cold_s * 1e3,
+            "cached_ttft_ms": warm_s * 1e3, "speedup": cold_s / warm_s, "prefix_hit_tokens": min(hits)}
+
+
+def plot(continuous: dict, static: dict, latencies: dict[str, list[float]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [continuous["engine"], static["engine"]]
+    a.bar(names, [continuous["output_tokens_per_s"], static["output_tokens_per_s"]], color=["tab:blue", "tab:gray"])
+    a.set_ylabel("output tokens/s")
+    a.set_title("throughput, same workload")
+    for name, values in latencies.items():
+        ordered = sorted(values)
+        b.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    b.set_xlabel("request latency, s (arrival to last token)")
+    b.set_ylabel("fraction of requests")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int, prompt_lens: tuple[int, int],
+                         output_lens: tuple[int, int], prefix_len: int, kv_memory: str | None, parts: list[str],
+                         out_dir, log=print) -> str:
+    """Run the asked `parts` (continuous, roofline, batch1, prefix) on `model`; write JSON, markdown and PNG."""
+    from ferry.bench.report import markdown_table, provenance, write_results
+
+    device = model.norm.weight.device
+    vocab = model.config.vocab_size
+    engine = Engine(model, None, kv_memory=kv_memory, max_running=concurrency)
+    log(f"serving engine: {engine.decode_path}; KV cache {engine.kv_report}")
+    static = StaticBatchEngine(model, None)
+    meta = provenance(device) | {"model": label, "dtype": str(engine.dtype).removeprefix("torch."),
+                                 "kv_cache": engine.kv_report, "decode_path": engine.decode_path}
+    sections, rows = [], []
+    if "continuous" in parts:
+        work = Workload.make(n, prompt_lens, output_lens, vocab)
+        warm = Workload.make(concurrency, prompt_lens, (4, 8), vocab, seed=1)  # graph buckets, kernels, allocator
+        run_continuous(engine, warm)
+        run_static(static, warm, concurrency)
+        cont = run_continuous(engine, work)
+        stat = run_static(static, work, concurrency)
+        meta["workload"] = {"requests": n, "concurrency": concurrency, "prompt_lens": list(prompt_lens),
+                            "output_lens": list(output_lens), "output_lens_distribution": "log-uniform", "seed": 0}
+        meta["continuous_vs_static"] = cont["output_tokens_per_s"] / stat["output_tokens_per_s"]
+        latencies = {r["engine"]: r.pop("latencies_s") for r in (cont, stat)}
+        rows += [cont, stat]
+        cols = ["engine", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "latency_p50_s",
+                "latency_p90_s", "ttft_p50_s", "ttft_p90_s"]
+        sections.append(f"## Continuous vs static batching ({meta['continuous_vs_static']:.2f}x)\n\n"
+                        + markdown_table([cont, stat], cols))
+        try:
+            plot(cont, stat, latencies, out_dir / f"{meta['date']}_serve_core_{label}.png")
+        except ImportError:
+            log("matplotlib not installed; no PNG written")
+        log(sections[-1])
+    if "roofline" in parts:
+        work = Workload.make(concurrency, prompt_lens, (max(output_lens[0], 80), output_lens[1]), vocab, seed=2)
+        meta["decode_roofline"] = decode_roofline(engine, work)
+        sections.append("## Aggregate decode vs the memory roofline\n\n" + markdown_table(
+            [meta["decode_roofline"]], list(meta["decode_roofline"])))
+        log(sections[-1])
+    if "batch1" in parts:
+        prompt = Workload.make(1, (128, 128), (1, 1), vocab, seed=3).prompts[0]
+        meta["batch1"] = batch1(engine, static, prompt, new_tokens=256 if device.type == "cuda" else 64)
+        sections.append("## Batch 1: paged vs dense cache\n\n" + markdown_table([meta["batch1"]], list(meta["batch1"])))
+        log(sections[-1])
+    if "prefix" in parts:
+        meta["prefix_reuse"] = prefix_ttft(engine, prefix_len, 32, vocab)
+        sections.append("## Prefix reuse: time to first token\n\n" + markdown_table(
+            [meta["prefix_reuse"]], list(meta["prefix_reuse"])))
+        log(sections[-1])
+    stem = f"{meta['date']}_serve_core_{label}"
+    cols = ["engine", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "latency_p50_s", "latency_p90_s"]
+    json_path, md_path = write_results(out_dir, stem, meta, rows, cols, notes="\n\n".join(sections))
+    return f"wrote {json_path}, {md_path}"
