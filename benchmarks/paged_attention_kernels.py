@@ -238,7 +238,7 @@ def main() -> None:
     columns = ["path", "batch", "context", "kv_MiB", "us", "GBps", "of_copy_bw", "max_abs_err", "splits", "error"]
     notes = ("GBps: K+V bytes one call must read / its time. of_copy_bw: that over the copy bandwidth measured in "
              f"this run ({bandwidth / 1e9:.0f} GB/s, read + write). max_abs_err: against gather-sdpa's output.")
-    stem = f"{meta['date']}_paged_attention_{device.type}"
+    stem = f"{meta['date']}_paged_attention_{device.type}" + ("_sweep" if args.sweep else "")
     json_path, md_path = write_results(args.out, stem, meta, rows, columns, notes)
     print(f"wrote {json_path} and {md_path}")
 
