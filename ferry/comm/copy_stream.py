@@ -47,10 +47,12 @@ class CopyStream:
         self._compute_done = torch.cuda.Event() if self.stream is not None else None
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None,
-             fence: torch.cuda.Event | None = None):
+             fence: torch.cuda.Event | None = None, record: bool = True):
         """dst.copy_(src) on the copy stream, after the work already queued on the current stream; returns the
         fence it recorded (`fence` if given, else a new event). `host_pinned`: whether the host side is
-        page-locked, if the caller knows."""
+        page-locked, if the caller knows. `record=False`: the caller keeps the device tensors alive until the
+        fence has passed, so the allocator needs no cross-stream event for them (events it would otherwise create
+        when they are freed, even inside a later graph capture or at interpreter exit)."""
         if self.stream is None:
             dst.copy_(src)
             return _Done()
@@ -61,7 +63,7 @@ class CopyStream:
             dst.copy_(src, non_blocking=pinned)
         event = fence if fence is not None else torch.cuda.Event()
         event.record(self.stream)
-        for t in (dst, src):
+        for t in (dst, src) if record else ():
             if t.device.type == "cuda":
                 t.record_stream(self.stream)  # keep the allocator from reusing it before the copy ran
         return event

@@ -14,13 +14,15 @@ from ferry.comm.pinned_pool import PinnedBuffer, PinnedBufferPool
 
 
 class PendingTokens:
-    def __init__(self, pool: PinnedBufferPool, buf: PinnedBuffer, host: torch.Tensor, fence) -> None:
+    def __init__(self, pool: PinnedBufferPool, buf: PinnedBuffer, host: torch.Tensor, fence, source: torch.Tensor) -> None:
         self.pool, self.buf, self.host, self.fence = pool, buf, host, fence
+        self.source = source  # the device tokens stay alive until the copy has read them
 
     def result(self) -> list[int]:
         self.fence.synchronize()
         values = self.host.tolist()
         self.pool.release(self.buf)  # the copy is complete: the buffer is free at once
+        self.source = None
         return values
 
 
@@ -32,5 +34,6 @@ class TokenReadback:
         """Begin copying `tokens` (int64 [batch], on the device) to the host."""
         buf = self.pool.acquire(tokens.numel() * 8)
         host = buf.view(tokens.numel() * 8, torch.int64)
-        fence = self.copy.copy(host, tokens.reshape(-1), host_pinned=buf.pinned, fence=buf.event)
-        return PendingTokens(self.pool, buf, host, fence)
+        source = tokens.reshape(-1)
+        fence = self.copy.copy(host, source, host_pinned=buf.pinned, fence=buf.event, record=False)
+        return PendingTokens(self.pool, buf, host, fence, source)
