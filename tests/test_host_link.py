@@ -158,25 +158,18 @@ def test_packed_layout_fields_written_in_place_go_up_in_one_copy_per_step():
     assert not packed.fits(ids=13)
 
 
-@pytest.mark.slow
-def test_engine_prefill_uploads_its_inputs_once_per_step(ferry_smollm):
+def test_every_engine_step_uploads_its_inputs_in_one_copy():
+    """Decodes, prefill chunks of a long prompt, block tables and in-flight token routing: one copy per step."""
     import torch
 
+    from ferry.bench.shapes import TINY, random_model
     from ferry.engine.engine import Engine
     from ferry.engine.sampling import SamplingParams
 
-    engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
-    tok = ferry_smollm.tokenizer
-    short = [tok.encode("Hi"), tok.encode("The capital of France is")]
-    engine.generate(short, SamplingParams(max_tokens=2))
-    assert engine._prefill_inputs.uploads == 1
-    from ferry.bench.shapes import TINY, random_model
-
-    tiny = Engine(random_model(TINY, torch.device("cpu"), torch.float32), None)
-    tiny.generate([[5] * 1000, [6] * 500], SamplingParams(max_tokens=1))
-    long = [[7] * 5000]  # more ids than the first layout holds: it grows, still one copy
-    tiny.generate(long, SamplingParams(max_tokens=1))
-    assert tiny._prefill_inputs.uploads == 1 and tiny._prefill_inputs.fits(ids=5000)
+    tiny = Engine(random_model(TINY, torch.device("cpu"), torch.float32), None, max_batched_tokens=256)
+    tiny.generate([[5] * 700, [6] * 30, [7] * 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert tiny.stats.prefill_tokens == 733 and tiny.stats.steps >= 3  # the long prompt took three chunks
+    assert tiny.inputs.uploads == tiny.stats.steps
 
 
 @pytest.mark.slow
