@@ -30,6 +30,9 @@ class _CapturedDecode:
         self.ids = ids
         paged = PagedBatch(slots=slots, decode_rows=rows, block_tables=tables, context_lens=lens)
         every_row = torch.arange(rows, device=device)
+        # The graph reads these by address: they must live as long as it does (a freed index tensor was reused
+        # by the allocator and the replay read garbage indices).
+        self._read_by_graph = (every_row, paged)
 
         def step():
             return forward(ids.view(1, rows), positions.view(1, rows), cache.layers, 0, logits_index=every_row,
