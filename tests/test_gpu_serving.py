@@ -59,7 +59,7 @@ def test_swap_over_the_copy_stream_and_prefix_sharing_under_graphs_match_eager(t
     tight = Engine(tiny, None, cuda_graphs=True, num_blocks=16, preemption="swap")
     out = tight.generate(prompts, PARAMS)
     assert [c.token_ids for c in out] == [c.token_ids for c in roomy]
-    assert tight.swap.stats.swapped_out >= 1 and tight.blocks.stats.prefix_hit_tokens >= 32
+    assert tight.swap.stats.swapped_out >= 1 and tight.blocks.stats.prefix_hit_tokens >= 16
     tight.check_no_leaks()
 
 

@@ -202,3 +202,20 @@ def test_kv_memory_is_a_fraction_on_gpus_or_a_size(ferry_smollm):
     engine = _engine(ferry_smollm, kv_memory="0.01GiB")
     assert engine.kv_report["blocks"] == int(0.01 * (1 << 30)) // engine.cache.bytes_per_token // 16
     assert torch.equal(torch.tensor(engine.kv_report["tokens"]), torch.tensor((engine.kv_report["blocks"] - 1) * 16))
+
+
+def test_a_request_swapped_out_while_prefilling_resumes_with_a_chunk_its_blocks_hold():
+    """Six prompts sharing a 40-token prefix in a 15-block pool, 16-token budget: requests are swapped out in the
+    middle of their prefill and come back to finish it (random weights: this is about bookkeeping, fast)."""
+    from ferry.bench.shapes import TINY, random_model
+
+    model = random_model(TINY, torch.device("cpu"), torch.float32, seed=5)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(10, 8000, (40,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(10, 8000, (7 + 11 * i,), generator=gen).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    roomy = Engine(model, None, prefix_caching=False).generate(prompts, params)
+    tight = Engine(model, None, num_blocks=16, preemption="swap")
+    assert [c.token_ids for c in tight.generate(prompts, params)] == [c.token_ids for c in roomy]
+    assert tight.swap.stats.swapped_out >= 1 and tight.swap.stats.swapped_in == tight.swap.stats.swapped_out
+    tight.check_no_leaks()

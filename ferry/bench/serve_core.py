@@ -190,15 +190,29 @@ def plot(continuous: dict, static: dict, latencies: dict[str, list[float]], path
 
 def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int, prompt_lens: tuple[int, int],
                          output_lens: tuple[int, int], prefix_len: int, kv_memory: str | None, parts: list[str],
-                         out_dir, log=print) -> str:
+                         out_dir, log=print, compile: bool = False) -> str:
     """Run the asked `parts` (continuous, roofline, batch1, prefix) on `model`; write JSON, markdown and PNG."""
     from ferry.bench.report import markdown_table, provenance, write_results
 
     device = model.norm.weight.device
     vocab = model.config.vocab_size
-    engine = Engine(model, None, kv_memory=kv_memory, max_running=concurrency)
+    engine = Engine(model, None, kv_memory=kv_memory, max_running=concurrency, compile=compile)
     log(f"serving engine: {engine.decode_path}; KV cache {engine.kv_report}")
     static = StaticBatchEngine(model, None)
+    # What a server does at start: every decode bucket captured (compiled: only the full batch's, a compile each),
+    # and the static engine's buckets for these lengths, so no capture lands inside a timed run.
+    engine.warm_up(batch=concurrency, every_bucket=not compile)
+    if static.graphs is not None:
+        from ferry.engine.cuda_graphs import batch_bucket, context_bucket
+
+        longest = prompt_lens[1] + output_lens[1]
+        static.cache.ensure(batch_bucket(concurrency), longest)
+        context = context_bucket(1, longest)
+        while True:
+            static.graphs.capture(batch_bucket(concurrency), min(context, static.cache.max_len))
+            if context >= longest:
+                break
+            context *= 2
     meta = provenance(device) | {"model": label, "dtype": str(engine.dtype).removeprefix("torch."),
                                  "kv_cache": engine.kv_report, "decode_path": engine.decode_path}
     sections, rows = [], []
@@ -239,7 +253,7 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
         sections.append("## Prefix reuse: time to first token\n\n" + markdown_table(
             [meta["prefix_reuse"]], list(meta["prefix_reuse"])))
         log(sections[-1])
-    stem = f"{meta['date']}_serve_core_{label}"
+    stem = f"{meta['date']}_serve_core_{label}" + ("_compiled" if compile else "")
     cols = ["engine", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "latency_p50_s", "latency_p90_s"]
     json_path, md_path = write_results(out_dir, stem, meta, rows, cols, notes="\n\n".join(sections))
     return f"wrote {json_path}, {md_path}"

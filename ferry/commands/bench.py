@@ -114,6 +114,8 @@ def bench_serve_core(
                                                           "(6GiB); leave room for the static engine's dense cache")] = None,
     parts: Annotated[str, typer.Option(help="comma list of continuous, roofline, batch1, prefix")] =
         "continuous,roofline,batch1,prefix",
+    compile: Annotated[bool, typer.Option("--compile", help="compile the serving engine's decode step (one compile "
+                                                            "per batch bucket: use with the roofline part)")] = False,
     out: OutOpt = Path("benchmarks/results"),
     verbose: VerboseOpt = False,
 ) -> None:
@@ -149,6 +151,7 @@ def bench_serve_core(
             loaded_model, label = loaded.model, loaded.path.stem.split(".")[0]
         print(run_serve_core_bench(loaded_model, None, f"{label}_{dev.type}", requests, concurrency,
                                    span(prompt_lens, "prompt-lens"), span(output_lens, "output-lens"), prefix,
-                                   kv_memory, [p.strip() for p in parts.split(",")], out, log=err))
+                                   kv_memory, [p.strip() for p in parts.split(",")], out, log=err,
+                                   compile=compile))
 
     run_guarded(run)

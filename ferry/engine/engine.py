@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -104,11 +105,16 @@ class Engine:
         self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=1 << 30, pin=cuda)
         self._copy = CopyStream(self.device)
         self.readback = TokenReadback(self.pinned_pool, self._copy)
+        # Weak: the engine owns the swapper; a strong bound method back would make a cycle that keeps the whole KV
+        # pool alive until the garbage collector happens to run.
+        measure, agree = weakref.WeakMethod(self._measure_prefill), weakref.WeakMethod(self._agree_min)
         self.swap = KVSwap(self.cache, self.pinned_pool, self._copy, preemption,
-                           measure_prefill=self._measure_prefill, agree=self._agree_min)
+                           measure_prefill=lambda: measure()(), agree=lambda values: agree()(values))
         self.scheduler = Scheduler(self.blocks, self.limits, self.swap)
+        # The Triton kernel specialises on the table's row stride, so CUDA steps keep one width; the reference
+        # (CPU) gathers every column it is given, so its eager steps send only the columns in use.
         self.inputs = StepInputs(self.device, self._copy, block_size, self.width, self.limits.max_batched_tokens,
-                                 self.limits.max_running)
+                                 self.limits.max_running, narrow_tables=not cuda)
 
         use_graphs = cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
@@ -296,11 +302,17 @@ class Engine:
     # -- start-up helpers -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def warm_up(self, batch: int = 1, reserve_tokens: int = 4096) -> None:
+    def warm_up(self, batch: int = 1, reserve_tokens: int = 4096, every_bucket: bool = False) -> None:
         """Capture (compiling first where compile is on) the decode step most requests start in, before the first
-        request. `reserve_tokens` is kept for callers of the static engine's signature (the paged pool is fixed)."""
-        if self.graphs is not None:
-            self.graphs.get(self.graphs.bucket(batch))
+        request; `every_bucket`: every batch bucket up to `batch` (what a server does at start, so no capture
+        lands inside a request). `reserve_tokens` is kept for callers of the static engine's signature."""
+        if self.graphs is None:
+            return
+        from ferry.engine.cuda_graphs import BATCH_BUCKETS
+
+        top = self.graphs.bucket(batch)
+        for bucket in [b for b in BATCH_BUCKETS if b <= top] if every_bucket else [top]:
+            self.graphs.get(bucket)
 
     def _measure_prefill(self, tokens: int = 128) -> float:
         """Prefill tokens/s of one `tokens`-token chunk, run against the padding block (no cache state touched)."""

@@ -148,8 +148,12 @@ class Scheduler:
             self.preemption.swap_in(r)
             r.status = Status.RUNNING
             self.running.append(r)
-            if not r.out_of_tokens and r.to_compute > 0 and self.blocks.ensure_slots(r.table, r.computed + 1):
-                self._take(step, r, 1 if r.to_compute == 1 else min(r.to_compute, self._budget))
+            if r.out_of_tokens or r.to_compute <= 0:
+                continue
+            # Swapped while prefilling, it continues with a chunk as long as budget and free blocks allow.
+            length = 1 if r.to_compute == 1 else min(r.to_compute, self._budget, self._room(r, reserve=0))
+            if length > 0 and self.blocks.ensure_slots(r.table, r.computed + length):
+                self._take(step, r, length)
 
     def _admit_waiting(self, step: ScheduledStep) -> None:
         while self.waiting and self._budget > 0 and len(self.running) < self.limits.max_running:

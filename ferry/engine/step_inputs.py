@@ -44,8 +44,10 @@ def decode_views(buf: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor
 
 
 class StepInputs:
-    def __init__(self, device: torch.device, copy, block_size: int, width: int, max_tokens: int, max_rows: int) -> None:
+    def __init__(self, device: torch.device, copy, block_size: int, width: int, max_tokens: int, max_rows: int,
+                 narrow_tables: bool = False) -> None:
         self.device, self.copy, self.block_size, self.width = device, copy, block_size, width
+        self.narrow_tables = narrow_tables
         pin = device.type == "cuda"
         capacity = 3 * max_tokens + 2 * max_rows * (width + 2) + 3 * max_rows + 64
         self._host = [torch.zeros(capacity, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
@@ -68,10 +70,12 @@ class StepInputs:
         graph's input buffer."""
         host = self._next_host()
         decodes, prefills = step.decodes, step.prefills
-        # A captured step reads tables of the full width; an eager one only as many columns as its longest
-        # sequence has blocks, so the reference attention never gathers columns nobody uses.
+        # A captured step reads tables of the full width; with `narrow_tables` an eager one only as many columns as
+        # its longest sequence has blocks, so the reference attention never gathers columns nobody uses.
         bs = self.block_size
-        width = self.width if bucket else max((len(c.request.table.blocks) for c in decodes), default=1)
+        width = self.width
+        if self.narrow_tables and not bucket:
+            width = max((len(c.request.table.blocks) for c in decodes), default=1)
         d = len(decodes)
         rows = bucket or d
         tokens = rows if bucket else step.num_tokens

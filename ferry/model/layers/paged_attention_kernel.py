@@ -149,7 +149,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     programs = batch * num_kv_heads
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, programs)
-    return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
+    splits = max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
+    # A power of two: NUM_SPLITS is a compile-time constant, and every batch size of a serving run would otherwise
+    # compile its own variant (each a JIT compile of up to a second, inside the run on first use).
+    return 1 << (splits.bit_length() - 1)
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
