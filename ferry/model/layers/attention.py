@@ -22,11 +22,7 @@ from ferry.comm.group import ParallelGroup
 from ferry.errors import FerryError
 from ferry.model.layers.heads import HeadShard
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ferry.model.layers.paged_attention import (
-    paged_cache_write,
-    paged_decode_attention,
-    paged_prefill_attention,
-)
+from ferry.model.layers.paged_attention import paged_decode_attention, paged_prefill_attention
 from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
 from ferry.model.weights.source import WeightSource
 
@@ -165,8 +161,10 @@ class Attention(nn.Module):
             raise FerryError("this tensor-parallel layout gives a rank an uneven number of query heads per KV "
                              "head, which the paged KV cache does not run; choose a --tp that divides the KV heads")
         k_pool, v_pool = kv_cache
-        paged_cache_write(k_pool, v_pool, paged.slots, k, v)
-        scale = self.head_dim**-0.5
+        n_kv, hd = self.num_kv_heads, self.head_dim
+        k_pool.view(-1, n_kv, hd)[paged.slots] = k
+        v_pool.view(-1, n_kv, hd)[paged.slots] = v
+        scale = hd**-0.5
         rows = paged.decode_rows
         if not paged.prefills:  # a decode-only step (what CUDA graphs capture)
             return paged_decode_attention(q, k_pool, v_pool, paged.block_tables, paged.context_lens, scale)

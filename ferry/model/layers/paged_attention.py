@@ -167,23 +167,3 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     mask = mask.repeat(group, 1)  # row g * T + t of the folded query axis is token t of group member g
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     return out.view(num_kv_heads, group, tokens, head_dim).permute(2, 0, 1, 3).reshape(tokens, num_q_heads, head_dim)
-
-
-@torch.library.custom_op("ferry::paged_cache_write", mutates_args=("k_pool", "v_pool"))
-def _paged_cache_write(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor) -> None:
-    k_pool.view(-1, *k_pool.shape[2:])[slots] = k
-    v_pool.view(-1, *v_pool.shape[2:])[slots] = v
-
-
-@_paged_cache_write.register_fake
-def _paged_cache_write_fake(k_pool, v_pool, slots, k, v) -> None:
-    return None
-
-
-def paged_cache_write(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor) -> None:
-    """This step's K/V [tokens, Hkv, D] into their pool slots. An opaque in-place op: traced as a plain index_put,
-    torch.compile copied the whole pool view of each layer around the write (a 68 ms decode step at the
-    Llama-3-8B shape, batch 64, on an H200, against 8.7 ms uncompiled)."""
-    torch.ops.ferry.paged_cache_write(k_pool, v_pool, slots, k, v)
