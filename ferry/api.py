@@ -31,6 +31,7 @@ class LLM:
         compressed_allreduce: str | None = None,
         allreduce: str = "auto",
         overlap_prefill: bool = False,
+        kv_memory: str | float | None = None,
     ) -> None:
         from ferry.parallel.layout import check_parallel_options
 
@@ -40,13 +41,10 @@ class LLM:
         self.tp = tp
         self.workers = None
         self.engine: Engine | None = None
-        # A long-lived process: compile on one GPU unless told not to (engine/compiled_step.py says why). With
-        # tensor parallelism it stays opt-in: compiled steps around the all-reduce paths are not measured yet.
-        if compile is None:
-            compile = self.device.type == "cuda" and tp == 1
-        compile = compile or compile_mode is not None
+        # The serving engine decodes under CUDA graphs; compiling its paged step is refused (engine.py says why).
+        compile = bool(compile) or compile_mode is not None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
-                              sync_output=sync_output, overlap_prefill=overlap_prefill)
+                              sync_output=sync_output, overlap_prefill=overlap_prefill, kv_memory=kv_memory)
         if tp > 1:
             self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce)
             return

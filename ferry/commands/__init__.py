@@ -95,8 +95,12 @@ ChatOpt = Annotated[bool, typer.Option("--chat", help="wrap each prompt in the m
 StreamOpt = Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")]
 CompileOpt = Annotated[Optional[bool], typer.Option(
-    "--compile/--no-compile", help="CUDA: torch.compile the decode step (max-autotune, kernels cached per machine) "
-    "\\[default: on for chat, off for generate]", show_default=False)]
+    "--compile/--no-compile", help="CUDA: torch.compile the decode step. Refused by the serving engine for now (its "
+    "compiled paged step measured 8x slower than CUDA graphs alone; the error says why) \\[default: off]",
+    show_default=False)]
+KvMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--kv-memory", help="KV cache: a fraction of the GPU memory free after loading (0.85) or a size (6GiB) "
+    "\\[default: 0.85 on GPU, 1GiB on CPU]", show_default=False)]
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode instead of Ferry's "
                                                        "(max-autotune-no-cudagraphs), e.g. default")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")]

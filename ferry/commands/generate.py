@@ -19,6 +19,7 @@ from ferry.commands import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    KvMemoryOpt,
     MaxTokensOpt,
     ModelOpt,
     SeedOpt,
@@ -58,6 +59,7 @@ def generate(
     as_json: JsonOpt = False,
     compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
+    kv_memory: KvMemoryOpt = None,
     weights: WeightsOpt = "native",
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
@@ -89,17 +91,20 @@ def generate(
                                compressed_allreduce, allreduce)
         compiled = bool(compile) or compile_mode is not None  # one-shot: compiled only when asked
         if tp > 1 or under_torchrun():
-            engine_options = dict(compile=compiled, compile_mode=compile_mode,
+            engine_options = dict(compile=compiled, compile_mode=compile_mode, kv_memory=kv_memory,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
                          allreduce)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compiled,
                   compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
-                  overlap_prefill=overlap_prefill)
+                  overlap_prefill=overlap_prefill, kv_memory=kv_memory)
         if verbose:
             err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")
+            kv = llm.engine.kv_report
+            err(f"ferry: KV cache {kv['blocks']} blocks of {kv['block_size']} tokens ({kv['tokens']} tokens, "
+                f"{kv['gib']} GiB, {kv['budget']}); {kv['full_context_sequences']} full-context sequences fit at once")
         out = sys.stderr if as_json else sys.stdout
         printer = StreamPrinter(out, len(prompts)) if stream else None
         completions = llm.generate(prompts, params, chat=chat, on_token=printer)
@@ -167,6 +172,7 @@ def chat(
     weights: WeightsOpt = "native",
     compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
+    kv_memory: KvMemoryOpt = None,
     tp: TpOpt = 1,
     compressed_allreduce: CompressedAllReduceOpt = None,
     allreduce: AllReduceOpt = "auto",
@@ -182,7 +188,7 @@ def chat(
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
-                 compile=compile, compile_mode=compile_mode,
+                 compile=compile, compile_mode=compile_mode, kv_memory=kv_memory,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; Ctrl-C stops an answer, /reset starts "
