@@ -59,15 +59,25 @@ def run_continuous(engine: Engine, work: Workload) -> dict:
            for p, m in zip(work.prompts, work.max_tokens, strict=True)]
     index = {rid: i for i, rid in enumerate(ids)}
     first, last = {}, {}
+    # Where the time goes: each step() call's wall time by the kind of step it launched (with async readback it
+    # also holds the wait for the previous step's tokens).
+    kinds: dict[str, list[float]] = {"graph": [], "eager": [], "none": []}
     while engine.has_unfinished():
-        for event in engine.step():
+        graphs, steps, t0 = engine.stats.graph_steps, engine.stats.steps, time.perf_counter()
+        events = engine.step()
+        kind = "none" if engine.stats.steps == steps else "graph" if engine.stats.graph_steps > graphs else "eager"
+        kinds[kind].append(time.perf_counter() - t0)
+        for event in events:
             now = time.perf_counter() - started
             first.setdefault(index[event.index], now)
             if event.finish_reason:
                 last[index[event.index]] = now
     wall = time.perf_counter() - started
     engine.check_no_leaks()
-    return _summary("continuous (paged)", work, wall, first, last)
+    out = _summary("continuous (paged)", work, wall, first, last)
+    out["steps"] = {k: {"count": len(v), "total_s": round(sum(v), 3),
+                        "median_ms": round(statistics.median(v) * 1e3, 3) if v else None} for k, v in kinds.items()}
+    return out
 
 
 def run_static(engine: StaticBatchEngine, work: Workload, batch: int) -> dict:
@@ -227,6 +237,8 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
                             "output_lens": list(output_lens), "output_lens_distribution": "log-uniform", "seed": 0}
         meta["continuous_vs_static"] = cont["output_tokens_per_s"] / stat["output_tokens_per_s"]
         latencies = {r["engine"]: r.pop("latencies_s") for r in (cont, stat)}
+        meta["continuous_steps"] = cont.pop("steps")
+        log(f"continuous steps by kind: {meta['continuous_steps']}")
         rows += [cont, stat]
         cols = ["engine", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "latency_p50_s",
                 "latency_p90_s", "ttft_p50_s", "ttft_p90_s"]
