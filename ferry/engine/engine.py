@@ -96,9 +96,16 @@ class Engine:
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.group = model.group
         cuda = self.device.type == "cuda"
+        use_graphs = cuda if cuda_graphs is None else cuda_graphs
+        if use_graphs and getattr(model, "weight_streamer", None) is not None:
+            log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
+            use_graphs = False
+        running = max_running or (128 if cuda else 64)
+        # With decode graphs, a step carrying a prefill chunk costs several captured decode steps: admit in groups
+        # of an eighth of the batch (scheduler.py has the measurement). Without graphs every step is eager alike.
         self.limits = SchedulerLimits(
-            max_batched_tokens=max_batched_tokens or (2048 if cuda else 512),
-            max_running=max_running or (128 if cuda else 64), max_waiting=max_waiting)
+            max_batched_tokens=max_batched_tokens or (2048 if cuda else 512), max_running=running,
+            max_waiting=max_waiting, min_admission=max(1, running // 8) if use_graphs else 1)
 
         note = "given"
         if num_blocks is None:
@@ -122,10 +129,6 @@ class Engine:
         self.inputs = StepInputs(self.device, self._copy, block_size, self.width, self.limits.max_batched_tokens,
                                  self.limits.max_running, narrow_tables=not cuda)
 
-        use_graphs = cuda if cuda_graphs is None else cuda_graphs
-        if use_graphs and getattr(model, "weight_streamer", None) is not None:
-            log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
-            use_graphs = False
         self.graphs = None
         if use_graphs:
             from ferry.engine.paged_graphs import PagedDecodeGraphs

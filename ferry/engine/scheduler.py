@@ -32,8 +32,17 @@ class SchedulerLimits:
     max_batched_tokens: int = 512  # tokens per step: decodes + prefill chunks
     max_running: int = 64  # sequences in one step (the largest CUDA-graph bucket used)
     max_waiting: int = 1024  # bound of the FCFS queue
+    # Admission in groups: new requests join a running batch once `min_admission` of them can (or the first has
+    # waited `admission_wait_steps` steps, or nothing runs). A step that carries a prefill chunk runs eagerly,
+    # outside the decode graphs: on an H200 at the Llama-3-8B shape, batch 64, such a step took 62.6 ms against
+    # 8.2 ms for a captured decode step, and admitting one request at a time made 171 of them in a 256-request run
+    # (12.8 of its 18.0 s). The engine sets 1 (no grouping) where decode steps are eager too.
+    min_admission: int = 1
+    admission_wait_steps: int = 16
 
     def __post_init__(self) -> None:
+        if self.min_admission < 1:
+            raise FerryError(f"min_admission must be >= 1, got {self.min_admission}")
         if self.max_batched_tokens < self.max_running:
             raise FerryError(f"a step's token budget ({self.max_batched_tokens}) must cover one decode token of each "
                              f"of the {self.max_running} running sequences")
@@ -86,6 +95,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.swapped: deque[Request] = deque()
+        self.steps = 0  # schedule() calls, the clock admission waits are counted in
+        self._held_since: int | None = None  # the step since which a waiting request could join but was held
         # Keep a few blocks back when admitting, so running sequences can grow a while before anyone is preempted.
         self.watermark = max(1, blocks.usable_blocks // 100)
 
@@ -98,6 +109,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledStep:
+        self.steps += 1
         step = ScheduledStep()
         self._budget = self.limits.max_batched_tokens
         for r in self.running:  # what earlier steps computed can now be shared (their writes are queued first)
@@ -155,7 +167,25 @@ class Scheduler:
             if length > 0 and self.blocks.ensure_slots(r.table, r.computed + length):
                 self._take(step, r, length)
 
+    def _admission_open(self) -> bool:
+        """Whether waiting requests may join this step (see SchedulerLimits.min_admission)."""
+        could_join = min(self.limits.max_running - len(self.running), len(self.waiting))
+        if not self.running or could_join >= self.limits.min_admission:
+            self._held_since = None
+            return True
+        if could_join == 0:
+            return False
+        # Someone could join but the group is not full yet: hold them at most admission_wait_steps steps.
+        if self._held_since is None:
+            self._held_since = self.steps
+        if self.steps - self._held_since >= self.limits.admission_wait_steps:
+            self._held_since = None
+            return True
+        return False
+
     def _admit_waiting(self, step: ScheduledStep) -> None:
+        if not self.waiting or not self._admission_open():
+            return
         while self.waiting and self._budget > 0 and len(self.running) < self.limits.max_running:
             r = self.waiting[0]
             if r.pending:
