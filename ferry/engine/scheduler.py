@@ -153,7 +153,8 @@ class Scheduler:
     def _swap_in(self, step: ScheduledStep) -> None:
         while self.swapped and self._budget > 0 and len(self.running) < self.limits.max_running:
             r = self.swapped[0]
-            if r.pending or self.blocks.blocks_for(r.computed + 1) + self.watermark > self.blocks.free_blocks:
+            reserve = self.watermark if self.running else 0
+            if r.pending or self.blocks.blocks_for(r.computed + 1) + reserve > self.blocks.free_blocks:
                 break
             self.swapped.popleft()
             self.blocks.ensure_slots(r.table, r.computed)
