@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ferry.device import resolve_device, resolve_dtype
-from ferry.engine.engine import Completion, Engine, TokenEvent
+from ferry.engine.engine import Completion, Engine, TokenEvent, build_engine
 from ferry.engine.sampling import SamplingParams
 
 
@@ -54,7 +54,7 @@ class LLM:
                                  offload_fraction=offload_weights)
         self.model_path = self.loaded.path
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, **engine_options)
+        self.engine = build_engine(self.loaded.model, self.tokenizer, **engine_options)
         if compile:
             self.engine.warm_up()  # the compile is paid here, where the log says so, not inside the first request
 

@@ -81,6 +81,6 @@ def test_greedy_decode_across_the_256_token_context_bucket_matches_transformers(
     prompt, new = long_ids[:PREFILL], TOTAL - PREFILL
     assert context_bucket(PREFILL + 1, 4096) == MIN_CONTEXT_BUCKET < context_bucket(TOTAL, 4096)
     engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
-    assert engine.decode_path == "eager"
+    assert engine.decode_path.startswith("eager")
     [c] = engine.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))
     assert c.token_ids == hf_greedy(hf_smollm, prompt, new)

@@ -102,9 +102,10 @@ def generate(
         if verbose:
             err(f"ferry: model {llm.model_path.name} on {llm.device} ({llm.dtype}), "
                  f"loaded in {llm.loaded.load_seconds:.2f} s, decode path {llm.engine.decode_path}")
-            kv = llm.engine.kv_report
-            err(f"ferry: KV cache {kv['blocks']} blocks of {kv['block_size']} tokens ({kv['tokens']} tokens, "
-                f"{kv['gib']} GiB, {kv['budget']}); {kv['full_context_sequences']} full-context sequences fit at once")
+            kv = getattr(llm.engine, "kv_report", None)  # the static engine (--overlap-prefill) has a dense cache
+            if kv:
+                err(f"ferry: KV cache {kv['blocks']} blocks of {kv['block_size']} tokens ({kv['tokens']} tokens, "
+                    f"{kv['gib']} GiB, {kv['budget']}); {kv['full_context_sequences']} full-context sequences fit")
         out = sys.stderr if as_json else sys.stdout
         printer = StreamPrinter(out, len(prompts)) if stream else None
         completions = llm.generate(prompts, params, chat=chat, on_token=printer)

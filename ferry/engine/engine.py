@@ -88,7 +88,8 @@ class Engine:
                 "kernel")
         if overlap_prefill:
             raise FerryError("--overlap-prefill (two micro-batches per TP prefill, measured 1.02x) belongs to the "
-                             "static-batch engine; the serving engine packs every sequence in one row")
+                             "static-batch engine (build_engine picks it); the serving engine packs every sequence "
+                             "in one row")
         if any(layer.self_attn.group_size is None for layer in model.layers):
             raise UnsupportedModelError("this tensor-parallel layout gives a rank an uneven number of query heads per "
                                         "KV head, which the paged KV cache does not run; choose another --tp")
@@ -356,3 +357,15 @@ class Engine:
             self._resolve(self._in_flight)
             self._in_flight = None
         self.blocks.check_no_leaks()
+
+
+def build_engine(model: LlamaForCausalLM, tokenizer: FerryTokenizer | None, **options):
+    """The serving engine, or the static-batch engine where an option only it has is asked for (--overlap-prefill:
+    the micro-batch overlap schedule splits a batch's rows, which only its dense layout has). Logged."""
+    if options.get("overlap_prefill"):
+        from ferry.engine.static_engine import StaticBatchEngine
+
+        log.warning("--overlap-prefill: running the static-batch engine (no continuous batching, dense KV cache)")
+        options.pop("kv_memory", None)
+        return StaticBatchEngine(model, tokenizer, **options)
+    return Engine(model, tokenizer, **options)

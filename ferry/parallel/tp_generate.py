@@ -10,7 +10,7 @@ import torch
 
 from ferry.comm.group import ParallelGroup
 from ferry.device import dtype_name
-from ferry.engine.engine import Engine
+from ferry.engine.engine import Engine, build_engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.memory import peak_resident_mib
@@ -91,7 +91,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     peak_after_load = peak_resident_mib()
     tok = loaded.tokenizer
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
-    engine = Engine(loaded.model, tok, **job.engine_options)
+    engine = build_engine(loaded.model, tok, **job.engine_options)
     completions = generate_on_rank(group, engine, ids, job.params)
     return {
         "model": str(loaded.path),

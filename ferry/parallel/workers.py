@@ -48,12 +48,12 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
     die_with_parent()
     keep_multicast_off()
     try:
-        from ferry.engine.engine import Engine
+        from ferry.engine.engine import build_engine
         from ferry.parallel.tp_generate import gather_floats, generate_on_rank, load_on_rank
 
         group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
         group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
-        engine = Engine(loaded.model, loaded.tokenizer, **spec.engine_options)
+        engine = build_engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_resident_mib(), engine.device)
         if rank == 0:
             events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
