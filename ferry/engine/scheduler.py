@@ -48,16 +48,12 @@ class SchedulerLimits:
                              f"of the {self.max_running} running sequences")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chunk:
     request: Request
     start: int  # first position of the chunk
     length: int
-
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the end of the known tokens: its last logits give the next token."""
-        return self.start + self.length == self.request.num_tokens
+    samples: bool  # it reaches the end of the sequence's tokens: its last logits give the next token
 
 
 @dataclass
@@ -218,7 +214,7 @@ class Scheduler:
 
     def _take(self, step: ScheduledStep, r: Request, length: int) -> None:
         self._budget -= length
-        chunk = Chunk(r, r.computed, length)
+        chunk = Chunk(r, r.computed, length, samples=r.computed + length == r.num_tokens)
         if length == 1 and chunk.samples:
             step.decodes.append(chunk)
         else:
