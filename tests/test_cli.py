@@ -87,3 +87,13 @@ def test_chat_repl_answers_and_keeps_history_until_exit():
     answers = [line for line in out.stdout.splitlines() if "assistant>" in line]
     assert len(answers) == 2, out.stdout
     assert "Paris" in answers[0] and "Rome" in answers[1], out.stdout
+
+
+@pytest.mark.slow
+def test_kv_memory_sizes_the_cache_and_a_fraction_on_cpu_is_refused():
+    out = ferry("generate", "Hi", "--max-tokens", "2", "--device", "cpu", "--kv-memory", "0.25GiB", "--verbose")
+    assert out.returncode == 0, out.stderr
+    assert "KV cache 364 blocks of 16 tokens (5808 tokens, 0.25 GiB, 0.25 GiB asked)" in out.stderr
+    refused = ferry("generate", "Hi", "--device", "cpu", "--kv-memory", "0.5")
+    assert refused.returncode == 2 and "--kv-memory as a fraction needs a GPU" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
