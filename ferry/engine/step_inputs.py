@@ -103,7 +103,7 @@ class StepInputs:
             tables[i, n:] = NULL_BLOCK
         fixed = at
         # Eager-only regions: sampled rows, prefill tables, in-flight token routing.
-        sampled = [i for i in range(d)]
+        sampled = list(range(d))
         row = d
         table_spans = []
         for chunk in prefills:
