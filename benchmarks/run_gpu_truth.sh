@@ -9,11 +9,7 @@ set -uo pipefail
 PART=${1:?links or model}
 OUT=${2:-benchmarks/results}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
-export PYTHONUNBUFFERED=1 FERRY_STRICT_PATHS=1
-# One compile cache for the whole session, so the second part measures a warm start.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ferry-inductor-cache}
-run() { echo "== $*"; local t=$SECONDS; "$@"; local rc=$?; echo "== exit $rc after $((SECONDS - t)) s: $1 $2 $3"; }
+. "$(dirname "$0")/gpu_session_env.sh"  # NVLink multicast off, compile cache, run()
 
 if [ "$PART" = links ]; then
   run python -m pytest -q -m gpu tests/test_gpu_multi.py tests/test_gpu_link_and_graphs.py -k "allreduce_path or pooled" 2>&1 | tail -15

@@ -9,10 +9,7 @@ set -uo pipefail
 PART=${1:?kernels or serve}
 OUT=${2:-benchmarks/results}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
-export PYTHONUNBUFFERED=1 FERRY_STRICT_PATHS=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ferry-inductor-cache}
-run() { echo "== $*"; local t=$SECONDS; "$@"; local rc=$?; echo "== exit $rc after $((SECONDS - t)) s: $1 $2 $3"; }
+. "$(dirname "$0")/gpu_session_env.sh"  # NVLink multicast off, compile cache, run()
 
 if [ "$PART" = kernels ]; then
   run python -m pytest -q -rA -m gpu tests/test_gpu_paged_attention.py tests/test_gpu_serving.py \

@@ -46,6 +46,11 @@ class Workload:
     def output_tokens(self) -> int:
         return sum(self.max_tokens)
 
+    def add_to(self, engine: Engine) -> list[int]:
+        """Queue every request (greedy, each to its own max_tokens); their ids in workload order."""
+        return [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
+                for p, m in zip(self.prompts, self.max_tokens, strict=True)]
+
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
@@ -55,8 +60,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def run_continuous(engine: Engine, work: Workload) -> dict:
     """Every request arrives at t=0; the engine runs them at most `max_running` at a time."""
     started = time.perf_counter()
-    ids = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
-           for p, m in zip(work.prompts, work.max_tokens, strict=True)]
+    ids = work.add_to(engine)
     index = {rid: i for i, rid in enumerate(ids)}
     first, last = {}, {}
     # Where the time goes: each step() call's wall time by the kind of step it launched (with async readback it
@@ -113,8 +117,7 @@ def decode_roofline(engine: Engine, work: Workload, steps: int = 64) -> dict:
     """All of `work` (at most max_running requests, outputs longer than `steps`) prefilled, then `steps`
     decode-only steps timed; each step must read every weight once and every running sequence's K/V."""
     device = engine.device
-    ids = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
-           for p, m in zip(work.prompts, work.max_tokens, strict=True)]
+    ids = work.add_to(engine)
     while any(r.computed < len(r.token_ids) for r in map(engine.request, ids)):
         engine.step()
     engine.step()  # the first all-decode step (captures its graph bucket on first use)

@@ -64,10 +64,6 @@ class ScheduledStep:
     preempted: list[Request] = field(default_factory=list)
 
     @property
-    def chunks(self) -> list[Chunk]:
-        return self.decodes + self.prefills
-
-    @property
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(c.length for c in self.prefills)
 
