@@ -201,12 +201,23 @@ def chat(
 
 def _chat_loop(llm, params) -> None:
     """Ctrl-C while the model answers stops that answer; Ctrl-C at an empty prompt, Ctrl-D or /exit quits."""
+    from ferry.commands.chat_input import prompt_reader
+
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the tokenizer as their byte tokens
         sys.stdin.reconfigure(errors="surrogateescape")
+    read_line, reader = prompt_reader()
+    try:
+        _converse(llm, params, read_line)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _converse(llm, params, read_line) -> None:
     history: list[dict[str, str]] = []
     while True:
         try:
-            line = input("you> ")
+            line = read_line("you> ")
         except EOFError:
             print()
             return
