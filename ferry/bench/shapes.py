@@ -29,11 +29,12 @@ LLAMA3_8B = ModelConfig(
 
 LLAMA3_70B = replace(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64)
 
-SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
 # Llama-3's layout at a size a CPU runs in seconds (smoke runs of the speed benchmarks, tests).
 TINY = replace(LLAMA3_8B, vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
                num_kv_heads=2, head_dim=32, eos_token_ids=(8191,))
+
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY}
 
 
 @torch.no_grad()

@@ -58,6 +58,14 @@ class EngineStats:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     wasted_tokens: int = 0  # tokens run for a sequence that had stopped one step earlier (async readback)
+    # Bytes each step moved over a link (`ferry serve` exports them): the packed step inputs host -> device, the
+    # sampled tokens device -> host, and with tensor parallelism the collectives' message bytes (exact, from the
+    # step's token count: one all-reduce of the embedding and two per layer per token, one logits all-gather per
+    # sampled row). KV swap bytes are the swapper's (kv_swap.py).
+    upload_bytes: int = 0
+    readback_bytes: int = 0
+    allreduce_bytes: int = 0
+    allgather_bytes: int = 0
 
 
 class Engine:
@@ -138,6 +146,10 @@ class Engine:
         self.decode_path = f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
         self.sync_output = sync_output
         self.stats = EngineStats()
+        hidden_bytes = self.config.hidden_size * self.dtype.itemsize
+        tp = self.group.world_size > 1
+        self._allreduce_bytes_per_token = (2 * self.config.num_layers + 1) * hidden_bytes if tp else 0
+        self._allgather_bytes_per_row = self.config.vocab_size * self.dtype.itemsize if tp else 0
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._in_flight: _InFlight | None = None
@@ -160,6 +172,11 @@ class Engine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams, name: str = "the prompt") -> None:
         if not prompt_ids:
             raise InvalidRequestError(f"{name} is empty")
+        low, high = min(prompt_ids), max(prompt_ids)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidRequestError(f"{name} has token id {bad}, outside this model's vocabulary "
+                                      f"0..{self.config.vocab_size - 1}")
         total = len(prompt_ids) + params.max_tokens
         if total > self.config.max_context:
             raise InvalidRequestError(f"{name} has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it "
@@ -241,6 +258,10 @@ class Engine:
         tokens = self._sample(logits, rows)
         for r in rows:
             r.pending += 1
+        self.stats.upload_bytes += self.inputs.last_upload_bytes
+        self.stats.readback_bytes += len(rows) * tokens.element_size()
+        self.stats.allreduce_bytes += self._allreduce_bytes_per_token * int(t.ids.numel())
+        self.stats.allgather_bytes += self._allgather_bytes_per_row * len(rows)
         return _InFlight(rows, tokens, self.readback.start(tokens), {r.id: i for i, r in enumerate(rows)})
 
     @staticmethod

@@ -37,7 +37,12 @@ class PreemptionStats:
     swapped_out: int = 0
     swapped_in: int = 0
     recomputed: int = 0
-    swap_bytes: int = 0
+    swap_out_bytes: int = 0  # device -> host
+    swap_in_bytes: int = 0  # host -> device
+
+    @property
+    def swap_bytes(self) -> int:
+        return self.swap_out_bytes + self.swap_in_bytes
 
 
 class KVSwap:
@@ -78,7 +83,7 @@ class KVSwap:
         fence = self.copy.copy(host, packed, host_pinned=buf.pinned, fence=buf.event)
         request.swapped = SwappedKV(buf, host, fence)
         self.stats.swapped_out += 1
-        self.stats.swap_bytes += nbytes
+        self.stats.swap_out_bytes += nbytes
         log.debug("swapped out request %d: %d blocks, %.1f MiB", request.id, n, nbytes / (1 << 20))
 
     def swap_in(self, request: Request) -> None:
@@ -92,7 +97,7 @@ class KVSwap:
         self.pool.release(swapped.buffer, fence)
         request.swapped = None
         self.stats.swapped_in += 1
-        self.stats.swap_bytes += swapped.host.numel() * swapped.host.element_size()
+        self.stats.swap_in_bytes += swapped.host.numel() * swapped.host.element_size()
 
     def cache_blocks(self, request: Request) -> int:
         return -(-request.computed // self.cache.block_size)

@@ -56,6 +56,7 @@ class StepInputs:
         self._fences: list = [None, None]
         self._slot = 0
         self.uploads = 0
+        self.last_upload_bytes = 0
 
     def _next_host(self) -> np.ndarray:
         self._slot ^= 1
@@ -138,6 +139,7 @@ class StepInputs:
             self._fences[self._slot] = self.copy.copy_in_order(dev[:at], src[:at], host_pinned=src.is_pinned())
             tail = dev
         self.uploads += 1
+        self.last_upload_bytes = at * 4
         k = len(pending_from)
         chunks = []
         row = d

@@ -72,6 +72,17 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     return group, load_model(model, device, dtype, group=group, show_progress=show_progress)
 
 
+def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dtype_name: str | None, allreduce: str):
+    """This rank's shard of a named architecture with random weights (speed runs of real shapes); no tokenizer."""
+    from ferry.bench.shapes import SHAPES, random_model
+    from ferry.device import resolve_dtype
+
+    device = rank_device(group.rank, device_type)
+    dtype = resolve_dtype(dtype_name, device)
+    group = group.with_allreduce(allreduce, device, dtype)
+    return random_model(SHAPES[shape], device, dtype, group=group), None
+
+
 def generate_on_rank(group: ParallelGroup, engine: Engine, prompts: list[list[int]], params: SamplingParams,
                      on_token=None) -> list:
     """One request, run in step with the other ranks, checked to have produced the same tokens on all of them."""

@@ -26,8 +26,15 @@ from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
 from ferry.memory import peak_resident_mib
-from ferry.parallel.launch import (BACKENDS, describe_dead_rank, die_with_parent, free_port, init_group,
-                                   keep_multicast_off, sigint_ignored_by_children)
+from ferry.parallel.launch import (
+    BACKENDS,
+    describe_dead_rank,
+    die_with_parent,
+    free_port,
+    init_group,
+    keep_multicast_off,
+    sigint_ignored_by_children,
+)
 
 log = logging.getLogger("ferry.workers")
 
@@ -41,6 +48,7 @@ class WorkerSpec:
     dtype: str | None
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): cuda_graphs, compile, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
+    shape: str | None = None  # a named architecture (ferry/bench/shapes.py) with random weights, instead of `model`
 
 
 def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
@@ -49,11 +57,21 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
     keep_multicast_off()
     try:
         from ferry.engine.engine import build_engine
-        from ferry.parallel.tp_generate import gather_floats, generate_on_rank, load_on_rank
+        from ferry.parallel.step_loop import StepLoop
+        from ferry.parallel.tp_generate import (
+            gather_floats,
+            generate_on_rank,
+            load_on_rank,
+            random_model_on_rank,
+        )
 
         group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
-        group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
-        engine = build_engine(loaded.model, loaded.tokenizer, **spec.engine_options)
+        if spec.shape is not None:
+            model, tokenizer = random_model_on_rank(group, spec.shape, spec.device_type, spec.dtype, spec.allreduce)
+        else:
+            group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
+            model, tokenizer = loaded.model, loaded.tokenizer
+        engine = build_engine(model, tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_resident_mib(), engine.device)
         if rank == 0:
             events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
@@ -64,6 +82,10 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
             command = commands.get()
             if command[0] == "stop":
                 break
+            if command[0] == "serve":  # step-level commands until LeaveLoop (ferry serve)
+                engine.warm_up(engine.limits.max_running, every_bucket=True)  # no capture inside a request
+                StepLoop(engine, commands, events, rank, world, timeout_s).run()
+                continue
             _, request, prompts, params = command
             try:  # every rank reaches the same verdict before any collective, so a bad request costs nothing
                 engine.check_prompts(prompts, params)
@@ -146,26 +168,37 @@ class TensorParallelWorkers:
                 on_token(item)
         raise FerryError("the ranks ended a request without completions")
 
-    def _next_event(self, deadline: float, waiting_for: str) -> tuple[str, int, object]:
-        while True:
-            try:
-                event = self._events.get(timeout=0.2)
-            except queue.Empty:
-                if dead := describe_dead_rank(self._procs):
-                    self.close()
-                    raise FerryError(f"{dead}; stopped the other ranks") from None
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise FerryError(f"tensor-parallel ranks sent nothing for {self.timeout_s:.0f} s while "
-                                     f"{waiting_for}; stopped them") from None
-                continue
-            if event[0] == "error":
-                _, rank, reason = event
-                time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
-                dead = describe_dead_rank(self._procs, exclude=rank)
+    def send(self, command) -> None:
+        """Put `command` on every rank's queue (ferry serve's step-level commands; see step_loop.py)."""
+        if not self._finalizer.alive:
+            raise FerryError("the tensor-parallel ranks were stopped")
+        for q in self._commands:
+            q.put(command)
+
+    def poll_event(self, timeout_s: float):
+        """The next event from rank 0, or None after `timeout_s`; FerryError (ranks stopped) when one failed."""
+        try:
+            event = self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            if dead := describe_dead_rank(self._procs):
                 self.close()
-                raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
-            return event
+                raise FerryError(f"{dead}; stopped the other ranks") from None
+            return None
+        if event[0] == "error":
+            _, rank, reason = event
+            time.sleep(1.0)  # a peer's death usually surfaces first as this rank's collective error
+            dead = describe_dead_rank(self._procs, exclude=rank)
+            self.close()
+            raise FerryError(f"{dead}; rank {rank} then failed: {reason}" if dead else f"rank {rank}: {reason}")
+        return event
+
+    def _next_event(self, deadline: float, waiting_for: str) -> tuple[str, int, object]:
+        while (event := self.poll_event(0.2)) is None:
+            if time.monotonic() > deadline:
+                self.close()
+                raise FerryError(f"tensor-parallel ranks sent nothing for {self.timeout_s:.0f} s while "
+                                 f"{waiting_for}; stopped them") from None
+        return event
 
     def close(self) -> None:
         self._finalizer()

@@ -1,0 +1,199 @@
+"""Running one API request on the engine: prompts to streams, streams to one JSON body or to server-sent events.
+
+A request's status is known before its first byte goes out: the handler waits for the first token (or the engine's
+refusal) of every choice before answering, so a full queue is a 429 and an oversized request a 400/413, never a
+200 whose stream then breaks. Every wait has the request's deadline, and a client that leaves aborts its requests
+(its KV blocks are freed at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from ferry.engine.sampling import SamplingParams
+from ferry.serve import openai_protocol as api
+from ferry.serve.engine_client import AsyncEngine, Delta, EngineFailed, EngineRejected, RequestStream
+from ferry.serve.metrics import ServerMetrics
+from ferry.serve.openai_protocol import RequestError
+
+
+@dataclass
+class Job:
+    """One API request in flight: its engine streams (one per choice) and what the answer is built from."""
+
+    endpoint: str  # "completions" | "chat"
+    model: str
+    deadline: float
+    streams: list[RequestStream] = field(default_factory=list)
+    first: list[Delta | None] = field(default_factory=list)  # each stream's first delta, taken before answering
+    rid: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Runner:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, timeout_s: float) -> None:
+        self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
+
+    async def start(self, request: Request, job: Job, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Submit every prompt and wait for each one's first token; raise RequestError if the engine refused."""
+        try:
+            for i, ids in enumerate(prompts):
+                # One seed for a batch gives each prompt its own reproducible stream (as `ferry generate` does).
+                p = params if params.seed is None else replace(params, seed=params.seed + i)
+                job.streams.append(self.engine.submit(ids, p))
+            job.first = list(await self._until(request, job, asyncio.gather(*(_first(s) for s in job.streams))))
+        except BaseException as exc:
+            self.finish(job, _outcome(exc))
+            if isinstance(exc, EngineRejected):
+                status = 429 if exc.kind == "queue_full" else 400
+                raise RequestError(status, str(exc), code="queue_full" if status == 429 else None,
+                                   kind="rate_limit_error" if status == 429 else "invalid_request_error",
+                                   headers={"Retry-After": "1"} if status == 429 else None) from None
+            if isinstance(exc, EngineFailed):
+                raise RequestError(503, str(exc), kind="server_error", code="engine_unavailable") from None
+            raise
+
+    async def collect(self, request: Request, job: Job) -> list[tuple[str, str | None]]:
+        """Each choice's whole text and finish reason."""
+        async def rest(stream: RequestStream, first: Delta) -> tuple[str, str | None]:
+            parts, last = [first.text], first
+            if first.finish_reason is None:
+                async for delta in stream:
+                    parts.append(delta.text)
+                    last = delta
+            return "".join(parts), last.finish_reason
+
+        try:
+            out = await self._until(request, job, asyncio.gather(*(rest(s, f) for s, f in
+                                                                   zip(job.streams, job.first, strict=True))))
+        except BaseException as exc:
+            self.finish(job, _outcome(exc))
+            if isinstance(exc, EngineFailed):
+                raise RequestError(503, str(exc), kind="server_error", code="engine_unavailable") from None
+            raise
+        self.finish(job, "ok")
+        return out
+
+    def stream(self, job: Job, chunk, include_usage: bool) -> StreamingResponse:
+        """Server-sent events: `chunk(job, index, delta)` -> JSON object per token, then usage and [DONE]."""
+        return _SSEResponse(self._events(job, chunk, include_usage), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _events(self, job: Job, chunk, include_usage: bool) -> AsyncIterator[str]:
+        outcome = "aborted"
+        try:
+            queue: asyncio.Queue = asyncio.Queue()
+            pumps = [asyncio.create_task(_pump(i, s, f, queue)) for i, (s, f) in
+                     enumerate(zip(job.streams, job.first, strict=True))]
+            try:
+                open_streams = len(pumps)
+                while open_streams:
+                    left = job.deadline - time.monotonic()
+                    try:
+                        index, item = await asyncio.wait_for(queue.get(), max(left, 0.0))
+                    except TimeoutError:
+                        outcome = "timeout"
+                        yield _sse(api.error_body(f"the request ran past its {self.timeout_s:g} s limit",
+                                                  "timeout_error", code="timeout"))
+                        return
+                    if item is None:
+                        open_streams -= 1
+                    elif isinstance(item, Exception):
+                        outcome = "error"
+                        yield _sse(api.error_body(str(item), "server_error", code="engine_unavailable"))
+                        return
+                    else:
+                        yield _sse(chunk(job, index, item))
+            finally:
+                for p in pumps:
+                    p.cancel()
+            if include_usage:
+                obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
+                yield _sse(api.usage_chunk(job.rid, job.model, job.created, obj,
+                                           sum(s.prompt_tokens for s in job.streams),
+                                           sum(s.output_tokens for s in job.streams)))
+            yield "data: [DONE]\n\n"
+            outcome = "ok"
+        finally:
+            self.finish(job, outcome)
+
+    def finish(self, job: Job, outcome: str) -> None:
+        """Abort what is still running (a no-op for finished streams) and record the request once."""
+        streams, job.streams = job.streams, []
+        for s in streams:
+            self.engine.abort(s)
+        if streams:
+            self.metrics.observe(job.endpoint, outcome, streams)
+
+    async def _until(self, request: Request, job: Job, work):
+        """Await `work` unless the client leaves (CancelledError) or the deadline passes (504)."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, timeout=max(job.deadline - time.monotonic(), 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if gone in done:
+                raise asyncio.CancelledError("the client disconnected")
+            raise RequestError(504, f"the request ran past its {self.timeout_s:g} s limit", kind="timeout_error",
+                               code="timeout")
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, EngineRejected):
+        return "rejected"
+    if isinstance(exc, RequestError):
+        return "timeout"
+    return "error" if isinstance(exc, EngineFailed) else "aborted"
+
+
+async def _first(stream: RequestStream) -> Delta:
+    async for delta in stream:
+        return delta
+    raise EngineFailed("the engine ended a request without a token")
+
+
+async def _pump(index: int, stream: RequestStream, first: Delta, queue: asyncio.Queue) -> None:
+    """One choice's deltas into the response's queue; None when it ends, the exception if it fails."""
+    try:
+        await queue.put((index, first))
+        if first.finish_reason is None:
+            async for delta in stream:
+                await queue.put((index, delta))
+        await queue.put((index, None))
+    except (EngineFailed, EngineRejected) as exc:
+        await queue.put((index, exc))
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its event generator as soon as sending fails (the client left), so the request's `finally`
+    aborts it then, not whenever the garbage collector gets to the generator."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
