@@ -135,6 +135,7 @@ class Runner:
     async def _until(self, request: Request, job: Job, work):
         """Await `work` unless the client leaves (CancelledError) or the deadline passes (504)."""
         task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
         gone = asyncio.create_task(_disconnected(request))
         try:
             done, _ = await asyncio.wait({task, gone}, timeout=max(job.deadline - time.monotonic(), 0.0),

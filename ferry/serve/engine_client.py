@@ -129,14 +129,14 @@ class AsyncEngine:
 
     def close(self) -> None:
         self._stopping.set()
+        if self._reader is not None:
+            self._reader.join(5)  # polls every 0.25 s; the ranks are stopped after it no longer reads their queue
         if not self.failure:
             try:
                 self.workers.send(LeaveLoop())
             except FerryError:
                 pass
         self.workers.close()
-        if self._reader is not None:
-            self._reader.join(5)
 
     # -- the reader thread ------------------------------------------------------------------------------------
 
