@@ -227,6 +227,22 @@ def test_client_processes_share_the_level_and_return_results_in_order(stub):
     assert stub.max_in_flight <= 4
 
 
+def synthetic_open_loop(sends: np.ndarray, ends: np.ndarray) -> list[RequestResult]:
+    return [RequestResult(ok=True, start=float(s), end=float(e), chunk_times=[float(s), float(e)], output_tokens=2)
+            for s, e in zip(sends, ends)]
+
+
+def test_achieved_rate_follows_the_sent_rate_until_the_target_falls_behind():
+    rng = np.random.default_rng(0)
+    sends = poisson_offsets(60, rate=4.0, seed=2)  # 15 s of arrivals; latencies of 1-5 s, all served
+    kept_up = summarize(synthetic_open_loop(sends, sends + rng.uniform(1, 5, 60)), rate=4.0)
+    assert kept_up["achieved_rate"] == pytest.approx(kept_up["scheduled_rate"], rel=0.1)
+    served_at_2 = 1.0 + np.arange(60) / 2.0  # a target that finishes 2 requests/s whatever arrives
+    behind = summarize(synthetic_open_loop(sends, np.maximum(served_at_2, sends + 1)), rate=4.0)
+    assert behind["achieved_rate"] == pytest.approx(2.0, rel=0.1)
+    assert find_knee([kept_up, behind])["rule"] == "achieved_rate"
+
+
 def row(load: str, tok_s: float, tpot99: float, ttft99: float = 100.0, offered: float | None = None,
         achieved: float | None = None) -> dict:
     return {"load": load, "output_tokens_per_s": tok_s, "tpot_ms_p99": tpot99, "ttft_ms_p99": ttft99,

@@ -24,16 +24,24 @@ READY_TIMEOUT_S = 120.0  # a spawned process imports numpy and aiohttp: seconds 
 START_MARGIN_S = 0.2  # between telling the processes the start time and that time
 
 
-async def _run_entered(target: Any, requests: Sequence[LoadRequest], rate: float | None, concurrency: int | None,
-                       start_at: float | None) -> list[RequestResult]:
+async def _run_entered(target: Any, requests: Sequence[LoadRequest], rate: float | None,
+                       concurrency: int | None) -> list[RequestResult]:
     async with target:  # the target's connections live in this loop
-        return await run_level(target, requests, rate, concurrency, start_at)
+        return await run_level(target, requests, rate, concurrency)
 
 
 def run_level_here(target: Any, requests: Sequence[LoadRequest], rate: float | None,
                    concurrency: int | None) -> list[RequestResult]:
     """The level in this process, with `target` an async context manager (HttpTarget)."""
-    return asyncio.run(_run_entered(target, requests, rate, concurrency, None))
+    return asyncio.run(_run_entered(target, requests, rate, concurrency))
+
+
+async def _client_level(target: Any, requests: list[LoadRequest], rate: float | None, concurrency: int | None,
+                        inbox: Any, outbox: Any, index: int) -> list[RequestResult]:
+    async with target:  # loop and connection pool made before saying ready, so the first sends are not late
+        outbox.put(("ready", index, None))
+        start_at = await asyncio.get_running_loop().run_in_executor(None, inbox.get, True, READY_TIMEOUT_S)
+        return await run_level(target, requests, rate, concurrency, start_at)
 
 
 def _client(target: Any, requests: list[LoadRequest], rate: float | None, concurrency: int | None,
@@ -41,14 +49,14 @@ def _client(target: Any, requests: list[LoadRequest], rate: float | None, concur
     # The parent stops the clients on Ctrl-C; each one catching it too would only print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        outbox.put(("ready", index, None))
-        start_at = inbox.get(timeout=READY_TIMEOUT_S)
-        outbox.put(("done", index, asyncio.run(_run_entered(target, requests, rate, concurrency, start_at))))
+        outbox.put(("done", index, asyncio.run(_client_level(target, requests, rate, concurrency, inbox, outbox,
+                                                             index))))
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
         outbox.put(("failed", index, traceback.format_exc()))
 
 
-def split(requests: Sequence[LoadRequest], concurrency: int | None, processes: int) -> list[tuple[list[int], int | None]]:
+def split(requests: Sequence[LoadRequest], concurrency: int | None,
+          processes: int) -> list[tuple[list[int], int | None]]:
     """(request indices, concurrency) per process: every P-th request; closed loop splits C as evenly as it can
     (never more processes than C)."""
     p = min(processes, len(requests), concurrency or processes)

@@ -127,6 +127,12 @@ async def run_level(target: Target, requests: Sequence[LoadRequest], rate: float
     return results  # type: ignore[return-value]
 
 
+def level_name(rate: float | None, concurrency: int | None) -> str:
+    if rate is None:
+        return f"concurrency {concurrency}"
+    return f"rate {rate:g}/s" if math.isfinite(rate) else "rate inf"
+
+
 def _pct(values: Sequence[float], q: float, scale: float = 1000.0) -> float | None:
     return float(np.percentile(values, q)) * scale if len(values) else None
 
@@ -135,9 +141,10 @@ def summarize(results: Sequence[RequestResult], rate: float | None = None, concu
               max_errors: int = 5) -> dict[str, Any]:
     """One load level's row: counts, throughput and latency percentiles (ms). TTFT = first output chunk - send;
     TPOT per request = (last chunk - first chunk) / (output tokens - 1); ITL = gaps between chunks, all requests.
-    `achieved_rate` is the completion rate ((completed - 1) / span of finish times): it matches the offered rate
-    while the target keeps up and drops to its service rate when it does not (meaningful when the run lasts
-    much longer than one request)."""
+    Open loop: `scheduled_rate` is the rate this run's arrivals really had (a short Poisson run strays from the
+    nominal rate), `achieved_rate` the rate requests finished at, as scheduled rate / slope of finish time against
+    scheduled send time: a least-squares slope over all completed requests, ~1 while the target keeps up, so
+    one long request at either end of the run does not sway it as a first-to-last span would."""
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     out_tokens = [r.output_tokens if r.output_tokens is not None else len(r.chunk_times) for r in ok]
@@ -149,18 +156,24 @@ def summarize(results: Sequence[RequestResult], rate: float | None = None, concu
             if len(r.chunk_times) >= 2 and n > 1]
     itl = np.concatenate([np.diff(r.chunk_times) for r in timed]) if timed else np.array([])
     e2e = [r.end - r.start for r in ok]
-    ends = sorted(r.end for r in ok)
-    sends = sorted(r.start for r in results)
+    scheduled_rate = achieved_rate = None
+    if rate is not None and math.isfinite(rate):
+        planned = np.array([r.start - r.lag_s for r in results])
+        if np.ptp(planned) > 0:
+            scheduled_rate = (len(planned) - 1) / float(np.ptp(planned))
+            ok_planned = np.array([r.start - r.lag_s for r in ok])
+            if len(ok) >= 3 and np.ptp(ok_planned) > 0:
+                slope = np.polyfit(ok_planned, [r.end for r in ok], 1)[0]
+                achieved_rate = scheduled_rate / slope if slope > 0 else None
     row: dict[str, Any] = {
-        "load": f"rate {rate:g}/s" if rate is not None else f"concurrency {concurrency}",
+        "load": level_name(rate, concurrency),
         "offered_rate": rate if rate is not None and math.isfinite(rate) else None,
         "concurrency": concurrency,
         "requests": len(results), "completed": len(ok), "failed": len(failed),
         "duration_s": duration,
         "request_throughput": len(ok) / duration if duration > 0 else None,
         "output_tokens_per_s": sum(out_tokens) / duration if duration > 0 else None,
-        "achieved_rate": (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None,
-        "send_rate": (len(sends) - 1) / (sends[-1] - sends[0]) if len(sends) > 1 and sends[-1] > sends[0] else None,
+        "scheduled_rate": scheduled_rate, "achieved_rate": achieved_rate,
         "max_send_lag_ms": max((r.lag_s for r in results), default=0.0) * 1000,
         "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok), "output_tokens": sum(out_tokens),
         "requests_without_usage": sum(r.output_tokens is None for r in ok),
@@ -177,26 +190,27 @@ def find_knee(rows: Sequence[dict[str, Any]], min_gain: float = 0.10, latency_fa
               min_achieved: float = 0.90) -> dict[str, Any] | None:
     """The load level after which more load stops paying, over a sweep in increasing load: the next level adds
     less than `min_gain` output tokens/s while p99 TPOT or TTFT grows `latency_factor`x ("latency"), or the next
-    level's achieved rate is below `min_achieved` of its offered rate ("achieved_rate"). None if no level does."""
+    level finishes requests at less than `min_achieved` of the rate they were sent at ("achieved_rate"; where
+    the first level already does, the knee is the first level). None if no level qualifies."""
     def grew(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
         return bool(a.get(key) and b.get(key) and b[key] >= latency_factor * a[key])
 
-    for i in range(len(rows)):
-        cur = rows[i]
-        offered, achieved = cur.get("offered_rate"), cur.get("achieved_rate")
+    for i, cur in enumerate(rows):
+        knee = max(i - 1, 0)
+        offered, achieved = cur.get("scheduled_rate") or cur.get("offered_rate"), cur.get("achieved_rate")
         if offered and achieved is not None and achieved < min_achieved * offered:
-            return {"index": max(i - 1, 0), "load": rows[max(i - 1, 0)]["load"], "rule": "achieved_rate",
-                    "why": f"{cur['load']}: achieved {achieved:.3g} req/s < {min_achieved:.0%} of offered {offered:g}"}
-        if i == 0:
+            return {"index": knee, "load": rows[knee]["load"], "rule": "achieved_rate",
+                    "why": f"{cur['load']}: achieved {achieved:.3g} req/s < {min_achieved:.0%} of the "
+                           f"{offered:.3g} req/s sent"}
+        prev = rows[knee]
+        if i == 0 or not prev.get("output_tokens_per_s"):
             continue
-        prev = rows[i - 1]
-        gain = (cur["output_tokens_per_s"] or 0) / prev["output_tokens_per_s"] - 1 if prev.get(
-            "output_tokens_per_s") else None
+        gain = (cur.get("output_tokens_per_s") or 0) / prev["output_tokens_per_s"] - 1
         worse = [k for k in ("tpot_ms_p99", "ttft_ms_p99") if grew(prev, cur, k)]
-        if gain is not None and gain < min_gain and worse:
-            return {"index": i - 1, "load": prev["load"], "rule": "latency",
-                    "why": f"{cur['load']}: output tokens/s {gain:+.0%}, {' and '.join(worse)} x"
-                           f"{max(cur[k] / prev[k] for k in worse):.1f}"}
+        if gain < min_gain and worse:
+            return {"index": knee, "load": prev["load"], "rule": "latency",
+                    "why": f"{cur['load']}: output tokens/s {gain:+.0%}, {' and '.join(worse)} "
+                           f"x{max(cur[k] / prev[k] for k in worse):.1f}"}
     return None
 
 

@@ -14,7 +14,7 @@ from ferry.bench.serve_load import MAX_TOKEN_ID, find_knee, make_workload, plot_
 from ferry.bench.sse_client import HttpTarget, check_server
 from ferry.errors import FerryError
 
-COLUMNS = ["load", "completed", "failed", "request_throughput", "achieved_rate", "output_tokens_per_s",
+COLUMNS = ["load", "completed", "failed", "request_throughput", "scheduled_rate", "achieved_rate", "output_tokens_per_s",
            "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "itl_ms_p50",
            "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "max_send_lag_ms"]
 

@@ -154,7 +154,8 @@ async def check_server(url: str, model: str | None, api_key: str | None, chat: b
             if model is not None and model not in ids:
                 raise FerryError(f"model {model!r} is not served at {url}; it serves: {', '.join(map(str, ids))}")
             card = cards[ids.index(model)] if model is not None else cards[0]
-            path, body = HttpTarget(url, card["id"], api_key, timeout_s, chat).body(LoadRequest((100, 101), 1, 0.0, "Hi"))
+            probe = LoadRequest((100, 101), max_tokens=1, prompt_text="Hi")
+            path, body = HttpTarget(url, card["id"], api_key, timeout_s, chat).body(probe)
             async with s.post(base + path, json=body) as resp:
                 refuse(resp.status, await resp.text(), url, card["id"])
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
