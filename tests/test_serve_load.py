@@ -264,6 +264,16 @@ def test_knee_by_achieved_rate_falling_behind_the_offered_rate():
     assert find_knee(rows)["index"] == 1 and find_knee(rows)["rule"] == "achieved_rate"
 
 
+def test_sweep_plot_is_written_with_the_knee(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra's matplotlib")
+    from ferry.bench.serve_load import plot_sweep
+
+    rows = [row("c1", 100, 10) | {"ttft_ms_p50": 40.0, "tpot_ms_p50": 9.0},
+            row("c2", 105, 30) | {"ttft_ms_p50": 60.0, "tpot_ms_p50": 25.0, "ttft_ms_p99": None}]
+    plot_sweep(rows, find_knee(rows), tmp_path / "sweep.png", "stub")
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
 def invoke(*args: str):
     from typer.testing import CliRunner
 
