@@ -95,7 +95,7 @@ def schedule(requests: Sequence[LoadRequest], rate: float, seed: int = 0) -> lis
 async def run_level(target: Target, requests: Sequence[LoadRequest], rate: float | None = None,
                     concurrency: int | None = None, start_at: float | None = None) -> list[RequestResult]:
     """Runs one load level; results in the order of `requests`. Open loop (`rate` given): each request is sent at
-    its `arrival_s` after the start, whatever is in flight. Closed loop (`concurrency`): that many requests in
+    its `arrival_s` after the start (set by `schedule(requests, rate, seed)`), whatever is in flight. Closed loop (`concurrency`): that many requests in
     flight, the next sent as one finishes. `start_at` (a perf_counter time) lines up client processes."""
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
