@@ -155,3 +155,6 @@ def bench_serve_core(
                                    compile=compile))
 
     run_guarded(run)
+
+
+from ferry.commands import bench_serve as _bench_serve  # noqa: F401  (registers `bench serve`)
