@@ -165,6 +165,11 @@ class CloudBatcher:
         with self._cond:
             return self._cond.wait_for(lambda: len(self._queue) >= frames, timeout_s)
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no frame is queued and no step is running (False after `timeout_s`)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._running, timeout_s)
+
     # --- sessions (called from their handler threads) ---------------------------------------------------------
 
     def open(self, split: int) -> CloudSequence:
@@ -274,6 +279,7 @@ class CloudBatcher:
                     if work.seq.closed:
                         self.blocks.free(work.seq.table)
                 self._running = set()
+                self._cond.notify_all()  # wait_idle
             for work, result in zip(step, results, strict=True):
                 if isinstance(result, Exception):
                     work.future.set_exception(result)
