@@ -80,12 +80,14 @@ class _DenseKV:
 
     def forward(self, hidden: torch.Tensor, start: int, logit_rows: tuple[int, ...]) -> torch.Tensor | None:
         tokens = hidden.shape[0]
+        began = time.perf_counter()
         self.cache.grow_for(start + tokens, limit=self.server.limits.max_tokens_per_session)
         positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
         model = self.server.loaded.model
         x = model.run_layers(hidden.unsqueeze(0), positions, self.cache.layers, start + tokens, self.layers)[0]
-        self.server.record_step(1, tokens)
-        return model.logits(x[list(logit_rows)]) if logit_rows else None
+        logits = model.logits(x[list(logit_rows)]) if logit_rows else None
+        self.server.record_step(1, tokens, time.perf_counter() - began)
+        return logits
 
     # Positions past the next frame's start are overwritten by it: nothing to give back.
     def begin_request(self) -> None:
@@ -231,9 +233,9 @@ class CloudServer:
         """Forwards of the cloud's layers and the frames they served (one frame per step one by one)."""
         return self.batcher.stats if self.batcher else self._dense_stats
 
-    def record_step(self, frames: int, tokens: int) -> None:
+    def record_step(self, frames: int, tokens: int, seconds: float) -> None:
         with self._lock:
-            self._dense_stats.record(frames, tokens)
+            self._dense_stats.record(frames, tokens, seconds)
 
     def kv_blocks_used(self) -> int:
         """Blocks of the shared pool held by sessions now (0 on the one-by-one path)."""

@@ -32,12 +32,16 @@ from ferry.model.loader import LoadedModel
 
 log = logging.getLogger("ferry.cloud")
 
-# How long a step waits for the sessions in a request that have not sent their next frame yet, counted from the
-# first frame of the step. A session's frame can come only after its previous reply reached its edge and the edge
-# ran its own layers: on loopback (2-core CPU, SmolLM2, edges of 10 layers) the sessions of one step came back
-# 3-6 ms apart, so 0 ms split them into pairs of steps, while a window waiting for all of them costs an idle or
-# slow edge's neighbours at most this much per step. benchmarks/cloud_batching.py measures it (--window-ms).
-DEFAULT_WINDOW_MS = 2.0
+# How long a step may wait for the sessions in a request whose next frame has not come yet (it never waits for
+# sessions between requests, and stops waiting once every session in a request has its frame in). Decode is
+# weight-bound, so a step of n rows costs about what a step of one does: a session that misses a step by a few ms
+# costs a whole extra step, and sessions that keep missing each other settle into groups that take turns. Waiting
+# is worth up to a fraction of a step, so by default the window is a quarter of the last step's time, at most
+# 20 ms (a step of 8 ms waits at most 2 ms). On the 2-core CPU with in-process edges (~50 ms SmolLM2 steps) 4 and 8
+# sessions reached 3.7 and 8 frames per step with it, 2 and 4 with no window (the sessions took turns in two
+# groups): 2.1x and 2.9x the one-by-one path's tokens/s against 1.3x and 2.3x (benchmarks/cloud_batching.py).
+WINDOW_FRACTION = 0.25
+MAX_WINDOW_S = 0.020
 
 
 class KVPoolFullError(FerryError):
@@ -54,7 +58,7 @@ class CloudBatching:
 
     kv_memory: str | float | None = None
     num_blocks: int | None = None  # overrides kv_memory (tests)
-    window_ms: float = DEFAULT_WINDOW_MS
+    window_ms: float | None = None  # None: WINDOW_FRACTION of the last step's time, at most MAX_WINDOW_S
     max_batched_tokens: int | None = None  # default: 2048 on CUDA, 512 elsewhere (the serving engine's)
 
 
@@ -66,12 +70,14 @@ class CloudStats:
     frames: int = 0
     tokens: int = 0
     max_frames_per_step: int = 0
+    busy_s: float = 0.0  # time in forwards (and the LM head)
 
-    def record(self, frames: int, tokens: int) -> None:
+    def record(self, frames: int, tokens: int, seconds: float) -> None:
         self.steps += 1
         self.frames += frames
         self.tokens += tokens
         self.max_frames_per_step = max(self.max_frames_per_step, frames)
+        self.busy_s += seconds
 
 
 @dataclass
@@ -113,22 +119,26 @@ class CloudBatcher:
             raise FerryError(f"the cloud's KV pool needs at least 2 blocks, got {num_blocks}")
         self.cache = PagedKVCache.for_model(model, num_blocks, BLOCK_SIZE, layers)
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=False)  # hidden states, not token ids
-        self.window_s = config.window_ms / 1000
+        self.window_s = None if config.window_ms is None else config.window_ms / 1000
         self.max_batched_tokens = config.max_batched_tokens or (2048 if cuda else 512)
         # The Triton decode kernel specialises on the table's row stride: CUDA steps keep one width (a full-context
         # sequence); the CPU reference gathers what it is given, so its tables are as wide as the step needs.
         self.fixed_width = self.blocks.blocks_for(model.config.max_context) if cuda else None
         self.stats = CloudStats()
         usable = self.blocks.usable_blocks
+        window = (f"{config.window_ms:g} ms" if config.window_ms is not None else
+                  f"{WINDOW_FRACTION:g} of the last step, at most {MAX_WINDOW_S * 1e3:g} ms")
         self.description = (f"batched paged steps, pool {num_blocks} blocks of {BLOCK_SIZE} tokens = "
                             f"{usable * BLOCK_SIZE} tokens for layers {min_split}..{self.num_layers - 1}, "
-                            f"{self.cache.nbytes / (1 << 30):.2f} GiB ({note}); window {config.window_ms:g} ms, "
+                            f"{self.cache.nbytes / (1 << 30):.2f} GiB ({note}); window {window}, "
                             f"at most {self.max_batched_tokens} tokens per step")
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
         self._running: set[int] = set()  # id() of the sequences in the step now running
         self._in_request = 0  # sequences between REQUEST and END
         self._held = 0  # pause() depth
+        self._last_step_end = 0.0
+        self._last_step_s = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -248,7 +258,13 @@ class CloudBatcher:
                 if self._stopping:
                     return None
                 if self._queue and not self._held:
-                    deadline = self._queue[0].submitted + self.window_s
+                    # From the later of the first frame's arrival and the last step's end: frames that queued
+                    # during a step still wait for the sessions that step just answered, or the sessions would
+                    # settle into groups that take turns (two half-size steps per token instead of one).
+                    window = self.window_s
+                    if window is None:
+                        window = min(WINDOW_FRACTION * self._last_step_s, MAX_WINDOW_S)
+                    deadline = max(self._queue[0].submitted, self._last_step_end) + window
                     left = deadline - time.perf_counter()
                     if left <= 0 or self._ready():
                         break
@@ -267,6 +283,7 @@ class CloudBatcher:
 
     def _loop(self) -> None:
         while (step := self._collect()) is not None:
+            began = time.perf_counter()
             try:
                 with torch.inference_mode():
                     results = self._run_step(step)
@@ -279,6 +296,8 @@ class CloudBatcher:
                     if work.seq.closed:
                         self.blocks.free(work.seq.table)
                 self._running = set()
+                self._last_step_end = time.perf_counter()
+                self._last_step_s = self._last_step_end - began
                 self._cond.notify_all()  # wait_idle
             for work, result in zip(step, results, strict=True):
                 if isinstance(result, Exception):
@@ -287,11 +306,12 @@ class CloudBatcher:
                     work.future.set_result(result)
 
     def _run_step(self, step: list[_Work]) -> list[torch.Tensor | None]:
-        self.stats.record(len(step), sum(w.tokens for w in step))
+        began = time.perf_counter()
         results: dict[int, torch.Tensor | None] = {}
         for split in sorted({w.seq.split for w in step}):
             group = [w for w in step if w.seq.split == split]
             results.update(zip(map(id, group), self._forward(split, group), strict=True))
+        self.stats.record(len(step), sum(w.tokens for w in step), time.perf_counter() - began)
         return [results[id(w)] for w in step]
 
     def _forward(self, split: int, group: list[_Work]) -> list[torch.Tensor | None]:
