@@ -37,9 +37,10 @@ log = logging.getLogger("ferry.cloud")
 # weight-bound, so a step of n rows costs about what a step of one does: a session that misses a step by a few ms
 # costs a whole extra step, and sessions that keep missing each other settle into groups that take turns. Waiting
 # is worth up to a fraction of a step, so by default the window is a quarter of the last step's time, at most
-# 20 ms (a step of 8 ms waits at most 2 ms). On the 2-core CPU with in-process edges (~50 ms SmolLM2 steps) 4 and 8
+# 20 ms (a step of 8 ms waits at most 2 ms). On the 2-core CPU with in-process edges (~55 ms SmolLM2 steps) 4 and 8
 # sessions reached 3.7 and 8 frames per step with it, 2 and 4 with no window (the sessions took turns in two
-# groups): 2.1x and 2.9x the one-by-one path's tokens/s against 1.3x and 2.3x (benchmarks/cloud_batching.py).
+# groups): 2.05x and 3.01x the one-by-one path's tokens/s against 1.23x and 1.9x
+# (benchmarks/results/2026-11-30_cloud_batching_cpu.md).
 WINDOW_FRACTION = 0.25
 MAX_WINDOW_S = 0.020
 
