@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferry.bench.report import provenance, write_results  # noqa: E402
-from ferry.edge.cloud import CloudLimits, CloudServer  # noqa: E402
-from ferry.edge.cloud_batcher import CloudBatching  # noqa: E402
-from ferry.edge.edge import EdgeClient  # noqa: E402
-from ferry.engine.engine import Engine  # noqa: E402
-from ferry.engine.sampling import SamplingParams  # noqa: E402
-from ferry.model.loader import load_model  # noqa: E402
+from ferry.bench.report import provenance, write_results
+from ferry.edge.cloud import CloudLimits, CloudServer
+from ferry.edge.cloud_batcher import CloudBatching
+from ferry.edge.edge import EdgeClient
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+from ferry.model.loader import load_model
 
 TOKEN = "bench-" + os.urandom(6).hex()
 PROMPTS = [
@@ -53,7 +53,7 @@ def run_sessions(loaded, server: CloudServer, split: int, prompts: list[list[int
         gate.wait(60)
         try:
             results[i] = clients[i].generate(prompts[i], params)[0]
-        except Exception as exc:  # reported in the row
+        except Exception as exc:  # noqa: BLE001 - reported in the row
             results[i] = exc
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(len(prompts))]

@@ -36,8 +36,8 @@ def reference(ferry_smollm, prompt_ids) -> list[list[int]]:
     return [engine.generate([ids], PARAMS)[0].token_ids for ids in prompt_ids]
 
 
-def _edge(loaded, server, **kw) -> EdgeClient:
-    return EdgeClient(loaded, [f"127.0.0.1:{server.port}"], SPLIT, TOKEN, timeout_s=kw.pop("timeout_s", 60), **kw)
+def _edge(loaded, server, split: int = SPLIT, **kw) -> EdgeClient:
+    return EdgeClient(loaded, [f"127.0.0.1:{server.port}"], split, TOKEN, timeout_s=kw.pop("timeout_s", 60), **kw)
 
 
 def _concurrently(server, jobs: list, gate: bool = True) -> list:
@@ -48,7 +48,7 @@ def _concurrently(server, jobs: list, gate: bool = True) -> list:
     def run(i: int, job, client: EdgeClient) -> None:
         try:
             results[i] = job(client)
-        except Exception as exc:  # returned to the test, which asserts on it
+        except Exception as exc:  # noqa: BLE001 - returned to the test, which asserts on it
             results[i] = exc
         finally:
             client.close()
@@ -87,6 +87,17 @@ def test_concurrent_sessions_get_the_tokens_of_ferry_generate_from_fewer_forward
     assert stats.frames == len(PROMPTS) * PARAMS.max_tokens  # one prefill frame, then one frame per decode token
     assert stats.max_frames_per_step == len(PROMPTS)  # the gated first step ran all four prefills at once
     assert stats.steps < stats.frames
+    _no_blocks_held(server)
+
+
+def test_sessions_at_different_split_points_share_steps_each_running_its_own_layers(ferry_smollm, start_cloud,
+                                                                                    prompt_ids, reference):
+    server = start_cloud(SPLIT, TOKEN)  # serves K >= 10; the pool holds layers 10..29
+    splits = [SPLIT, 20, 29]
+    jobs = [(lambda k=k: _edge(ferry_smollm, server, k), lambda c, ids=ids: c.generate(ids, PARAMS)[0].token_ids)
+            for k, ids in zip(splits, prompt_ids, strict=False)]
+    assert _concurrently(server, jobs) == reference[: len(splits)]
+    assert server.stats.max_frames_per_step == len(splits)
     _no_blocks_held(server)
 
 
@@ -204,7 +215,7 @@ def test_a_session_that_disconnects_gives_its_blocks_back_even_with_a_frame_in_t
 
     # Gone while its next frame waits for a step: the step still runs it, then the blocks come back.
     with server.batcher.pause():
-        raw, welcome = _open(server, config, 20)
+        raw, _ = _open(server, config, 20)
         assert server.batcher.wait_queued(1, 30)
         raw.cancel()
     _no_blocks_held(server)

@@ -23,7 +23,15 @@ import grpc
 import torch
 
 from ferry.edge.auth import token_matches
-from ferry.edge.cloud_batcher import CloudBatcher, CloudBatching, CloudSequence, CloudStats, CloudStepError, KVPoolFullError
+from ferry.edge.cloud_batcher import (
+    DEFAULT_BATCHING,
+    CloudBatcher,
+    CloudBatching,
+    CloudSequence,
+    CloudStats,
+    CloudStepError,
+    KVPoolFullError,
+)
 from ferry.edge.codecs import Codec, CodecError
 from ferry.edge.protocol import FLAG_NO_REPLY, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.engine.kv_cache import KVCache
@@ -205,7 +213,7 @@ class CloudServer:
     """Serves any split K >= `min_split` (each session says its K in HELLO), so edges can choose K themselves."""
 
     def __init__(self, loaded: LoadedModel, min_split: int, token: str, limits: CloudLimits | None = None,
-                 batching: CloudBatching | None = CloudBatching()) -> None:
+                 batching: CloudBatching | None = DEFAULT_BATCHING) -> None:
         """`batching=None`: the one-by-one path (each session alone, its own dense cache)."""
         layers = loaded.config.num_layers
         if not 0 < min_split < layers:

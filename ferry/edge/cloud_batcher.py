@@ -63,9 +63,13 @@ class CloudBatching:
     max_batched_tokens: int | None = None  # default: 2048 on CUDA, 512 elsewhere (the serving engine's)
 
 
+DEFAULT_BATCHING = CloudBatching()
+
+
 @dataclass
 class CloudStats:
-    """What the cloud ran: forwards of its layers (`steps`) and the frames they served."""
+    """What the cloud ran: steps (batched: one forward of its layers per split point in the step; one by one: one
+    per frame) and the frames they served."""
 
     steps: int = 0
     frames: int = 0
@@ -288,7 +292,7 @@ class CloudBatcher:
             try:
                 with torch.inference_mode():
                     results = self._run_step(step)
-            except Exception as exc:  # noqa: BLE001 - every session in the step hears of it, the thread lives on
+            except Exception as exc:  # every session in the step hears of it (logged), the thread lives on
                 log.exception("cloud step of %d frames failed", len(step))
                 error = CloudStepError(f"the cloud's step failed: {type(exc).__name__}: {exc}")
                 results = [error] * len(step)
@@ -326,7 +330,8 @@ class CloudBatcher:
                                  for w in order])
         slots = blocks * bs + positions % bs
         d = len(decodes)
-        width = self.fixed_width or max((len(w.seq.table.blocks) for w in decodes), default=1)
+        longest = max((len(w.seq.table.blocks) for w in decodes), default=1)
+        width = max(self.fixed_width, longest) if self.fixed_width else longest  # a session past max_context widens it
         tables = np.full((d, width), NULL_BLOCK, dtype=np.int64)
         for i, w in enumerate(decodes):
             tables[i, : len(w.seq.table.blocks)] = w.seq.table.blocks
