@@ -54,14 +54,15 @@ def ferry_smollm(smollm_path):
 
 @pytest.fixture
 def start_cloud(ferry_smollm):
-    """`start(split, token, **limits)`: an in-process cloud serving the default model on a free loopback port;
-    every cloud a test started stops after it."""
+    """`start(split, token, batching=CloudBatching(), **limits)`: an in-process cloud serving the default model on
+    a free loopback port (`batching=None`: the one-by-one path); every cloud a test started stops after it."""
     from ferry.edge.cloud import CloudLimits, CloudServer
+    from ferry.edge.cloud_batcher import DEFAULT_BATCHING, CloudBatching
 
     servers = []
 
-    def start(split: int, token: str, **limits) -> CloudServer:
-        server = CloudServer(ferry_smollm, split, token, CloudLimits(**limits) if limits else None)
+    def start(split: int, token: str, batching: CloudBatching | None = DEFAULT_BATCHING, **limits) -> CloudServer:
+        server = CloudServer(ferry_smollm, split, token, CloudLimits(**limits) if limits else None, batching)
         server.start("127.0.0.1:0")
         servers.append(server)
         return server

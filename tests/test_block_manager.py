@@ -85,3 +85,17 @@ def test_a_leak_is_reported():
     m.ensure_slots(BlockTable(), 4)
     with pytest.raises(AssertionError, match="leaked"):
         m.check_no_leaks()
+
+
+def test_truncate_gives_back_whole_blocks_past_the_new_end_and_keeps_the_rest():
+    m = BlockManager(num_blocks=8, block_size=4, prefix_caching=False)
+    table = BlockTable()
+    assert m.ensure_slots(table, 14)  # 4 blocks
+    kept = table.blocks[:2]
+    m.truncate(table, 5)  # tokens 0..4 live in blocks 0 and 1
+    assert table.blocks == kept and m.free_blocks == 8 - 1 - 2
+    m.truncate(table, 8)  # already short enough: nothing changes
+    assert table.blocks == kept
+    m.truncate(table, 0)
+    assert table.blocks == []
+    m.check_no_leaks()

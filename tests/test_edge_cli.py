@@ -188,5 +188,21 @@ def test_cloud_stops_cleanly_on_sigterm():
     proc.terminate()
     try:
         assert proc.wait(60) == 0, proc.stderr.read()
+        # the start-up line names the path that runs
+        assert "cloud serving splits 3..29" in (started := proc.stderr.read()), started
+        assert ": batched paged steps, pool " in started and "for layers 3..29" in started
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--kv-memory", "lots"], "--kv-memory 'lots': give a fraction"),
+    (["--no-batching", "--kv-memory", "1GiB"], "--no-batching gives each session its own cache"),
+    (["--kv-memory", "0.5"], "--kv-memory as a fraction needs a GPU"),
+])
+def test_cloud_pool_size_mistakes_fail_in_one_line(options, error):
+    out = _ferry("cloud", "--split", "4", "--listen", "127.0.0.1:0", "--device", "cpu", *options, token="x",
+                 timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ferry: error:")]
+    assert out.returncode == 2 and len(errors) == 1 and error in errors[0], out.stderr
+    assert "Traceback" not in out.stderr

@@ -451,7 +451,9 @@ def test_session_caches_grow_only_when_full_to_twice_the_need_keeping_their_cont
 @pytest.mark.slow
 def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_hold(ferry_smollm, cloud_factory,
                                                                                   int8_draft, monkeypatch):
-    """Every session cache starts at 256 positions; a longer answer grows it mid-sequence (ensure keep=True)."""
+    """Every session cache starts at 256 positions; a longer answer grows it mid-sequence (ensure keep=True).
+    The cloud runs its one-by-one path here, the one with a dense cache per session (the batched path's pool
+    holds any length from the start)."""
     from ferry.edge.speculative import Drafter, GammaController
     from ferry.engine.kv_cache import KVCache
 
@@ -472,7 +474,7 @@ def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_h
     prompt = ferry_smollm.tokenizer.encode("A long story about a lighthouse keeper and a storm at sea. " * 20)[:128]
     params = SamplingParams(max_tokens=140, ignore_eos=True)
     reference = Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate([prompt], params)[0].token_ids
-    client = _edge(ferry_smollm, cloud_factory(10), 10, drafter=Drafter(int8_draft), gamma_max=6)
+    client = _edge(ferry_smollm, cloud_factory(10, batching=None), 10, drafter=Drafter(int8_draft), gamma_max=6)
     try:
         completion, stats = client.generate(prompt, params)
     finally:

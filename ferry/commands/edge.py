@@ -16,6 +16,7 @@ from ferry.commands import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    KvMemoryOpt,
     MaxTokensOpt,
     ModelOpt,
     SeedOpt,
@@ -82,6 +83,10 @@ def cloud(
     idle_timeout: Annotated[float, typer.Option(help="seconds before an idle session is closed")] = 120.0,
     tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate: serve TLS (with --tls-key)")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key for --tls-cert")] = None,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="run every session's frames together "
+                                           "in one forward over a shared paged KV pool (--no-batching: each "
+                                           "session alone on its own cache, for comparison)")] = True,
+    kv_memory: KvMemoryOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve layers K..L-1 and the LM head to edge sessions (Ctrl-C or SIGTERM to stop)."""
@@ -91,6 +96,7 @@ def cloud(
         from ferry.device import resolve_device, resolve_dtype
         from ferry.edge.auth import load_token
         from ferry.edge.cloud import CloudLimits, CloudServer
+        from ferry.edge.cloud_batcher import CloudBatching
         from ferry.model.loader import load_model
 
         token = load_token(token_file)
@@ -99,14 +105,23 @@ def cloud(
 
             raise FerryError("--tls-cert and --tls-key go together")
         tls = (_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate")) if tls_cert else None
+        if kv_memory is not None and not batching:
+            from ferry.errors import FerryError
+
+            raise FerryError("--kv-memory sizes the batched path's shared pool; --no-batching gives each session "
+                             "its own cache")
+        if kv_memory is not None:
+            from ferry.engine.paged_cache import KVMemory
+
+            KVMemory.parse(kv_memory)  # a typo fails before the model is read
         stopping = _StopSignal()
         dev = resolve_device(device)
         loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
-        server = CloudServer(loaded, split, token, limits)
+        server = CloudServer(loaded, split, token, limits, CloudBatching(kv_memory) if batching else None)
         port = server.start(listen, tls)
         err(f"ferry: cloud serving splits {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
-            f"on {listen.rpartition(':')[0]}:{port}")
+            f"on {listen.rpartition(':')[0]}:{port}: {server.path}")
         stopping.wait()
         server.stop()
 

@@ -1,8 +1,13 @@
-"""The cloud side: serves layers K..L-1 and the LM head to many edge sessions, each with its own KV cache.
+"""The cloud side: serves layers K..L-1 and the LM head to many edge sessions.
 
 One gRPC bidirectional stream is one session. The server never trusts a frame: a malformed, truncated or
 out-of-order frame gets an ERROR frame and that stream is closed; other sessions keep running. Limits: frame
-size (enforced by gRPC before Ferry sees the bytes), concurrent sessions, tokens per session, idle time.
+size (enforced by gRPC before Ferry sees the bytes), concurrent sessions, tokens per session, idle time, and
+(batched path) the KV pool.
+
+Two paths, chosen at start and logged: batched (default; cloud_batcher.py: every session's frame joins one
+forward over a shared paged KV pool) and one by one (`batching=None`, `ferry cloud --no-batching`: each session
+runs its frames alone on its own dense KV cache, as before the batcher; kept for comparison).
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ import grpc
 import torch
 
 from ferry.edge.auth import token_matches
+from ferry.edge.cloud_batcher import (
+    DEFAULT_BATCHING,
+    CloudBatcher,
+    CloudBatching,
+    CloudSequence,
+    CloudStats,
+    CloudStepError,
+    KVPoolFullError,
+)
 from ferry.edge.codecs import Codec, CodecError
 from ferry.edge.protocol import FLAG_NO_REPLY, SERVICE, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.engine.kv_cache import KVCache
@@ -34,6 +48,7 @@ class CloudLimits:
     max_sessions: int = 64
     max_tokens_per_session: int = 8192
     idle_timeout_s: float = 120.0
+    step_timeout_s: float = 120.0  # batched path: the longest a frame waits for its step
 
 
 # REQUEST's sampling fields and the JSON types each may have (bool is an int to Python, so it is refused by name).
@@ -63,14 +78,69 @@ def _sampling_params(raw: object) -> SamplingParams:
         raise ProtocolError(f"bad sampling parameters: {exc}") from None
 
 
+class _DenseKV:
+    """The one-by-one path: the session's own dense KV cache, each frame run alone on its handler thread."""
+
+    def __init__(self, server: CloudServer, split: int) -> None:
+        self.server = server
+        self.layers = range(split, server.loaded.config.num_layers)
+        self.cache = KVCache.for_model(server.loaded.model, len(self.layers))
+
+    def forward(self, hidden: torch.Tensor, start: int, logit_rows: tuple[int, ...]) -> torch.Tensor | None:
+        tokens = hidden.shape[0]
+        began = time.perf_counter()
+        self.cache.grow_for(start + tokens, limit=self.server.limits.max_tokens_per_session)
+        positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
+        model = self.server.loaded.model
+        x = model.run_layers(hidden.unsqueeze(0), positions, self.cache.layers, start + tokens, self.layers)[0]
+        logits = model.logits(x[list(logit_rows)]) if logit_rows else None
+        self.server.record_step(1, tokens, time.perf_counter() - began)
+        return logits
+
+    # Positions past the next frame's start are overwritten by it: nothing to give back.
+    def begin_request(self) -> None:
+        pass
+
+    def end_request(self) -> None:
+        pass
+
+    def truncate(self, tokens: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _PagedKV:
+    """The batched path: the session's KV in the shared pool, its frames run in the batcher's steps."""
+
+    def __init__(self, server: CloudServer, batcher: CloudBatcher, split: int) -> None:
+        self.batcher, self.timeout_s = batcher, server.limits.step_timeout_s
+        self.seq: CloudSequence = batcher.open(split)
+
+    def forward(self, hidden: torch.Tensor, start: int, logit_rows: tuple[int, ...]) -> torch.Tensor | None:
+        return self.batcher.run(self.seq, hidden, start, logit_rows, self.timeout_s)
+
+    def begin_request(self) -> None:
+        self.batcher.begin_request(self.seq)
+
+    def end_request(self) -> None:
+        self.batcher.end_request(self.seq)
+
+    def truncate(self, tokens: int) -> None:
+        self.batcher.truncate(self.seq, tokens)
+
+    def close(self) -> None:
+        self.batcher.close(self.seq)
+
+
 class _Session:
-    """One edge's state: negotiated codec, KV cache for the cloud's layers, the current request's sampler."""
+    """One edge's state: negotiated codec, KV for the cloud's layers (its own or the pool's), the current request's
+    sampler."""
 
     def __init__(self, server: CloudServer, session_id: int, codec: Codec, split: int) -> None:
         self.server, self.id, self.codec = server, session_id, codec
-        model = server.loaded.model
-        self.layers = range(split, model.config.num_layers)
-        self.cache = KVCache.for_model(model, len(self.layers))
+        self.kv = _PagedKV(server, server.batcher, split) if server.batcher else _DenseKV(server, split)
         self.request: int | None = None
         self.sampler: Sampler | None = None
         self.next_position = 0
@@ -82,9 +152,16 @@ class _Session:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
         self.request, self.sampler, self.next_position = frame.request, sampler, 0
+        self.kv.begin_request()  # a new request starts at position 0: what the last one cached is dropped
 
-    def _run(self, frame: Frame, start: int, tokens: int, payload: bytes) -> torch.Tensor:
-        """Decode, check and run this frame's hidden states through the cloud's layers; [1, tokens, hidden]."""
+    def end_request(self) -> None:
+        self.request = None
+        self.kv.end_request()
+
+    def _run(self, frame: Frame, start: int, tokens: int, payload: bytes,
+             logit_rows: tuple[int, ...]) -> torch.Tensor | None:
+        """Decode and check this frame's hidden states, run them through the cloud's layers; fp32 logits of
+        `logit_rows` (rows of this frame), None when none is asked for."""
         if frame.request != self.request or self.sampler is None:
             raise ProtocolError(f"{frame.kind.name} for request {frame.request}, but the open request is {self.request}")
         limit = self.server.limits.max_tokens_per_session
@@ -95,48 +172,49 @@ class _Session:
             )
         config = self.server.loaded.config
         x = self.codec.decode(payload, tokens, config.hidden_size)
-        x = x.to(self.server.device, self.server.dtype).unsqueeze(0)
-        self.cache.grow_for(start + tokens, limit=limit)
-        positions = torch.arange(start, start + tokens, device=self.server.device).unsqueeze(0)
-        model = self.server.loaded.model
+        x = x.to(self.server.device, self.server.dtype)
+        logits = self.kv.forward(x, start, logit_rows)
         self.next_position = start + tokens
-        return model.run_layers(x, positions, self.cache.layers, start + tokens, self.layers)
+        return logits
 
     @torch.inference_mode()
     def hidden(self, frame: Frame) -> Frame | None:
         began = time.perf_counter()
         start, tokens, payload = frame.hidden_fields()
-        x = self._run(frame, start, tokens, payload)
-        if frame.flags & FLAG_NO_REPLY:
+        reply = not frame.flags & FLAG_NO_REPLY
+        logits = self._run(frame, start, tokens, payload, (tokens - 1,) if reply else ())
+        if not reply:
             return None
-        token = int(self.sampler(self.server.loaded.model.logits(x[:, -1]))[0])
+        token = int(self.sampler(logits)[0])
         return Frame.token(self.id, frame.request, token, start + tokens - 1, (time.perf_counter() - began) * 1000)
 
     @torch.inference_mode()
     def verify(self, frame: Frame) -> Frame:
         """One forward over pending + drafted tokens; accept the drafts the target's greedy choice agrees with.
 
-        KV entries past the accepted prefix are rolled back by moving `next_position`: the next frame starts
-        there and overwrites them.
+        KV entries past the accepted prefix are rolled back by moving `next_position` (the next frame starts
+        there and overwrites them); the pool also gets back the whole blocks past it.
         """
         began = time.perf_counter()
         if self.sampler is None or not self.sampler.params.greedy:
             raise ProtocolError("speculative rounds need greedy sampling (temperature 0)")
         start, tokens, draft, payload = frame.verify_fields()
-        x = self._run(frame, start, tokens, payload)
         pending = tokens - len(draft)
-        choices = self.server.loaded.model.logits(x[0, pending - 1 :]).argmax(dim=-1).tolist()
+        choices = self._run(frame, start, tokens, payload, tuple(range(pending - 1, tokens))).argmax(dim=-1).tolist()
         accepted = 0
         while accepted < len(draft) and choices[accepted] == draft[accepted]:
             accepted += 1
         self.next_position = start + pending + accepted
+        self.kv.truncate(self.next_position)
         return Frame.verdict(self.id, frame.request, accepted, choices[accepted], (time.perf_counter() - began) * 1000)
 
 
 class CloudServer:
     """Serves any split K >= `min_split` (each session says its K in HELLO), so edges can choose K themselves."""
 
-    def __init__(self, loaded: LoadedModel, min_split: int, token: str, limits: CloudLimits | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, min_split: int, token: str, limits: CloudLimits | None = None,
+                 batching: CloudBatching | None = DEFAULT_BATCHING) -> None:
+        """`batching=None`: the one-by-one path (each session alone, its own dense cache)."""
         layers = loaded.config.num_layers
         if not 0 < min_split < layers:
             raise FerryError(f"--split must be between 1 and {layers - 1} for this {layers}-layer model, got {min_split}")
@@ -145,7 +223,11 @@ class CloudServer:
         self.device = loaded.model.norm.weight.device
         self.dtype = loaded.model.norm.weight.dtype
         self.fingerprint = model_fingerprint(loaded.config)
+        self.batcher = CloudBatcher(loaded, min_split, batching) if batching is not None else None
+        self.path = self.batcher.description if self.batcher else "one session at a time, a dense KV cache each"
+        self._dense_stats = CloudStats()  # the one-by-one path's (the batcher keeps its own)
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # notified whenever a session's stream ends
         self._next_session = 1
         self._active = 0  # streams being served (admitted against max_sessions)
         self._server: grpc.Server | None = None
@@ -153,6 +235,27 @@ class CloudServer:
         self._profile = None  # measured on a PING (see compute_profile)
         self._profile_sessions = -1  # sessions served when it was measured
         self._profile_lock = threading.Lock()
+
+    @property
+    def stats(self) -> CloudStats:
+        """Forwards of the cloud's layers and the frames they served (one frame per step one by one)."""
+        return self.batcher.stats if self.batcher else self._dense_stats
+
+    def record_step(self, frames: int, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._dense_stats.record(frames, tokens, seconds)
+
+    def kv_blocks_used(self) -> int:
+        """Blocks of the shared pool held by sessions now (0 on the one-by-one path)."""
+        if self.batcher is None:
+            return 0
+        return self.batcher.blocks.usable_blocks - self.batcher.blocks.free_blocks
+
+    def wait_sessions_ended(self, timeout_s: float) -> bool:
+        """True once no stream is being served (False after `timeout_s`): a closed edge's session has been torn
+        down, its KV given back."""
+        with self._ended:
+            return self._ended.wait_for(lambda: self._active == 0, timeout_s)
 
     def compute_profile(self):
         """This cloud's per-layer times for a PONG, measured under the load it carries: re-measured whenever the
@@ -187,9 +290,12 @@ class CloudServer:
             port = self._server.add_insecure_port(listen)
         if port == 0:
             raise FerryError(f"cannot listen on {listen!r}")
+        if self.batcher is not None:
+            self.batcher.start()
         self._server.start()
         self.port = port
-        log.info("cloud serving splits %d..%d on port %d", self.min_split, self.loaded.config.num_layers - 1, port)
+        log.info("cloud serving splits %d..%d on port %d: %s", self.min_split, self.loaded.config.num_layers - 1,
+                 port, self.path)
         return port
 
     def wait(self) -> None:
@@ -199,6 +305,8 @@ class CloudServer:
     def stop(self, grace: float = 1.0) -> None:
         if self._server is not None:
             self._server.stop(grace).wait(grace + 5)
+        if self.batcher is not None:
+            self.batcher.stop()
 
     def _session(self, request_iterator, context: grpc.ServicerContext):
         auth = dict(context.invocation_metadata()).get("authorization", "")
@@ -232,17 +340,20 @@ class CloudServer:
                     elif frame.kind == Kind.VERIFY:
                         yield session.verify(frame).encode()
                     elif frame.kind == Kind.END:
-                        session.request = None
+                        session.end_request()
                     else:
                         raise ProtocolError(f"unexpected {frame.kind.name} frame")
-                except (ProtocolError, CodecError) as exc:
+                except (ProtocolError, CodecError, KVPoolFullError, CloudStepError) as exc:
                     log.warning("closing session %s: %s", session.id if session else "?", exc)
                     yield Frame.error(str(exc), session.id if session else 0).encode()
                     return
         finally:
             inbox.close()
+            if session is not None:
+                session.kv.close()  # blocks back to the pool: ended, failed, idle or disconnected alike
             with self._lock:
                 self._active -= 1
+                self._ended.notify_all()
 
     def _hello(self, frame: Frame) -> tuple[_Session, Frame]:
         if frame.kind != Kind.HELLO:

@@ -165,6 +165,15 @@ class BlockManager:
             table.blocks.append(self._take())
         return True
 
+    def truncate(self, table: BlockTable, tokens: int) -> None:
+        """Keep only the blocks holding the first `tokens` tokens and give back the rest: a rolled-back tail
+        (rejected speculative tokens). Later writes overwrite the last kept block's tail, so a table doing this
+        must not share that block (the edge's cloud pool runs without prefix caching)."""
+        keep = self.blocks_for(tokens)
+        while len(table.blocks) > keep:
+            self._release(table.blocks.pop())
+        del table.hashes[tokens // self.block_size :]  # a registered block cut short no longer holds its hash
+
     def free(self, table: BlockTable) -> None:
         """Give back every block of `table` (shared blocks only lose one user); the table is emptied."""
         for block in reversed(table.blocks):  # the tail is the least likely to be shared: evicted first

@@ -77,17 +77,21 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * (torch.finfo(dtype).bits // 8)
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int = BLOCK_SIZE) -> PagedKVCache:
-        """A cache of `num_blocks` blocks for `model`'s layers on this rank, in its dtype and on its device."""
+    def for_model(cls, model, num_blocks: int, block_size: int = BLOCK_SIZE,
+                  num_layers: int | None = None) -> PagedKVCache:
+        """A cache of `num_blocks` blocks for `model`'s layers on this rank (the last `num_layers` of them where a
+        split deployment runs only those), in its dtype and on its device."""
         weight = model.norm.weight
-        return cls(model.config.num_layers, num_blocks, block_size, model.kv_heads_per_rank, model.config.head_dim,
-                   weight.dtype, weight.device)
+        return cls(num_layers or model.config.num_layers, num_blocks, block_size, model.kv_heads_per_rank,
+                   model.config.head_dim, weight.dtype, weight.device)
 
     @classmethod
-    def blocks_within(cls, model, memory: KVMemory, block_size: int = BLOCK_SIZE) -> tuple[int, str]:
-        """How many blocks `memory` allows for `model` on this rank, and how the budget was reached."""
+    def blocks_within(cls, model, memory: KVMemory, block_size: int = BLOCK_SIZE,
+                      num_layers: int | None = None) -> tuple[int, str]:
+        """How many blocks `memory` allows for `model` on this rank (`num_layers` of its layers: all by default),
+        and how the budget was reached."""
         weight = model.norm.weight
-        per_block = cls.bytes_per_block(model.config.num_layers, block_size, model.kv_heads_per_rank,
+        per_block = cls.bytes_per_block(num_layers or model.config.num_layers, block_size, model.kv_heads_per_rank,
                                         model.config.head_dim, weight.dtype)
         budget, note = memory.budget_bytes(weight.device)
         blocks = budget // per_block
