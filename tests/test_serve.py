@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from serve_process import ServeProcess
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the official OpenAI client")

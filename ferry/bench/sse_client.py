@@ -106,11 +106,15 @@ async def read_stream(content, result: RequestResult) -> None:
 
 
 def carries_content(event: dict[str, Any]) -> bool:
-    """A chunk that delivers output: non-empty text (completions) or delta content (chat), or the chunk that
-    closes a choice. A chat's role-only opening delta and the usage chunk (`choices: []`) are not output."""
+    """A chunk that delivers a token: any completions choice (its text may be empty: a token that ends no
+    character yet, or a model served without a tokenizer), a chat delta with content that is not the role-only
+    opening (`{"role": "assistant", "content": ""}`), or the chunk that closes a choice. The usage chunk
+    (`choices: []`) is not output."""
     for choice in event.get("choices") or ():
+        if "text" in choice or choice.get("finish_reason"):
+            return True
         delta = choice.get("delta") or {}
-        if choice.get("text") or delta.get("content") or choice.get("finish_reason"):
+        if delta.get("content") or (delta.get("content") is not None and "role" not in delta):
             return True
     return False
 

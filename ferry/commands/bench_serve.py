@@ -57,3 +57,85 @@ def bench_serve(
         print(run_serve_load_bench(cfg, out, log=err))
 
     run_guarded(run)
+
+
+@bench_app.command("serve-overhead")
+def bench_serve_overhead(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF folder")] = None,
+    shape: Annotated[Optional[str], typer.Option(help="random-weight architecture instead (llama3-8b, tiny)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda \\[default: cuda if present]")] = None,
+    kv_memory: Annotated[str, typer.Option(help="each engine's KV cache (both run side by side)")] = "12GiB",
+    concurrency: Annotated[int, typer.Option(help="streams in flight (closed loop)")] = 64,
+    requests: Annotated[int, typer.Option(help="requests per level")] = 192,
+    prompt_tokens: Annotated[str, typer.Option(help="prompt length LO-HI")] = "128-512",
+    output_tokens: Annotated[str, typer.Option(help="output length LO-HI (ignore_eos)")] = "128-512",
+    rounds: Annotated[int, typer.Option(help="direct/http pairs, alternated; medians reported")] = 2,
+    rates: Annotated[Optional[str], typer.Option(help="then an open-loop sweep against the same server, e.g. "
+                                                      "2,4,8,16,inf (written as its own `serve_load` result)")] = None,
+    sweep_requests: Annotated[int, typer.Option(help="requests per sweep level")] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    tag: Annotated[Optional[str], typer.Option(help="appended to the result file names")] = None,
+    out: OutOpt = Path("benchmarks/results"),
+    verbose: VerboseOpt = False,
+) -> None:
+    """The HTTP layer's cost: TPOT/TTFT of one workload through the engine directly vs through `ferry serve`."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.bench.report import provenance, write_results
+        from ferry.bench.serve_load import MAX_TOKEN_ID, parse_span
+        from ferry.bench.serve_overhead import ServerProcess
+        from ferry.bench.serve_overhead import run as compare
+        from ferry.device import resolve_device
+        from ferry.model.loader import resolve_model_path
+        from ferry.parallel.workers import WorkerSpec
+
+        dev = resolve_device(device)
+        path = None if shape else str(resolve_model_path(model))
+        spec = WorkerSpec(path or "", dev.type, None, {"kv_memory": kv_memory}, shape=shape)
+        args = ["--device", dev.type, "--kv-memory", kv_memory] + (["--shape", shape] if shape else ["--model", path])
+        server = ServerProcess(args)
+        try:
+            name = shape or Path(path).stem
+            vocab = 8192 if shape == "tiny" else MAX_TOKEN_ID
+            result = compare(spec, server.url, _served_name(server.url),
+                             concurrency=concurrency, requests=requests,
+                             prompt_tokens=parse_span(prompt_tokens, "prompt-tokens"),
+                             output_tokens=parse_span(output_tokens, "output-tokens"), rounds=rounds, seed=seed,
+                             max_token_id=min(vocab, MAX_TOKEN_ID), log=err)
+            meta = provenance(dev) | {"model": name, "concurrency": concurrency, "requests": requests,
+                                      "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+                                      "rounds": rounds, "kv_memory": kv_memory, "summary": result["summary"]}
+            stem = f"{meta['date']}_serve_overhead_{name}_{dev.type}" + (f"_{tag}" if tag else "")
+            cols = ["path", "round", "completed", "failed", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99",
+                    "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99"]
+            s = result["summary"]
+            notes = (f"HTTP / direct, medians over rounds: TPOT p50 {s['tpot_ms_p50']['http_over_direct']:.3f}x, "
+                     f"p99 {s['tpot_ms_p99']['http_over_direct']:.3f}x; output tokens/s "
+                     f"{s['output_tokens_per_s']['http_over_direct']:.3f}x.")
+            json_path, md_path = write_results(out, stem, meta, result["rows"], cols, notes)
+            print(md_path.read_text())
+            err(f"ferry: wrote {json_path}, {md_path}")
+            if rates:
+                from ferry.bench.serve_load_bench import LoadBenchConfig, parse_levels, run_serve_load_bench
+
+                cfg = LoadBenchConfig(url=server.url, requests=sweep_requests,
+                                      prompt_tokens=parse_span(prompt_tokens, "prompt-tokens"),
+                                      output_tokens=parse_span(output_tokens, "output-tokens"),
+                                      rates=parse_levels(rates, "rate", integer=False), seed=seed,
+                                      tag=f"{name}_{dev.type}" + (f"_{tag}" if tag else ""),
+                                      server_device=provenance(dev)["device"])
+                print(run_serve_load_bench(cfg, out, log=err))
+        finally:
+            code = server.stop()
+            err(f"ferry: server exited with {code}")
+
+    run_guarded(run)
+
+
+def _served_name(url: str) -> str:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+        return json.loads(resp.read())["data"][0]["id"]

@@ -92,7 +92,7 @@ def create_app(state: ServerState) -> FastAPI:
         _authorize(state, request)
         m = state.model
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "ferry",
-                                            "max_model_len": m.max_context}]}
+                                            "max_model_len": m.max_context, "vocab_size": m.vocab_size}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
