@@ -12,8 +12,8 @@ mkdir -p "$OUT"
 
 if [ "$PART" = bench ]; then
   CUDA_VISIBLE_DEVICES=0 run timeout 560 python -m ferry.cli bench serve-overhead --shape llama3-8b --device cuda \
-      --kv-memory 16GiB --concurrency 64 --requests 192 --rounds 2 --prompt-tokens 128-512 --output-tokens 128-512 \
-      --rates 4,8,16,32,64,inf --sweep-requests 128 --out "$OUT" 2>&1 | tail -45
+      --kv-memory 16GiB --concurrency 64 --requests 192 --rounds 4 --prompt-tokens 128-512 --output-tokens 128-512 \
+      --rates 8,16,32,64,128,inf --sweep-requests 384 --out "$OUT" 2>&1 | tail -45
 elif [ "$PART" = verify ]; then  # needs the default model installed
   run python -m pytest -q -rA -m gpu tests/test_gpu_serve_and_cloud.py tests/test_gpu_serving.py \
       > "$OUT/pytest_serve.log" 2>&1
