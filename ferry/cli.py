@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ferry.commands import app
+from ferry.commands import bench as _bench  # noqa: F401, I001  (registers the bench group)
+from ferry.commands import edge as _edge  # noqa: F401, I001  (registers cloud, edge, linkem)
 from ferry.commands import generate as _generate  # noqa: F401  (registers generate, chat) -- first in --help
 from ferry.commands import serve as _serve  # noqa: F401, I001  (registers serve)
-from ferry.commands import edge as _edge  # noqa: F401, I001  (registers cloud, edge, linkem)
-from ferry.commands import bench as _bench  # noqa: F401, I001  (registers the bench group)
 
 __all__ = ["app", "main"]
 

@@ -63,8 +63,14 @@ async def compare(spec: WorkerSpec, url: str, model: str, concurrency: int, requ
                 await _level(target, warm, concurrency)  # every CUDA graph bucket and connection made once first
             for r in range(rounds):
                 for name, target in (("direct", direct), ("http", http)):
+                    steps = _direct_steps(engine) if name == "direct" else await _server_steps(url)
                     row = await _level(target, workload, concurrency)
-                    row |= {"path": name, "round": r}
+                    after = _direct_steps(engine) if name == "direct" else await _server_steps(url)
+                    # TPOT depends on how many steps carried a prefill (eager, several times a graph step's
+                    # time), which the arrival timing of each path decides: shown per level so it can be told apart
+                    # from the HTTP layer's own cost.
+                    row |= {"path": name, "round": r, "graph_steps": after[1] - steps[1],
+                            "eager_steps": (after[0] - after[1]) - (steps[0] - steps[1])}
                     rows[name].append(row)
                     if row["failed"]:
                         raise FerryError(f"{name}: {row['failed']} of {len(workload)} requests failed: "
@@ -79,8 +85,28 @@ async def compare(spec: WorkerSpec, url: str, model: str, concurrency: int, requ
 
     summary = {key: {"direct": med("direct", key), "http": med("http", key),
                      "http_over_direct": med("http", key) / med("direct", key)}
-               for key in ("tpot_ms_p50", "tpot_ms_p99", "ttft_ms_p50", "ttft_ms_p99", "output_tokens_per_s")}
+               for key in ("tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "ttft_ms_p50", "ttft_ms_p99",
+                           "output_tokens_per_s", "eager_steps")}
     return {"rows": rows["direct"] + rows["http"], "summary": summary}
+
+
+def _direct_steps(engine: AsyncEngine) -> tuple[int, int]:
+    return engine.gauges.get("steps", 0), engine.gauges.get("graph_steps", 0)
+
+
+async def _server_steps(url: str) -> tuple[int, int]:
+    """(steps, graph steps) of the server's engine, from its /metrics."""
+    def read() -> tuple[int, int]:
+        import urllib.request
+
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            values = {}
+            for line in resp.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                values[name] = value
+        return int(float(values["ferry_engine_steps_total"])), int(float(values["ferry_engine_graph_steps_total"]))
+
+    return await asyncio.get_running_loop().run_in_executor(None, read)
 
 
 def run(spec: WorkerSpec, url: str, model: str, **kwargs) -> dict:

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ferry.bench.decode_timing import (communication_share, copy_bandwidth, ferry_decode, graph_step_ms,
-                                       random_prompts, sync)
+from ferry.bench.decode_timing import (
+    communication_share,
+    copy_bandwidth,
+    ferry_decode,
+    graph_step_ms,
+    random_prompts,
+    sync,
+)
 from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig
 
@@ -76,7 +82,6 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
     """Spawn target (or called directly with a one-rank group)."""
     from ferry.bench.shapes import random_model, weight_bytes_per_token
     from ferry.engine.engine import Engine
-
     from ferry.parallel.launch import rank_device
 
     # Spawned ranks already share the host's cores (init_group); a one-rank run keeps torch's default, all of them.

@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferry.commands import DeviceOpt, DtypeOpt, FerryTyper, ModelOpt, VerboseOpt, app, err, run_guarded, setup_logging
+from ferry.commands import (
+    DeviceOpt,
+    DtypeOpt,
+    FerryTyper,
+    ModelOpt,
+    VerboseOpt,
+    app,
+    err,
+    run_guarded,
+    setup_logging,
+)
 
 OutOpt = Annotated[Path, typer.Option(help="folder for JSON, markdown and PNG")]
 bench_app = FerryTyper(no_args_is_help=True, help="Benchmarks: print a table, write JSON (+ PNG) with provenance.")

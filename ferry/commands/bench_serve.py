@@ -108,11 +108,13 @@ def bench_serve_overhead(
                                       "rounds": rounds, "kv_memory": kv_memory, "summary": result["summary"]}
             stem = f"{meta['date']}_serve_overhead_{name}_{dev.type}" + (f"_{tag}" if tag else "")
             cols = ["path", "round", "completed", "failed", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99",
-                    "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99"]
+                    "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99", "graph_steps", "eager_steps"]
             s = result["summary"]
             notes = (f"HTTP / direct, medians over rounds: TPOT p50 {s['tpot_ms_p50']['http_over_direct']:.3f}x, "
-                     f"p99 {s['tpot_ms_p99']['http_over_direct']:.3f}x; output tokens/s "
-                     f"{s['output_tokens_per_s']['http_over_direct']:.3f}x.")
+                     f"p99 {s['tpot_ms_p99']['http_over_direct']:.3f}x; ITL p50 "
+                     f"{s['itl_ms_p50']['http_over_direct']:.3f}x; output tokens/s "
+                     f"{s['output_tokens_per_s']['http_over_direct']:.3f}x. eager_steps: steps that carried a "
+                     "prefill (not a CUDA graph).")
             json_path, md_path = write_results(out, stem, meta, result["rows"], cols, notes)
             print(md_path.read_text())
             err(f"ferry: wrote {json_path}, {md_path}")

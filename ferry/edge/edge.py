@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import grpc
 import torch
 
-from ferry.memory import peak_resident_mib, resident_mib
 from ferry.edge.codecs import Codec
 from ferry.edge.linkem import parse_address
 from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint
@@ -32,6 +31,7 @@ from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
 from ferry.engine.sequence import Sequence, stop_token_ids
 from ferry.errors import FerryError
+from ferry.memory import peak_resident_mib, resident_mib
 from ferry.model.loader import LoadedModel, load_layers
 
 log = logging.getLogger("ferry.edge")
@@ -222,8 +222,14 @@ class EdgeClient:
 
     def _choose_split(self) -> None:
         """Probe the link and both sides' compute, predict time per token for every K, take the best."""
-        from ferry.edge.split_planner import (ComputeProfile, LinkProfile, Workload, measure_compute,
-                                              measure_wire_bytes, predict)
+        from ferry.edge.split_planner import (
+            ComputeProfile,
+            LinkProfile,
+            Workload,
+            measure_compute,
+            measure_wire_bytes,
+            predict,
+        )
 
         assert self.link is not None
         def ping(size: int) -> tuple[float, dict]:

@@ -105,9 +105,17 @@ def create_app(state: ServerState) -> FastAPI:
         params = body.sampling(_max_tokens(state.model, max(map(len, prompts)), body.max_tokens))
         await state.runner.start(request, job, prompts, params)
         if body.stream:
-            return state.runner.stream(job, lambda j, i, d: api.completion_chunk(j.rid, j.model, j.created, i,
-                                                                                 d.text, d.finish_reason),
-                                       body.include_usage)
+            templates: dict[int, api.ChunkTemplate] = {}
+
+            def chunk(j: Job, i: int, d) -> str:
+                if d.finish_reason is not None:
+                    return api.sse_event(api.completion_chunk(j.rid, j.model, j.created, i, d.text, d.finish_reason))
+                if i not in templates:
+                    templates[i] = api.ChunkTemplate(api.completion_chunk(j.rid, j.model, j.created, i,
+                                                                          api.TEXT_MARK, None))
+                return templates[i].render(d.text)
+
+            return state.runner.stream(job, chunk, body.include_usage)
         prompt_tokens = sum(s.prompt_tokens for s in job.streams)
         streams = list(job.streams)
         choices = await state.runner.collect(request, job)
@@ -131,14 +139,16 @@ def create_app(state: ServerState) -> FastAPI:
         params = body.sampling(_max_tokens(state.model, len(ids), body.max_completion_tokens or body.max_tokens))
         await state.runner.start(request, job, [ids], params)
         if body.stream:
-            sent_role = set()
+            template = api.ChunkTemplate(api.chat_chunk(job.rid, job.model, job.created, {"content": api.TEXT_MARK},
+                                                        None))
+            first = [True]
 
-            def chunk(j: Job, i: int, d) -> dict:
-                delta = {"content": d.text}
-                if i not in sent_role:  # the first chunk names the role, as OpenAI's do
-                    sent_role.add(i)
-                    delta = {"role": "assistant", "content": d.text}
-                return api.chat_chunk(j.rid, j.model, j.created, delta, d.finish_reason)
+            def chunk(j: Job, i: int, d) -> str:
+                if first[0] or d.finish_reason is not None:  # the first chunk names the role, as OpenAI's do
+                    delta = {"role": "assistant", "content": d.text} if first[0] else {"content": d.text}
+                    first[0] = False
+                    return api.sse_event(api.chat_chunk(j.rid, j.model, j.created, delta, d.finish_reason))
+                return template.render(d.text)
 
             return state.runner.stream(job, chunk, body.include_usage)
         stream = job.streams[0]

@@ -9,7 +9,6 @@ refusal) of every choice before answering, so a full queue is a 429 and an overs
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -82,46 +81,45 @@ class Runner:
         return out
 
     def stream(self, job: Job, chunk, include_usage: bool) -> StreamingResponse:
-        """Server-sent events: `chunk(job, index, delta)` -> JSON object per token, then usage and [DONE]."""
+        """Server-sent events: `chunk(job, index, delta)` -> one event's text per token, then usage and [DONE]."""
         return _SSEResponse(self._events(job, chunk, include_usage), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _events(self, job: Job, chunk, include_usage: bool) -> AsyncIterator[str]:
         outcome = "aborted"
+        loop = asyncio.get_running_loop()
+        merged, pumps = _merge(job)
+        # One timer per request, not one per token (asyncio.wait_for per token cost more than the JSON): at the
+        # deadline it drops a TimeoutError into the stream, which ends the loop below like any engine error.
+        timer = loop.call_at(job.deadline, merged.put_nowait, (0, TimeoutError()))
         try:
-            queue: asyncio.Queue = asyncio.Queue()
-            pumps = [asyncio.create_task(_pump(i, s, f, queue)) for i, (s, f) in
-                     enumerate(zip(job.streams, job.first, strict=True))]
-            try:
-                open_streams = len(pumps)
-                while open_streams:
-                    left = job.deadline - time.monotonic()
-                    try:
-                        index, item = await asyncio.wait_for(queue.get(), max(left, 0.0))
-                    except TimeoutError:
-                        outcome = "timeout"
-                        yield _sse(api.error_body(f"the request ran past its {self.timeout_s:g} s limit",
-                                                  "timeout_error", code="timeout"))
-                        return
-                    if item is None:
-                        open_streams -= 1
-                    elif isinstance(item, Exception):
-                        outcome = "error"
-                        yield _sse(api.error_body(str(item), "server_error", code="engine_unavailable"))
-                        return
-                    else:
-                        yield _sse(chunk(job, index, item))
-            finally:
-                for p in pumps:
-                    p.cancel()
+            open_streams = len(job.streams)
+            while open_streams:
+                index, item = await merged.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, TimeoutError):
+                    outcome = "timeout"
+                    yield api.sse_event(api.error_body(f"the request ran past its {self.timeout_s:g} s limit",
+                                              "timeout_error", code="timeout"))
+                    return
+                elif isinstance(item, Exception):
+                    outcome = "error"
+                    yield api.sse_event(api.error_body(str(item), "server_error", code="engine_unavailable"))
+                    return
+                else:
+                    yield chunk(job, index, item)
             if include_usage:
                 obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
-                yield _sse(api.usage_chunk(job.rid, job.model, job.created, obj,
+                yield api.sse_event(api.usage_chunk(job.rid, job.model, job.created, obj,
                                            sum(s.prompt_tokens for s in job.streams),
                                            sum(s.output_tokens for s in job.streams)))
             yield "data: [DONE]\n\n"
             outcome = "ok"
         finally:
+            timer.cancel()
+            for p in pumps:
+                p.cancel()
             self.finish(job, outcome)
 
     def finish(self, job: Job, outcome: str) -> None:
@@ -166,16 +164,49 @@ async def _first(stream: RequestStream) -> Delta:
     raise EngineFailed("the engine ended a request without a token")
 
 
+def _merge(job: Job) -> tuple[asyncio.Queue, list[asyncio.Task]]:
+    """Every choice's deltas in one queue as (index, delta), (index, None) when a choice ends, or (index,
+    exception). One choice (the usual case) reads its engine stream's own queue directly: no task, no extra hop."""
+    if len(job.streams) == 1:
+        stream, first = job.streams[0], job.first[0]
+        adapter = _SingleStream(stream, first)
+        return adapter, []
+    merged: asyncio.Queue = asyncio.Queue()
+    return merged, [asyncio.create_task(_pump(i, s, f, merged)) for i, (s, f) in
+                    enumerate(zip(job.streams, job.first, strict=True))]
+
+
+class _SingleStream:
+    """The queue interface `_events` reads, over one engine stream: its first delta, then the stream's own."""
+
+    def __init__(self, stream: RequestStream, first: Delta) -> None:
+        self.stream, self.pending = stream, [first]
+        self.ended = first.finish_reason is not None
+
+    def put_nowait(self, item) -> None:  # the deadline timer
+        self.stream.queue.put_nowait(item[1])
+
+    async def get(self):
+        if self.pending:
+            return 0, self.pending.pop()
+        if self.ended:
+            return 0, None
+        item = await self.stream.queue.get()
+        if isinstance(item, Delta) and item.finish_reason is not None:
+            self.ended = True
+        return 0, item
+
+
 async def _pump(index: int, stream: RequestStream, first: Delta, queue: asyncio.Queue) -> None:
     """One choice's deltas into the response's queue; None when it ends, the exception if it fails."""
-    try:
-        await queue.put((index, first))
-        if first.finish_reason is None:
-            async for delta in stream:
-                await queue.put((index, delta))
-        await queue.put((index, None))
-    except (EngineFailed, EngineRejected) as exc:
-        await queue.put((index, exc))
+    await queue.put((index, first))
+    if first.finish_reason is None:
+        while True:
+            item = await stream.queue.get()
+            await queue.put((index, item))
+            if not isinstance(item, Delta) or item.finish_reason is not None:
+                break
+    await queue.put((index, None))
 
 
 async def _disconnected(request: Request) -> None:
@@ -183,10 +214,6 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
 class _SSEResponse(StreamingResponse):

@@ -7,6 +7,7 @@ client waits for four). Unknown fields are ignored, as OpenAI's own clients send
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -192,3 +193,24 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, reason: str | No
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# -- server-sent events ---------------------------------------------------------------------------------------
+
+TEXT_MARK = "\u0000ferry-text\u0000"  # where a chunk template's token text goes (no real text holds NUL)
+
+
+def sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class ChunkTemplate:
+    """A streamed chunk rendered once with TEXT_MARK where the token's text goes: each token then costs one
+    json.dumps of its text instead of the whole object (64 streams at ~120 tokens/s each is 7,700 chunks/s)."""
+
+    def __init__(self, obj: dict) -> None:
+        head, tail = sse_event(obj).split(json.dumps(TEXT_MARK))
+        self.head, self.tail = head, tail
+
+    def render(self, text: str) -> str:
+        return self.head + json.dumps(text, ensure_ascii=False) + self.tail
