@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `ferry serve` on a GPU (issue 15), in two parts that each fit one device call:
 #   bash benchmarks/run_serve_gpu.sh bench OUT    # Llama-3-8B shape, random bf16: TPOT through HTTP vs the engine
-#                                                 # driven directly at 64 streams, then an open-loop rate sweep
+#                                                 # driven directly at 64 streams; SWEEP=1: then an open-loop
+#                                                 # rate sweep against the same server
 #   bash benchmarks/run_serve_gpu.sh verify OUT   # the default model installed: serve + batched-cloud GPU tests,
 #                                                 # the serving engine's GPU tests
 set -uo pipefail
@@ -13,7 +14,7 @@ mkdir -p "$OUT"
 if [ "$PART" = bench ]; then
   CUDA_VISIBLE_DEVICES=0 run timeout 560 python -m ferry.cli bench serve-overhead --shape llama3-8b --device cuda \
       --kv-memory 16GiB --concurrency 64 --requests 192 --rounds 4 --prompt-tokens 128-512 --output-tokens 128-512 \
-      --rates 8,16,32,64,128,inf --sweep-requests 384 --out "$OUT" 2>&1 | tail -45
+      ${SWEEP:+--rates 8,16,32,64,128,inf --sweep-requests 384} --out "$OUT" 2>&1 | tail -45
 elif [ "$PART" = verify ]; then  # needs the default model installed
   run python -m pytest -q -rA -m gpu tests/test_gpu_serve_and_cloud.py tests/test_gpu_serving.py \
       > "$OUT/pytest_serve.log" 2>&1
