@@ -1,45 +1,24 @@
-"""A `ferry serve` process for tests: started on a free port, its log kept, always stopped (never orphaned)."""
+"""A `ferry serve` process for tests (ferry.serve.process), with plain HTTP calls and a /metrics reader."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
-_LISTENING = re.compile(r"serving \S+ on (http://\S+)/v1")
+from ferry.serve.process import ServerProcess
 
 
-class ServeProcess:
+class ServeProcess(ServerProcess):
     def __init__(self, *args: str, api_key: str | None = None, start_timeout_s: float = 180.0) -> None:
         env = dict(os.environ)
         env.pop("FERRY_API_KEY", None)
         if api_key is not None:
             env["FERRY_API_KEY"] = api_key
         self.api_key = api_key
-        self.proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "serve", "--port", "0", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.log: list[str] = []
-        self._found = threading.Event()
-        self.url = ""
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._found.wait(start_timeout_s) or not self.url:
-            self.stop()
-            raise RuntimeError("ferry serve did not start:\n" + "".join(self.log))
-
-    def _read_log(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if not self.url and (m := _LISTENING.search(line)):
-                self.url = m.group(1)
-                self._found.set()
-        self._found.set()  # exited before listening: the constructor reports the log
+        super().__init__(list(args), env=env, start_timeout_s=start_timeout_s)
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, key: str | None = "default",
                 timeout: float = 60.0) -> tuple[int, dict, dict]:
@@ -62,7 +41,7 @@ class ServeProcess:
         status, _, body = self.request("GET", "/metrics")
         assert status == 200
         for line in body["text"].splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith((name + " ", name + "{")):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
@@ -72,13 +51,3 @@ class ServeProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             time.sleep(0.05)
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode

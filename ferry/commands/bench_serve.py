@@ -84,11 +84,11 @@ def bench_serve_overhead(
     def run() -> None:
         from ferry.bench.report import provenance, write_results
         from ferry.bench.serve_load import MAX_TOKEN_ID, parse_span
-        from ferry.bench.serve_overhead import ServerProcess
         from ferry.bench.serve_overhead import run as compare
         from ferry.device import resolve_device
         from ferry.model.loader import resolve_model_path
         from ferry.parallel.workers import WorkerSpec
+        from ferry.serve.process import ServerProcess
 
         dev = resolve_device(device)
         path = None if shape else str(resolve_model_path(model))
