@@ -3,12 +3,12 @@ and says it stopped at the limit (finish_reason "length"): in the detokenizer, g
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from ferry.engine.sequence import Sequence
 

@@ -4,6 +4,7 @@ reference: Ferry's own torch kernels (Q8_0, Q4_0, Q4_1) against gguf's numpy cod
 
 from __future__ import annotations
 
+import ggml_reference
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,6 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 
-import ggml_reference
 from ferry.errors import UnsupportedModelError
 from ferry.model.weights.dequant import dequantize
 from ferry.model.weights.gguf_file import GGUFWeights, unpermute_qk

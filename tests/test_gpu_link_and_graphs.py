@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ferry.engine.static_engine import StaticBatchEngine as Engine  # the dense cache's graph machinery
 from ferry.engine.sampling import SamplingParams
+from ferry.engine.static_engine import StaticBatchEngine as Engine  # the dense cache's graph machinery
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

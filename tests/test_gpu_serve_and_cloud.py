@@ -52,6 +52,39 @@ def test_served_greedy_answers_equal_the_python_api_on_the_gpu(smollm_path):
     assert streamed == expected[0]
 
 
+def test_a_tp2_server_on_two_gpus_answers_concurrent_requests_like_one_gpu(smollm_path):
+    """NCCL for the model's collectives, the gloo control group for the step-boundary agreement; fp32 so the
+    two layouts' different summation orders cannot flip a greedy token."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_process import ServeProcess
+
+    from ferry import LLM
+
+    server = ServeProcess("--tp", "2", "--device", "cuda", "--dtype", "fp32", "--served-model-name", "smollm",
+                          "--kv-memory", "4GiB")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(prompt: str) -> str:
+            return client.completions.create(model="smollm", prompt=prompt, max_tokens=24,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            served = list(pool.map(ask, PROMPTS))
+        sampled = client.completions.create(model="smollm", prompt=PROMPTS[0], max_tokens=16, temperature=1.0)
+        assert sampled.usage.completion_tokens == 16  # unseeded: one seed for both ranks, or they would part
+        assert ask(PROMPTS[1]) == served[1]  # still in step
+        assert server.metric('ferry_link_bytes_total{link="allreduce"}') > 0
+    finally:
+        assert server.stop() == 0
+    llm = LLM(device="cuda", dtype="fp32", kv_memory="4GiB")
+    assert served == [llm.generate([p], SamplingParams(max_tokens=24))[0].text for p in PROMPTS]
+
+
 def test_batched_cloud_on_the_gpu_gives_the_one_by_one_tokens(cuda_smollm, ferry_smollm):
     from ferry.edge.cloud import CloudServer
     from ferry.edge.cloud_batcher import DEFAULT_BATCHING

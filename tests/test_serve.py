@@ -193,6 +193,38 @@ def _metric_or_zero(server, name: str) -> float:
         return 0.0
 
 
+def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_requests(reference):
+    """--tp 2 on CPU (gloo): requests that join at different steps, an abort and unseeded sampling all go through
+    the ranks' step-boundary agreement; greedy answers still equal one rank's."""
+    server = ServeProcess("--tp", "2", "--device", "cpu", "--served-model-name", "smollm")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            time.sleep(0.15 * i)  # arrive while the earlier ones decode
+            results[i] = client.completions.create(model="smollm", prompt=PROMPTS[i], max_tokens=8,
+                                                   temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        sampled = client.completions.create(model="smollm", prompt="Once upon a time", max_tokens=8,
+                                            temperature=1.0)  # unseeded: the server picks one seed for both ranks
+        with client.completions.with_streaming_response.create(model="smollm", prompt=PROMPTS[4], max_tokens=200,
+                                                                stream=True) as resp:
+            next(resp.iter_lines())  # one event in, then the client leaves
+        for t in threads:
+            t.join(120)
+        assert results == {i: reference(PROMPTS[i], 8)[0] for i in range(4)}
+        assert sampled.usage.completion_tokens == 8
+        server.wait_for(lambda: server.metric("ferry_kv_blocks_used") == 0, what="the aborted request's blocks")
+        assert client.completions.create(model="smollm", prompt=PROMPTS[0], max_tokens=8,
+                                         temperature=0).choices[0].text == results[0]  # still in step
+    finally:
+        assert server.stop() == 0
+
+
 # -- a second server with tight limits --------------------------------------------------------------------------
 
 
@@ -249,10 +281,12 @@ def test_sigterm_during_load_finishes_or_cleanly_ends_requests_and_exits_0(tight
     for t in threads:
         t.start()
     tight_server.wait_for(lambda: tight_server.metric("ferry_requests_running") >= 1, what="requests running")
+    signalled = time.monotonic()
     tight_server.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
     assert tight_server.proc.wait(30) == 0
+    assert time.monotonic() - signalled < 3 + 5  # the drain limit, then a prompt exit (engine ranks included)
     assert len(outcomes) == 3
     assert sum(1 for kind, _ in outcomes if kind == "done") >= 1  # the short ones finish within the drain
     long_outcome = [o for o in outcomes if o[0] == "error" or o[1] > 3]

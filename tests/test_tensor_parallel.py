@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ferry.bench.tp_quality import compare, full_logits_on_ranks
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.model.layers.heads import HeadShard
 from ferry.parallel.launch import free_port, spawn
 from ferry.parallel.layout import check_device_count, check_tensor_parallel
-from ferry.bench.tp_quality import compare, full_logits_on_ranks
 from ferry.parallel.tp_generate import GenerateJob, run_generate
 
 PROMPTS = ("The capital of France is", "def add(a, b):", "Once upon a time, in a quiet village,",

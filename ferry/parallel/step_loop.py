@@ -67,15 +67,17 @@ class StepLoop:
         self.cid_of: dict[int, int] = {}  # engine request id -> driver's id
         self.rid_of: dict[int, int] = {}
 
-    def run(self) -> None:
+    def run(self) -> list:
+        """Serve until LeaveLoop; returns the commands taken after it (the rank's own loop runs them: a "stop"
+        that arrived in the same drain as LeaveLoop would otherwise be lost, and the rank never exit)."""
         while True:
             commands = self._take_commands(block=not self.engine.has_unfinished())
-            for command in commands:
+            for i, command in enumerate(commands):
                 if isinstance(command, LeaveLoop):
                     for rid in list(self.cid_of):
                         self.engine.abort(rid)
                     self.engine.check_no_leaks()
-                    return
+                    return commands[i + 1:]
                 self._apply(command)
             if not self.engine.has_unfinished():
                 if commands and self.rank == 0:  # an abort freed blocks with no step to follow: say so

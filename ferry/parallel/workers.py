@@ -78,13 +78,14 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
                                      "tp": world,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
+        leftover: list = []
         while True:
-            command = commands.get()
+            command = leftover.pop(0) if leftover else commands.get()
             if command[0] == "stop":
                 break
             if command[0] == "serve":  # step-level commands until LeaveLoop (ferry serve)
                 engine.warm_up(engine.limits.max_running, every_bucket=True)  # no capture inside a request
-                StepLoop(engine, commands, events, rank, world, timeout_s).run()
+                leftover = StepLoop(engine, commands, events, rank, world, timeout_s).run()
                 continue
             _, request, prompts, params = command
             try:  # every rank reaches the same verdict before any collective, so a bad request costs nothing

@@ -24,11 +24,17 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.ferry, self.drain_timeout_s = state, drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready_line = ""
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         self.ferry.engine.start()
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening, with the signal handlers in place: a SIGTERM from now on drains
+            print(self.ready_line, file=sys.stderr, flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.ferry.draining or self._loop is None:
@@ -72,5 +78,5 @@ def run_server(state: ServerState, host: str, port: int, drain_timeout_s: float 
     server = _DrainingServer(config, state, drain_timeout_s)
     shown = f"[{host}]" if ":" in host else host
     # Tests and scripts read this line for the port (port 0 picks a free one).
-    print(f"ferry: serving {state.model.name} on http://{shown}:{bound}/v1", file=sys.stderr, flush=True)
+    server.ready_line = f"ferry: serving {state.model.name} on http://{shown}:{bound}/v1"
     server.run(sockets=[sock])
