@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferry.commands import VerboseOpt, err, run_guarded, setup_logging
+from ferry.commands import DeviceOpt, ModelOpt, VerboseOpt, err, run_guarded, setup_logging
 from ferry.commands.bench import OutOpt, bench_app
 
 
@@ -61,9 +61,9 @@ def bench_serve(
 
 @bench_app.command("serve-overhead")
 def bench_serve_overhead(
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF folder")] = None,
+    model: ModelOpt = None,
     shape: Annotated[Optional[str], typer.Option(help="random-weight architecture instead (llama3-8b, tiny)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda \\[default: cuda if present]")] = None,
+    device: DeviceOpt = None,
     kv_memory: Annotated[str, typer.Option(help="each engine's KV cache (both run side by side)")] = "12GiB",
     concurrency: Annotated[int, typer.Option(help="streams in flight (closed loop)")] = 64,
     requests: Annotated[int, typer.Option(help="requests per level")] = 192,
@@ -82,14 +82,19 @@ def bench_serve_overhead(
     setup_logging(verbose)
 
     def run() -> None:
+        import asyncio
+
         from ferry.bench.report import provenance, write_results
         from ferry.bench.serve_load import MAX_TOKEN_ID, parse_span
         from ferry.bench.serve_overhead import run as compare
+        from ferry.bench.sse_client import check_server
         from ferry.device import resolve_device
         from ferry.model.loader import resolve_model_path
         from ferry.parallel.workers import WorkerSpec
         from ferry.serve.process import ServerProcess
 
+        prompt_span = parse_span(prompt_tokens, "prompt-tokens")
+        output_span = parse_span(output_tokens, "output-tokens")
         dev = resolve_device(device)
         path = None if shape else str(resolve_model_path(model))
         spec = WorkerSpec(path or "", dev.type, None, {"kv_memory": kv_memory}, shape=shape)
@@ -97,12 +102,10 @@ def bench_serve_overhead(
         server = ServerProcess(args)
         try:
             name = shape or Path(path).stem
-            vocab = 8192 if shape == "tiny" else MAX_TOKEN_ID
-            result = compare(spec, server.url, _served_name(server.url),
-                             concurrency=concurrency, requests=requests,
-                             prompt_tokens=parse_span(prompt_tokens, "prompt-tokens"),
-                             output_tokens=parse_span(output_tokens, "output-tokens"), rounds=rounds, seed=seed,
-                             max_token_id=min(vocab, MAX_TOKEN_ID), log=err)
+            info = asyncio.run(check_server(server.url, None, None, timeout_s=30.0))
+            result = compare(spec, server.url, info.model, concurrency=concurrency, requests=requests,
+                             prompt_tokens=prompt_span, output_tokens=output_span, rounds=rounds, seed=seed,
+                             max_token_id=min(info.vocab_size or MAX_TOKEN_ID, MAX_TOKEN_ID), log=err)
             meta = provenance(dev) | {"model": name, "concurrency": concurrency, "requests": requests,
                                       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
                                       "rounds": rounds, "kv_memory": kv_memory, "summary": result["summary"]}
@@ -121,9 +124,8 @@ def bench_serve_overhead(
             if rates:
                 from ferry.bench.serve_load_bench import LoadBenchConfig, parse_levels, run_serve_load_bench
 
-                cfg = LoadBenchConfig(url=server.url, requests=sweep_requests,
-                                      prompt_tokens=parse_span(prompt_tokens, "prompt-tokens"),
-                                      output_tokens=parse_span(output_tokens, "output-tokens"),
+                cfg = LoadBenchConfig(url=server.url, requests=sweep_requests, prompt_tokens=prompt_span,
+                                      output_tokens=output_span,
                                       rates=parse_levels(rates, "rate", integer=False), seed=seed,
                                       tag=f"{name}_{dev.type}" + (f"_{tag}" if tag else ""),
                                       server_device=provenance(dev)["device"])
@@ -134,10 +136,3 @@ def bench_serve_overhead(
 
     run_guarded(run)
 
-
-def _served_name(url: str) -> str:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
-        return json.loads(resp.read())["data"][0]["id"]

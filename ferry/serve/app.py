@@ -116,11 +116,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return templates[i].render(d.text)
 
             return state.runner.stream(job, chunk, body.include_usage)
-        prompt_tokens = sum(s.prompt_tokens for s in job.streams)
-        streams = list(job.streams)
         choices = await state.runner.collect(request, job)
-        return api.completion_response(job.rid, job.model, choices, prompt_tokens,
-                                       sum(s.output_tokens for s in streams))
+        return api.completion_response(job.rid, job.model, choices, job.prompt_tokens, job.output_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -151,9 +148,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return template.render(d.text)
 
             return state.runner.stream(job, chunk, body.include_usage)
-        stream = job.streams[0]
         [(text, reason)] = await state.runner.collect(request, job)
-        return api.chat_response(job.rid, job.model, text, reason, stream.prompt_tokens, stream.output_tokens)
+        return api.chat_response(job.rid, job.model, text, reason, job.prompt_tokens, job.output_tokens)
 
     return app
 

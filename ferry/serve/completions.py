@@ -34,6 +34,15 @@ class Job:
     first: list[Delta | None] = field(default_factory=list)  # each stream's first delta, taken before answering
     rid: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    finished: bool = False  # aborted what still ran and recorded in the metrics (once)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(s.prompt_tokens for s in self.streams)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(s.output_tokens for s in self.streams)
 
 
 class Runner:
@@ -50,23 +59,17 @@ class Runner:
             job.first = list(await self._until(request, job, asyncio.gather(*(_first(s) for s in job.streams))))
         except BaseException as exc:
             self.finish(job, _outcome(exc))
-            if isinstance(exc, EngineRejected):
-                status = 429 if exc.kind == "queue_full" else 400
-                raise RequestError(status, str(exc), code="queue_full" if status == 429 else None,
-                                   kind="rate_limit_error" if status == 429 else "invalid_request_error",
-                                   headers={"Retry-After": "1"} if status == 429 else None) from None
-            if isinstance(exc, EngineFailed):
-                raise RequestError(503, str(exc), kind="server_error", code="engine_unavailable") from None
+            if isinstance(exc, (EngineRejected, EngineFailed)):
+                raise _as_request_error(exc) from None
             raise
 
     async def collect(self, request: Request, job: Job) -> list[tuple[str, str | None]]:
         """Each choice's whole text and finish reason."""
         async def rest(stream: RequestStream, first: Delta) -> tuple[str, str | None]:
             parts, last = [first.text], first
-            if first.finish_reason is None:
-                async for delta in stream:
-                    parts.append(delta.text)
-                    last = delta
+            async for delta in stream:  # nothing more when the first delta already finished it
+                parts.append(delta.text)
+                last = delta
             return "".join(parts), last.finish_reason
 
         try:
@@ -75,7 +78,7 @@ class Runner:
         except BaseException as exc:
             self.finish(job, _outcome(exc))
             if isinstance(exc, EngineFailed):
-                raise RequestError(503, str(exc), kind="server_error", code="engine_unavailable") from None
+                raise _as_request_error(exc) from None
             raise
         self.finish(job, "ok")
         return out
@@ -111,9 +114,8 @@ class Runner:
                     yield chunk(job, index, item)
             if include_usage:
                 obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
-                yield api.sse_event(api.usage_chunk(job.rid, job.model, job.created, obj,
-                                           sum(s.prompt_tokens for s in job.streams),
-                                           sum(s.output_tokens for s in job.streams)))
+                yield api.sse_event(api.usage_chunk(job.rid, job.model, job.created, obj, job.prompt_tokens,
+                                                    job.output_tokens))
             yield "data: [DONE]\n\n"
             outcome = "ok"
         finally:
@@ -124,11 +126,13 @@ class Runner:
 
     def finish(self, job: Job, outcome: str) -> None:
         """Abort what is still running (a no-op for finished streams) and record the request once."""
-        streams, job.streams = job.streams, []
-        for s in streams:
+        if job.finished:
+            return
+        job.finished = True
+        for s in job.streams:
             self.engine.abort(s)
-        if streams:
-            self.metrics.observe(job.endpoint, outcome, streams)
+        if job.streams:
+            self.metrics.observe(job.endpoint, outcome, job.streams)
 
     async def _until(self, request: Request, job: Job, work):
         """Await `work` unless the client leaves (CancelledError) or the deadline passes (504)."""
@@ -150,6 +154,15 @@ class Runner:
                 task.cancel()
 
 
+def _as_request_error(exc: EngineRejected | EngineFailed) -> RequestError:
+    """The engine's refusal or failure as the API answers it: 429 (retry) or 400, 503."""
+    if isinstance(exc, EngineRejected) and exc.kind == "queue_full":
+        return RequestError(429, str(exc), code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineRejected):
+        return RequestError(400, str(exc))
+    return RequestError(503, str(exc), kind="server_error", code="engine_unavailable")
+
+
 def _outcome(exc: BaseException) -> str:
     if isinstance(exc, EngineRejected):
         return "rejected"
@@ -168,9 +181,7 @@ def _merge(job: Job) -> tuple[asyncio.Queue, list[asyncio.Task]]:
     """Every choice's deltas in one queue as (index, delta), (index, None) when a choice ends, or (index,
     exception). One choice (the usual case) reads its engine stream's own queue directly: no task, no extra hop."""
     if len(job.streams) == 1:
-        stream, first = job.streams[0], job.first[0]
-        adapter = _SingleStream(stream, first)
-        return adapter, []
+        return _SingleStream(job.streams[0], job.first[0]), []
     merged: asyncio.Queue = asyncio.Queue()
     return merged, [asyncio.create_task(_pump(i, s, f, merged)) for i, (s, f) in
                     enumerate(zip(job.streams, job.first, strict=True))]
@@ -181,31 +192,21 @@ class _SingleStream:
 
     def __init__(self, stream: RequestStream, first: Delta) -> None:
         self.stream, self.pending = stream, [first]
-        self.ended = first.finish_reason is not None
 
     def put_nowait(self, item) -> None:  # the deadline timer
         self.stream.queue.put_nowait(item[1])
 
     async def get(self):
-        if self.pending:
-            return 0, self.pending.pop()
-        if self.ended:
-            return 0, None
-        item = await self.stream.queue.get()
-        if isinstance(item, Delta) and item.finish_reason is not None:
-            self.ended = True
-        return 0, item
+        return 0, self.pending.pop() if self.pending else await self.stream.next_item()
 
 
 async def _pump(index: int, stream: RequestStream, first: Delta, queue: asyncio.Queue) -> None:
     """One choice's deltas into the response's queue; None when it ends, the exception if it fails."""
     await queue.put((index, first))
-    if first.finish_reason is None:
-        while True:
-            item = await stream.queue.get()
-            await queue.put((index, item))
-            if not isinstance(item, Delta) or item.finish_reason is not None:
-                break
+    while (item := await stream.next_item()) is not None:
+        await queue.put((index, item))
+        if not isinstance(item, Delta):
+            break
     await queue.put((index, None))
 
 

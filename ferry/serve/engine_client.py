@@ -60,12 +60,18 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> Delta:
-        if self.finish_reason is not None and self.queue.empty():
+        item = await self.next_item()
+        if item is None:
             raise StopAsyncIteration
-        item = await self.queue.get()
         if isinstance(item, Exception):
             raise item
         return item
+
+    async def next_item(self) -> Delta | Exception | None:
+        """The next delta, or the error that ends the request (returned, not raised), or None once it finished."""
+        if self.finish_reason is not None and self.queue.empty():
+            return None
+        return await self.queue.get()
 
     def _deliver(self, token_id: int, text: str, finish: str | None, now: float) -> None:
         self.first_token_at = self.first_token_at or now
