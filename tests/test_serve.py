@@ -94,7 +94,8 @@ def test_stop_string_ends_the_text_before_it(client, reference):
 def test_same_seed_same_text_and_another_seed_another_text(client):
     def sample(seed: int) -> str:
         return client.completions.create(model="smollm", prompt="Once upon a time", max_tokens=24, temperature=1.0,
-                                         top_p=0.95, seed=seed).choices[0].text
+                                         top_p=0.95, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text  # no early-EOS ties
 
     first = sample(7)
     assert sample(7) == first
@@ -155,7 +156,9 @@ def test_bad_requests_get_the_right_status_and_an_openai_error_body(server, case
 
 def test_a_client_killed_mid_stream_frees_its_blocks(server):
     aborted_before = _metric_or_zero(server, 'ferry_requests_total{endpoint="completions",outcome="aborted"}')
-    body = json.dumps({"prompt": "Tell me a long story about a dragon.", "max_tokens": 400, "stream": True}).encode()
+    body = json.dumps({"prompt": "Tell me a long story about a dragon.", "max_tokens": 400, "stream": True,
+                       # the stream must outlive the client: a sampled EOS as the first token ended it early in CI
+                       "temperature": 0, "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -210,7 +213,8 @@ def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_request
         for t in threads:
             t.start()
         sampled = client.completions.create(model="smollm", prompt="Once upon a time", max_tokens=8,
-                                            temperature=1.0)  # unseeded: the server picks one seed for both ranks
+                                            temperature=1.0,  # unseeded: the server picks one seed for both ranks
+                                            extra_body={"ignore_eos": True})  # so it always runs all 8 steps
         with client.completions.with_streaming_response.create(model="smollm", prompt=PROMPTS[4], max_tokens=200,
                                                                 stream=True) as resp:
             next(resp.iter_lines())  # one event in, then the client leaves

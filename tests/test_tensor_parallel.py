@@ -341,7 +341,7 @@ def test_python_api_tp2_refuses_a_bad_request_and_keeps_serving(llm_tp2):
 @pytest.mark.slow
 def test_python_api_tp2_unseeded_sampling_keeps_the_ranks_together(llm_tp2):
     # Ranks that drew different samples would feed different tokens and break apart (or hang at EOS).
-    params = SamplingParams(max_tokens=24, temperature=1.0)
+    params = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)  # an early EOS would tie the runs
     runs = [llm_tp2.generate([PROMPTS[2]], params)[0] for _ in range(2)]
     assert all(r.token_ids for r in runs) and runs[0].token_ids != runs[1].token_ids  # really sampled
     events = list(llm_tp2.stream([PROMPTS[0]], GREEDY))
