@@ -24,7 +24,7 @@ class LLM:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         compile_mode: str | None = None,
-        weights: str = "native",
+        weights: str = "auto",
         sync_output: bool = False,
         offload_weights: float = 0.0,
         tp: int = 1,
@@ -37,7 +37,7 @@ class LLM:
 
         check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, tp=tp)
         self.tp = tp
         self.workers = None
         self.engine: Engine | None = None

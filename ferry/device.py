@@ -1,6 +1,10 @@
-"""Device and dtype choice: cuda when present else cpu; bf16 on accelerators, fp32 on CPU."""
+"""Device and dtype choice: cuda when present else cpu; bf16 on accelerators and on CPUs with native bf16 (where
+the quantized CPU kernels need it), fp32 on other CPUs and for CPU tensor parallelism."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -34,9 +38,23 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls and torch's int4/int8 weight kernels run at full speed (Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str | None, device: torch.device, tp: int = 1) -> torch.dtype:
+    """`auto`: bf16 on accelerators; on a CPU bf16 where it is native and one rank runs (the fast quantized path,
+    loader.py), else fp32. CPU tensor parallelism stays fp32 by default: it is how layouts are checked exactly."""
     if name in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type != "cpu":
+            return torch.bfloat16
+        return torch.bfloat16 if tp == 1 and cpu_has_native_bf16() else torch.float32
     if name not in DTYPES:
         raise FerryError(f"unknown dtype {name!r} (choose from {', '.join(sorted(DTYPES))})")
     return DTYPES[name]

@@ -59,8 +59,10 @@ app = FerryTyper(add_completion=False, no_args_is_help=True, help="Ferry: distri
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file or HF checkpoint folder "
                                                   "\\[default: SmolLM2-135M-Instruct]")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N \\[default: cuda if present]")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 \\[default: bf16 on GPU, fp32 on CPU]")]
-WeightsOpt = Annotated[str, typer.Option(help="native, or int8 (weight-only, CPU with --dtype bf16)")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 \\[default: bf16; fp32 on a CPU without native "
+                                                      "bf16 and for CPU --tp]")]
+WeightsOpt = Annotated[str, typer.Option(help="auto (quantized on one CPU rank in bf16, else native), native, int8 "
+                                                "or quantized (GGUF 4-bit kept as int4, the rest int8 rows; CPU, bf16)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log which paths ran and timings to stderr")]
 
 

@@ -60,7 +60,7 @@ def generate(
     compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
     kv_memory: KvMemoryOpt = None,
-    weights: WeightsOpt = "native",
+    weights: WeightsOpt = "auto",
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
@@ -170,7 +170,7 @@ def chat(
     temperature: Annotated[float, typer.Option()] = 0.0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    weights: WeightsOpt = "native",
+    weights: WeightsOpt = "auto",
     compile: CompileOpt = None,
     compile_mode: CompileModeOpt = None,
     kv_memory: KvMemoryOpt = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig
 from ferry.model.layers.attention import Attention, AttentionBatch, PagedBatch
 from ferry.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ferry.model.layers.linear import QuantizableMatmul
 from ferry.model.layers.mlp import SwiGLU
 from ferry.model.layers.norm import RMSNorm
 from ferry.model.layers.rotary import RotaryEmbedding
@@ -173,6 +176,17 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "quantize_int8"):
                 module.quantize_int8()
+
+    def keep_quantized(self, keep: bool = True) -> None:
+        """Before loading: matmuls whose GGUF weights are 4-bit blocks torch's int4 kernel takes keep them."""
+        for module in self.modules():
+            if isinstance(module, QuantizableMatmul):
+                module.keep_quantized = keep
+
+    def weight_formats(self) -> str:
+        """e.g. "210 int4, 1 int8": how many matmuls hold each weight format (logs, --verbose, benchmarks)."""
+        counts = Counter(m.weight_format for m in self.modules() if isinstance(m, QuantizableMatmul))
+        return ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common())
 
     def load(self, source: WeightSource, progress=None) -> None:
         """Fill every parameter from `source`; `progress(i, n)` is told after each layer."""

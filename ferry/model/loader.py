@@ -19,6 +19,7 @@ from ferry.model.layers.quant import check_int8_supported
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights.gguf_file import GGUFWeights
+from ferry.model.weights.repack import INT4_TYPES
 from ferry.model.weights.safetensors_dir import SafetensorsWeights
 from ferry.model.weights.source import WeightSource
 
@@ -84,41 +85,65 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return Path(path).expanduser() if path else default_model_path()
 
 
+WEIGHT_FORMATS = ("auto", "native", "int8", "quantized")
+
+
+def has_int4_blocks(source: WeightSource) -> bool:
+    return isinstance(source, GGUFWeights) and any(t.qtype in INT4_TYPES for t in source.tensors.values())
+
+
+def choose_weights(weights: str, source: WeightSource, device: torch.device, dtype: torch.dtype,
+                   group: ParallelGroup) -> str:
+    """`auto` is the fastest correct format for this run: on one CPU rank in bf16, a GGUF with 4-bit blocks keeps
+    them ("quantized"); everything else loads "native". fp32 stays exact: it never quantizes."""
+    if weights not in WEIGHT_FORMATS:
+        raise FerryError(f"unknown weight format {weights!r} (choose {', '.join(WEIGHT_FORMATS)})")
+    if weights != "auto":
+        return weights
+    fast = device.type == "cpu" and dtype == torch.bfloat16 and group.world_size == 1 and has_int4_blocks(source)
+    return "quantized" if fast else "native"
+
+
 def load_model(
     path: str | Path | None,
     device: torch.device,
     dtype: torch.dtype,
     group: ParallelGroup | None = None,
     show_progress: bool = True,
-    weights: str = "native",
+    weights: str = "auto",
     offload_fraction: float = 0.0,
 ) -> LoadedModel:
-    """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight.
+    """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight to int8
+    rows; "quantized" keeps GGUF Q4_0/Q4_1 matmuls as the checkpoint's own int4 groups and makes the rest int8 rows
+    (CPU, bf16); "auto" (the default) picks (choose_weights).
     `offload_fraction`: that share of decoder layers lives in (pinned) host memory and is streamed to the device
     ahead of its use (see ferry/comm/weight_stream.py)."""
     group = group or ParallelGroup.single()
-    if weights not in ("native", "int8"):
-        raise FerryError(f"unknown weight format {weights!r} (choose native or int8)")
-    if weights == "int8":
-        check_int8_supported(device, dtype)
+    if weights not in WEIGHT_FORMATS:
+        raise FerryError(f"unknown weight format {weights!r} (choose {', '.join(WEIGHT_FORMATS)})")
+    if weights in ("int8", "quantized"):
+        check_int8_supported(device, dtype, weights)
     if not 0.0 <= offload_fraction <= 1.0:
         raise FerryError(f"--offload-weights must be a fraction in [0, 1], got {offload_fraction}")
-    if offload_fraction and weights != "native":
-        raise FerryError("--offload-weights streams native weights; it does not combine with --weights int8")
+    if offload_fraction and weights not in ("native", "auto"):
+        raise FerryError(f"--offload-weights streams native weights; it does not combine with --weights {weights}")
     started = time.perf_counter()
     resolved = resolve_model_path(path)
     source, config, tokenizer = open_checkpoint(resolved)
+    weights = "native" if offload_fraction else choose_weights(weights, source, device, dtype, group)
     streamed = streamed_layers(config.num_layers, offload_fraction)
     model = build_model(config, device, dtype, group, host_layers=frozenset(streamed))
+    model.keep_quantized(weights == "quantized")
     streamer = stream_layers(model, streamed) if streamed else None  # before loading: weights land in pinned memory
     with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
         model.load(source, progress=advance)
-        if weights == "int8":
-            model.quantize_int8()
+        if weights in ("int8", "quantized"):
+            model.quantize_int8()  # what is not int4 already
     if streamer:
         streamer.activate()
     seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s, %s weights) in %.2f s", resolved.name, device, dtype, weights, seconds)
+    log.info("loaded %s (%s, %s, %s weights: %s) in %.2f s", resolved.name, device, dtype, weights,
+             model.weight_formats(), seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 

@@ -23,7 +23,7 @@ def _check_rank_count(tp: int) -> None:
         raise FerryError(f"--tp must be 1 or more (one rank per device), got {tp}")
 
 
-def check_parallel_options(tp: int, weights: str = "native", offload_fraction: float = 0.0,
+def check_parallel_options(tp: int, weights: str = "auto", offload_fraction: float = 0.0,
                            compression: str | None = None, allreduce: str = "auto") -> None:
     """The one check of the rank count and the options that go with it, run before any model loads or rank
     starts (CLI and API alike): an option that only a tensor-parallel run uses is refused on one rank rather
@@ -37,8 +37,8 @@ def check_parallel_options(tp: int, weights: str = "native", offload_fraction: f
         if allreduce != "auto":
             raise FerryError(f"--allreduce {allreduce} picks the tensor-parallel all-reduce path; it needs --tp 2 "
                              "or more")
-    elif weights != "native" or offload_fraction:
-        raise FerryError("--weights int8 and --offload-weights are single-rank options; drop them with --tp")
+    elif weights not in ("native", "auto") or offload_fraction:
+        raise FerryError(f"--weights {weights} and --offload-weights are single-rank options; drop them with --tp")
 
 
 def check_launch(config: ModelConfig, device_type: str, tp: int) -> None:

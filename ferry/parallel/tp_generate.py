@@ -67,7 +67,7 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     from ferry.model.loader import load_model
 
     device = rank_device(group.rank, device_type)
-    dtype = resolve_dtype(dtype_name, device)
+    dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
     group = group.with_allreduce(allreduce, device, dtype)
     return group, load_model(model, device, dtype, group=group, show_progress=show_progress)
 
@@ -78,7 +78,7 @@ def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dty
     from ferry.device import resolve_dtype
 
     device = rank_device(group.rank, device_type)
-    dtype = resolve_dtype(dtype_name, device)
+    dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
     group = group.with_allreduce(allreduce, device, dtype)
     return random_model(SHAPES[shape], device, dtype, group=group), None
 

@@ -10,25 +10,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
-from ferry.model.layers.quant import Int8Weight, int8_linear, quantize_rows_int8
+from ferry.model.layers.quant import Int4Weight, Int8Weight, int4_linear, int8_linear, quantize_rows_int8
 from ferry.model.layers.shard import shard_range
+from ferry.model.weights.repack import GROUP_SIZE, can_pack_int4, pack_int4
 from ferry.model.weights.source import WeightSource
 
 
 class QuantizableMatmul(nn.Module):
-    """x W^T with W dense (`weight`) or, after `quantize_int8()`, int8 rows with per-row scales."""
+    """x W^T with W dense (`weight`), int8 rows with per-row scales after `quantize_int8()`, or a checkpoint's own
+    4-bit groups (`int4`) when the model keeps GGUF weights quantized (`keep_quantized`)."""
 
     weight: nn.Parameter
     int8: Int8Weight | None = None
+    int4: Int4Weight | None = None
+    keep_quantized = False  # set per module before loading (LlamaForCausalLM.keep_quantized)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None:
+            return int4_linear(x, self.int4)
         if self.int8 is not None:
             return int8_linear(x, self.int8)
         return F.linear(x, self.weight)
 
+    @property
+    def weight_format(self) -> str:
+        return "int4" if self.int4 is not None else "int8" if self.int8 is not None else str(self.weight.dtype)
+
     def quantize_int8(self) -> None:
+        if self.int4 is not None:
+            return  # already the checkpoint's own 4 bits
         self.int8 = quantize_rows_int8(self.weight.data)
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)  # free the dense copy
+
+    def load_int4(self, source: WeightSource, slices: list[tuple[str, int, int, int | None]]) -> bool:
+        """Keep this matmul's GGUF 4-bit blocks as int4 when every slice (name, dim, start, stop) of it is Q4_0/Q4_1
+        that torch's kernel can take; False (nothing loaded) otherwise."""
+        get_blocks = getattr(source, "get_blocks", None)
+        if not self.keep_quantized or get_blocks is None:
+            return False
+        parts = [get_blocks(name, dim, start, stop) for name, dim, start, stop in slices]
+        if any(p is None for p in parts) or not can_pack_int4(parts):
+            return False
+        dtype = self.weight.dtype
+        packed, scale_zero = pack_int4(parts, dtype)
+        rows = sum(p.data.shape[0] for p in parts)
+        self.int4 = Int4Weight(packed, scale_zero.to(self.weight.device), GROUP_SIZE, rows)
+        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
+        return True
 
 
 class ColumnParallelLinear(QuantizableMatmul):
@@ -71,10 +99,13 @@ class ColumnParallelLinear(QuantizableMatmul):
 
     def load(self, source: WeightSource, names: list[str]) -> None:
         """Load each logical block's shard from the tensor named for it (names without `.weight`)."""
+        as_int4 = self.load_int4(source, [(f"{name}.weight", 0, start, stop)
+                                          for name, (start, stop) in zip(names, self.block_ranges, strict=True)])
         offset = 0
         for name, (start, stop) in zip(names, self.block_ranges, strict=True):
             rows = slice(offset, offset + stop - start)
-            self.weight.data[rows].copy_(source.get(f"{name}.weight", dim=0, start=start, stop=stop))
+            if not as_int4:
+                self.weight.data[rows].copy_(source.get(f"{name}.weight", dim=0, start=start, stop=stop))
             if self.bias is not None:
                 self.bias.data[rows].copy_(source.get(f"{name}.bias", dim=0, start=start, stop=stop))
             offset += stop - start
@@ -104,4 +135,5 @@ class RowParallelLinear(QuantizableMatmul):
 
     def load(self, source: WeightSource, name: str) -> None:
         start, stop = self.in_range
-        self.weight.data.copy_(source.get(f"{name}.weight", dim=1, start=start, stop=stop))
+        if not self.load_int4(source, [(f"{name}.weight", 1, start, stop)]):
+            self.weight.data.copy_(source.get(f"{name}.weight", dim=1, start=start, stop=stop))

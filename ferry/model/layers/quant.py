@@ -1,8 +1,13 @@
-"""Weight-only int8: one scale per output row, activations stay bf16.
+"""Weight-only quantized matmuls on the CPU, activations bf16: int8 rows, and int4 groups of 32.
 
 On the 2-core CPU, decode is memory-bound (fp32 GEMV runs at the ~27 GB/s copy bandwidth); torch's
 int8-weight kernel with bf16 activations moves a quarter of the fp32 bytes and measured 2.3-3x faster per
 matmul there. With fp32 activations the same kernel is 10x slower, so int8 weights require bf16.
+
+int4 (`_weight_int4pack_mm_for_cpu`) is where a GGUF Q4_0/Q4_1 weight goes as it is (weights/repack.py): all 30
+layers' matmuls of SmolLM2-135M, streamed from memory, took 4.4 ms per token as int4 vs 8.6 ms as int8 rows and
+18.6 ms as dense bf16 on the 2-core machine (2026-11-30); with fp32 activations the int4 kernel is ~10x slower
+again, so it too runs with bf16 only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,19 @@ class Int8Weight(NamedTuple):
     scales: torch.Tensor  # [out], activation dtype
 
 
+class Int4Weight(NamedTuple):
+    packed: torch.Tensor  # uint8, torch's CPU int4 tile layout of [out, in]
+    scale_zero: torch.Tensor  # [in / group, out, 2], activation dtype: w = (q - 8) * scale + zero
+    group_size: int
+    out_features: int
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scale_zero)
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
 def quantize_rows_int8(weight: torch.Tensor) -> Int8Weight:
     w = weight.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
@@ -32,8 +50,9 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.values.shape[0])
 
 
-def check_int8_supported(device: torch.device, dtype: torch.dtype) -> None:
+def check_int8_supported(device: torch.device, dtype: torch.dtype, weights: str = "int8") -> None:
     if device.type != "cpu":
-        raise FerryError(f"--weights int8 runs on CPU only for now (asked for {device.type})")
+        raise FerryError(f"--weights {weights} runs on CPU only for now (asked for {device.type})")
     if dtype != torch.bfloat16:
-        raise FerryError("--weights int8 needs --dtype bf16 (torch's int8 kernel is slow with fp32 activations)")
+        raise FerryError(f"--weights {weights} needs --dtype bf16 (torch's int8/int4 kernels are slow with fp32 "
+                         "activations)")

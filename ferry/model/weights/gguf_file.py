@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ferry.errors import UnsupportedModelError
 from ferry.model.weights.dequant import dequantize
 from ferry.model.weights.gguf_header import read_gguf
+from ferry.model.weights.repack import QuantBlocks
 
 # Tensor types Ferry dequantizes; anything else is refused by name before loading starts.
 SUPPORTED_TYPES = {
@@ -104,6 +106,31 @@ class GGUFWeights:
 
     def has(self, name: str) -> bool:
         return gguf_name(name) in self.tensors
+
+    def get_blocks(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> QuantBlocks | None:
+        """A 2-D block-quantized tensor's rows [start, stop) (dim 0) or columns on block boundaries (dim 1) as
+        stored, Q/K rows put in Hugging Face order; None for float tensors and slices that cut a block."""
+        key = gguf_name(name)
+        tensor = self.tensors.get(key)
+        if tensor is None or tensor.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16,
+                                              GGMLQuantizationType.BF16) or len(tensor.dims) != 2:
+            return None
+        data = tensor.rows_view(self.buffer)
+        block, size = GGML_QUANT_SIZES[tensor.qtype]
+        cols = tensor.dims[-1]
+        if key in self._permute_heads:  # rows are whole blocks, so the row order is undone on the bytes
+            heads = self._permute_heads[key]
+            rows = data.shape[0]
+            data = np.ascontiguousarray(data.reshape(heads, rows // heads // 2, 2, -1).transpose(0, 2, 1, 3)).reshape(
+                rows, -1)
+        if dim == 0:
+            data = data[start:stop]
+        elif dim == 1:
+            stop = cols if stop is None else stop
+            if start % block or stop % block:
+                return None
+            data, cols = data[:, start // block * size : stop // block * size], stop - start
+        return QuantBlocks(tensor.qtype, data, cols)
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         key = gguf_name(name)

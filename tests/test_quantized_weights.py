@@ -1,0 +1,109 @@
+"""GGUF 4-bit weights kept as int4 on the CPU (`--weights quantized`, the CPU default in bf16): the packed form holds
+exactly the checkpoint's values, the model stays close to the fp32 one, and `auto` picks it only where it applies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from ferry.comm.group import ParallelGroup
+from ferry.device import resolve_dtype
+from ferry.errors import FerryError
+from ferry.model.layers.quant import Int4Weight, int4_linear
+from ferry.model.loader import choose_weights, load_model
+from ferry.model.weights.dequant import dequantize
+from ferry.model.weights.repack import QuantBlocks, _nibbles_and_scales, can_pack_int4, pack_int4
+
+CPU = torch.device("cpu")
+
+
+def _blocks(qtype, rows: int = 48, cols: int = 96, seed: int = 0) -> QuantBlocks:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.5, 0.5, (rows, 1)))
+    return QuantBlocks(qtype, quantize(w.astype(np.float32), qtype), cols)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=["Q4_0", "Q4_1"])
+def test_unpacked_nibbles_and_scales_rebuild_the_checkpoint_values(qtype):
+    part = _blocks(qtype)
+    q, scale_zero = _nibbles_and_scales(part, torch.float32)
+    scale = scale_zero[..., 0].T.repeat_interleave(32, dim=1)
+    zero = scale_zero[..., 1].T.repeat_interleave(32, dim=1)
+    rebuilt = (q.float() - 8) * scale + zero
+    torch.testing.assert_close(rebuilt, dequantize(part.data, qtype), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=["Q4_0", "Q4_1"])
+def test_int4_matmul_of_fused_row_blocks_matches_the_dequantized_weights(qtype):
+    parts = [_blocks(qtype, rows=32, seed=1), _blocks(qtype, rows=16, seed=2)]  # e.g. q and k fused in one matmul
+    assert can_pack_int4(parts)
+    packed, scale_zero = pack_int4(parts, torch.bfloat16)
+    weight = Int4Weight(packed, scale_zero, 32, 48)
+    x = torch.randn(3, 5, 96).bfloat16()
+    dense = torch.cat([dequantize(p.data, qtype) for p in parts])
+    ref = x.float() @ dense.T
+    out = int4_linear(x, weight).float()
+    assert out.shape == (3, 5, 48)
+    assert ((out - ref).norm() / ref.norm()) < 1e-2  # bf16 activations and scales
+
+
+def test_blocks_torch_cannot_take_stay_out_of_int4():
+    assert not can_pack_int4([_blocks(Q.Q8_0)])  # 8-bit: int8 rows instead
+    assert not can_pack_int4([_blocks(Q.Q4_1, rows=40)])  # 40 rows do not fill the kernel's tiles of 16
+    assert not can_pack_int4([_blocks(Q.Q4_1, cols=64), _blocks(Q.Q4_1, cols=96)])
+
+
+def test_quantized_model_keeps_every_layer_matmul_int4_and_agrees_with_fp32(ferry_smollm):
+    """Teacher-forced top-1 agreement and perplexity on the shipped eval text against the fp32 model."""
+    from importlib.resources import files
+
+    from ferry.engine.kv_cache import KVCache
+
+    quantized = load_model(None, CPU, torch.bfloat16, show_progress=False, weights="quantized")
+    cfg = ferry_smollm.config
+    assert quantized.model.weight_formats() == f"{4 * cfg.num_layers} int4, 1 int8"  # the tied head: int8 rows
+    text = files("ferry.data").joinpath("eval_text.txt").read_text()
+    ids = torch.tensor([ferry_smollm.tokenizer.encode(text)[:200]])
+    logits = []
+    for loaded, dtype in ((ferry_smollm, torch.float32), (quantized, torch.bfloat16)):
+        cache = KVCache(cfg.num_layers, loaded.model.kv_heads_per_rank, cfg.head_dim, dtype, CPU)
+        cache.ensure(1, ids.shape[1])
+        with torch.inference_mode():
+            logits.append(loaded.model.full_logits(ids, cache.layers))
+    agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+    nll = [torch.nn.functional.cross_entropy(lg[0, :-1], ids[0, 1:]).item() for lg in logits]
+    print(f"quantized vs fp32: top-1 agreement {agreement:.3f}, nll {nll[1]:.4f} vs {nll[0]:.4f}")
+    assert agreement >= 0.93
+    assert abs(nll[1] - nll[0]) < 0.05  # measured 0.005 (perplexity 35.2 vs 35.3 over 256 tokens)
+
+
+def test_auto_keeps_4_bit_blocks_only_on_one_cpu_rank_in_bf16(ferry_smollm):
+    from ferry.model.weights.gguf_file import GGUFWeights
+
+    source = GGUFWeights(ferry_smollm.path)
+    single = ParallelGroup.single()
+    assert choose_weights("auto", source, CPU, torch.bfloat16, single) == "quantized"
+    assert choose_weights("auto", source, CPU, torch.float32, single) == "native"  # fp32 stays exact
+    assert choose_weights("auto", source, torch.device("cuda"), torch.bfloat16, single) == "native"
+    assert choose_weights("int8", source, CPU, torch.bfloat16, single) == "int8"
+    with pytest.raises(FerryError, match="unknown weight format 'int3'"):
+        choose_weights("int3", source, CPU, torch.bfloat16, single)
+
+
+def test_quantized_needs_bf16_and_the_cpu():
+    with pytest.raises(FerryError, match="--weights quantized needs --dtype bf16"):
+        load_model(None, CPU, torch.float32, show_progress=False, weights="quantized")
+
+
+def test_default_dtype_is_bf16_on_a_cpu_with_native_bf16_and_fp32_for_cpu_tp(monkeypatch):
+    import ferry.device
+
+    monkeypatch.setattr(ferry.device, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype(None, CPU) == torch.bfloat16
+    assert resolve_dtype(None, CPU, tp=2) == torch.float32
+    assert resolve_dtype("fp32", CPU) == torch.float32
+    monkeypatch.setattr(ferry.device, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype(None, CPU) == torch.float32
