@@ -1,0 +1,125 @@
+"""CPU decode of the default model (batch 1): Ferry's CPU modes side by side with llama.cpp (when llama-cpp-python,
+the `bench-cpu` extra, is installed) and transformers. Runs are interleaved (every engine once per round), figures
+are medians over rounds, and the modes that change numerics print their quality against fp32 (teacher-forced
+top-1 agreement and perplexity on the shipped text).
+
+    python benchmarks/cpu_decode.py --threads 2 --rounds 5 --new-tokens 128 --prompt-tokens 499
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ferry.bench.cpu_peers import FerryRunner, LlamaCppRunner, TransformersRunner  # noqa: E402
+from ferry.bench.edge_codecs import eval_text  # noqa: E402
+from ferry.bench.report import provenance, write_results  # noqa: E402
+from ferry.bench.tp_quality import compare  # noqa: E402
+from ferry.engine.kv_cache import KVCache  # noqa: E402
+from ferry.model.default_model import default_model_path  # noqa: E402
+from ferry.model.loader import load_model  # noqa: E402
+
+FERRY_MODES = {  # name -> (dtype, weights); "default" is what `ferry generate` does with no flags here
+    "ferry default": (None, "auto"),
+    "ferry bf16 int8": ("bf16", "int8"),
+    "ferry fp32": ("fp32", "native"),
+}
+
+
+def quality(dtype: str | None, weights: str, ids: list[int]) -> dict:
+    """Teacher-forced agreement with the fp32 model over `ids` (the exact mode compares equal to itself)."""
+    from ferry.device import resolve_dtype
+
+    cpu = torch.device("cpu")
+    rows = []
+    for dt, w in (("fp32", "native"), (dtype, weights)):
+        loaded = load_model(None, cpu, resolve_dtype(dt, cpu), show_progress=False, weights=w)
+        cache = KVCache.for_model(loaded.model)
+        cache.ensure(1, len(ids))
+        with torch.inference_mode():
+            rows.append(loaded.model.full_logits(torch.tensor([ids]), cache.layers).float())
+    return compare(rows[0], rows[1], [ids])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=499)
+    ap.add_argument("--loads", type=int, default=3, help="model loads timed per engine (median)")
+    ap.add_argument("--skip", nargs="*", default=[], help="engines to leave out (names as printed)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gguf = default_model_path()
+
+    runners = [FerryRunner(name, dtype, weights) for name, (dtype, weights) in FERRY_MODES.items()]
+    runners.append(TransformersRunner(gguf))
+    try:
+        import llama_cpp  # noqa: F401
+
+        runners.insert(0, LlamaCppRunner(gguf, args.threads, args.prompt_tokens + args.new_tokens + 8))
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install -e '.[bench-cpu]'): llama.cpp is left out",
+              file=sys.stderr)
+    runners = [r for r in runners if r.name not in args.skip]
+
+    loaded = load_model(None, torch.device("cpu"), torch.float32, show_progress=False)
+    text_ids = loaded.tokenizer.encode(eval_text())
+    if len(text_ids) < args.prompt_tokens:
+        raise SystemExit(f"the shipped text has {len(text_ids)} tokens, fewer than --prompt-tokens")
+    prompt = text_ids[: args.prompt_tokens]
+    del loaded
+
+    loads: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(args.loads):  # interleaved too: the page cache is warm for every engine alike
+        for r in runners:
+            if r.name.startswith("transformers") and loads[r.name]:
+                continue  # seconds per load; once is enough for the reference
+            loads[r.name].append(r.load())
+    prefill: dict[str, list[float]] = {r.name: [] for r in runners}
+    decode: dict[str, list[float]] = {r.name: [] for r in runners}
+    for r in runners:
+        r.run(prompt[:32], 8)  # warm-up: first-call allocations, thread pools
+    for round_ in range(args.rounds):
+        for r in runners:
+            seconds, rate = r.run(prompt, args.new_tokens)
+            prefill[r.name].append(args.prompt_tokens / seconds)
+            decode[r.name].append(rate)
+            print(f"round {round_}: {r.name}: prefill {args.prompt_tokens / seconds:.0f} tok/s, decode {rate:.1f} "
+                  f"tok/s", file=sys.stderr)
+
+    peer = "llama.cpp" if "llama.cpp" in decode else None
+    rows = []
+    for r in runners:
+        row = {"engine": r.name, "path": r.path,
+               "decode_tok_s": round(statistics.median(decode[r.name]), 1),
+               "prefill_tok_s": round(statistics.median(prefill[r.name]), 1),
+               "load_s": round(statistics.median(loads[r.name]), 3),
+               "decode_tok_s_rounds": [round(x, 1) for x in decode[r.name]]}
+        if peer:
+            row["decode_vs_llama_cpp"] = round(row["decode_tok_s"] / statistics.median(decode[peer]), 3)
+            row["prefill_vs_llama_cpp"] = round(row["prefill_tok_s"] / statistics.median(prefill[peer]), 3)
+        if isinstance(r, FerryRunner) and r.weights != "native":
+            row |= quality(r.dtype, r.weights, text_ids[:256])
+        rows.append(row)
+        r.close()
+    meta = provenance(torch.device("cpu")) | {
+        "model": gguf.name, "threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens, "batch": 1, "quality_text": "ferry/data/eval_text.txt, 256 tokens"}
+    cols = ["engine", "decode_tok_s", "prefill_tok_s", "load_s", "decode_vs_llama_cpp", "prefill_vs_llama_cpp",
+            "top1_agreement", "perplexity_exact", "perplexity_variant"]
+    _, md = write_results(args.out, f"{meta['date']}_cpu_decode", meta, rows, cols,
+                          notes="\n".join(f"- {r['engine']}: {r['path']}" for r in rows))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
