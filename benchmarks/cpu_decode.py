@@ -73,9 +73,12 @@ def main() -> None:
 
     loaded = load_model(None, torch.device("cpu"), torch.float32, show_progress=False)
     text_ids = loaded.tokenizer.encode(eval_text())
-    if len(text_ids) < args.prompt_tokens:
-        raise SystemExit(f"the shipped text has {len(text_ids)} tokens, fewer than --prompt-tokens")
-    prompt = text_ids[: args.prompt_tokens]
+    looped = text_ids * (args.prompt_tokens // len(text_ids) + 2)  # the text, repeated to the length asked
+
+    def prompt(round_: int) -> list[int]:
+        """A different prompt every round (shifted by 17 tokens): no engine's prefix or prompt cache can serve it."""
+        return looped[17 * round_ : 17 * round_ + args.prompt_tokens]
+
     del loaded
 
     loads: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -87,10 +90,10 @@ def main() -> None:
     prefill: dict[str, list[float]] = {r.name: [] for r in runners}
     decode: dict[str, list[float]] = {r.name: [] for r in runners}
     for r in runners:
-        r.run(prompt[:32], 8)  # warm-up: first-call allocations, thread pools
+        r.run(prompt(args.rounds)[:32], 8)  # warm-up: first-call allocations, thread pools
     for round_ in range(args.rounds):
         for r in runners:
-            seconds, rate = r.run(prompt, args.new_tokens)
+            seconds, rate = r.run(prompt(round_), args.new_tokens)
             prefill[r.name].append(args.prompt_tokens / seconds)
             decode[r.name].append(rate)
             print(f"round {round_}: {r.name}: prefill {args.prompt_tokens / seconds:.0f} tok/s, decode {rate:.1f} "

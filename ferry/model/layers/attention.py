@@ -23,7 +23,7 @@ from ferry.errors import FerryError
 from ferry.model.layers.heads import HeadShard
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ferry.model.layers.paged_attention import paged_decode_attention, paged_prefill_attention
-from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary
+from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary_joint
 from ferry.model.weights.source import WeightSource
 
 
@@ -126,12 +126,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         bsz, tokens, _ = x.shape
         hd, n_kv, group = self.head_dim, self.num_kv_heads, self.group_size
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_block_sizes, dim=-1)
-        q = q.view(bsz, tokens, self.num_heads, hd)
-        k = k.view(bsz, tokens, n_kv, hd)
-        q, k = apply_rotary(q, k, batch.cos, batch.sin)
+        qkv = self.qkv_proj(x)
+        qk_width = (self.num_heads + n_kv) * hd
+        q, k = apply_rotary_joint(qkv[..., :qk_width].view(bsz, tokens, self.num_heads + n_kv, hd), self.num_heads,
+                                  batch.cos, batch.sin)
+        v = qkv[..., qk_width:]
         if batch.paged is not None:
-            return self.o_proj(self._paged(q[0], k[0], v.view(tokens, n_kv, hd), batch.paged, kv_cache).view(
+            return self.o_proj(self._paged(q[0], k[0], v.view(tokens, n_kv, hd), batch.paged, kv_cache).reshape(
                 1, tokens, -1), reduce=reduce)
 
         # Cache layout [max_batch, max_len, kv_heads, head_dim]; row i of the batch is cache row i.

@@ -125,20 +125,32 @@ def _decode_each_sequence(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.T
                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One sequence at a time, its first context_lens[s] slots only: no padding to the longest sequence and no
     masking pass. On 2 CPU cores (16 sequences of 100-640 tokens, SmolLM2's heads) 2.1 ms per layer against 10.0
-    ms for the batched gather, which pads every row to the longest and zeroes what it masks."""
-    seqs, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_pool.shape[1], k_pool.shape[2]
-    group = num_q_heads // num_kv_heads
+    ms for the batched gather, which pads every row to the longest and zeroes what it masks. SDPA gets 4-D inputs:
+    that is what sends it to the CPU flash kernel (3-D went to the unfused math path): a batch-1 decode layer took
+    65 instead of 119 us there (2026-11-30)."""
+    seqs = q.shape[0]
+    lengths = context_lens.tolist()
+    if seqs == 1 and lengths[0] > 0:  # batch-1 decode, the common CPU case: no output buffer to copy into
+        return _attend_one(q[0], k_pool, v_pool, block_tables[0], lengths[0], scale)[None]
     out = torch.zeros_like(q)  # rows of context 0 (padding) stay zeros
-    for s, length in enumerate(context_lens.tolist()):
+    for s, length in enumerate(lengths):
         if length == 0:
             continue
-        table = block_tables[s, : -(-length // block_size)]
-        keys = k_pool.index_select(0, table).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
-        values = v_pool.index_select(0, table).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
-        queries = q[s].view(num_kv_heads, group, head_dim)
-        out[s] = F.scaled_dot_product_attention(queries, keys, values, scale=scale).reshape(num_q_heads, head_dim)
+        out[s] = _attend_one(q[s], k_pool, v_pool, block_tables[s], length, scale)
     return out
+
+
+def _attend_one(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table_row: torch.Tensor, length: int,
+                scale: float) -> torch.Tensor:
+    """One sequence's query [Hq, D] over its first `length` cached tokens -> [Hq, D]."""
+    num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_pool.shape[1], k_pool.shape[2]
+    table = table_row[: -(-length // block_size)]
+    keys = k_pool.index_select(0, table).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+    values = v_pool.index_select(0, table).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+    queries = q.view(num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(queries[None], keys[None], values[None], scale=scale)
+    return out.reshape(num_q_heads, head_dim)
 
 
 @torch.library.custom_op("ferry::paged_decode_attention", mutates_args=())
@@ -168,6 +180,10 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     """Decode attention of one query token per sequence over its first context_lens[s] cached tokens.
     Query head h reads KV head h // (Hq // Hkv). Returns [S, Hq, D] in q's dtype; rows of context 0 are zeros."""
     _check(q, k_pool, v_pool, block_tables, context_lens)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Eager CPU decode calls the implementation itself: the custom op's dispatch cost ~40 us a layer there,
+        # a quarter of the attention's time; the op exists for torch.compile, which must see one opaque call.
+        return reference_decode(q, k_pool, v_pool, block_tables, context_lens, float(scale))
     return torch.ops.ferry.paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, float(scale))
 
 
