@@ -27,7 +27,8 @@ def test_chat_answers_capital_of_france_with_paris():
 
 @pytest.mark.slow
 def test_json_prints_exactly_one_object_with_every_field():
-    out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu")
+    out = ferry("generate", "Hello", "The sky is", "--max-tokens", "6", "--json", "--stream", "--device", "cpu",
+                "--dtype", "fp32")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # the whole of stdout is one JSON document
     assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["model"].endswith(".gguf")  # the CLI spelling
@@ -91,7 +92,8 @@ def test_chat_repl_answers_and_keeps_history_until_exit():
 
 @pytest.mark.slow
 def test_kv_memory_sizes_the_cache_and_a_fraction_on_cpu_is_refused():
-    out = ferry("generate", "Hi", "--max-tokens", "2", "--device", "cpu", "--kv-memory", "0.25GiB", "--verbose")
+    out = ferry("generate", "Hi", "--max-tokens", "2", "--device", "cpu", "--dtype", "fp32", "--kv-memory", "0.25GiB",
+                "--verbose")
     assert out.returncode == 0, out.stderr
     assert "KV cache 364 blocks of 16 tokens (5808 tokens, 0.25 GiB, 0.25 GiB asked)" in out.stderr
     refused = ferry("generate", "Hi", "--device", "cpu", "--kv-memory", "0.5")

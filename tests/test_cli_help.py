@@ -40,7 +40,7 @@ def test_help_has_a_plain_usage_line_and_no_bool_value_on_flags(command, usage):
 
 def test_generate_help_shows_the_defaults_written_in_option_help():
     text = help_text("generate")
-    for default in ("[default: SmolLM2-135M-Instruct]", "[default: cuda if present]", "[default: bf16 on GPU, fp32"):
+    for default in ("[default: SmolLM2-135M-Instruct]", "[default: cuda if present]", "[default: bf16; fp32"):
         assert default in text, text  # Rich markup would swallow an unescaped "[default: ...]"
 
 

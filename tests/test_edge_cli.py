@@ -29,7 +29,8 @@ def _start_cloud(split: int, token: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "FERRY_TOKEN": token}
     proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", "cloud", "--split", str(split), "--listen",
-                             f"127.0.0.1:{port}", "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
+                             f"127.0.0.1:{port}", "--device", "cpu", "--dtype", "fp32"],
+                            env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         with socket.socket() as s:
@@ -51,9 +52,9 @@ def cloud_process():
 @pytest.mark.slow
 def test_edge_json_gives_the_tokens_of_ferry_generate(cloud_process):
     _, port = cloud_process
-    local = _ferry("generate", "--chat", PROMPT, "--max-tokens", "16", "--json", "--device", "cpu")
+    local = _ferry("generate", "--chat", PROMPT, "--max-tokens", "16", "--json", "--device", "cpu", "--dtype", "fp32")
     edge = _ferry("edge", "--cloud", f"127.0.0.1:{port}", "--split", "12", "--chat", PROMPT, "--max-tokens", "16",
-                  "--json", "--device", "cpu", "--codec", "fp32")
+                  "--json", "--device", "cpu", "--dtype", "fp32", "--codec", "fp32")
     assert local.returncode == 0 and edge.returncode == 0, edge.stderr
     ours, theirs = json.loads(edge.stdout), json.loads(local.stdout)
     assert ours["completions"][0]["token_ids"] == theirs["completions"][0]["token_ids"]

@@ -426,7 +426,7 @@ def test_overlap_prefill_generates_the_tp1_tokens_and_needs_tp():
     import json
 
     ref = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", *PROMPTS[:3], "--device", "cpu",
-                          "--max-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300)
+                          "--dtype", "fp32", "--max-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300)
     ours = subprocess.run([sys.executable, "-m", "ferry.cli", "generate", *PROMPTS[:3], "--device", "cpu", "--tp", "2",
                            "--overlap-prefill", "--max-tokens", "8", "--ignore-eos", "--json"],
                           capture_output=True, text=True, timeout=300)

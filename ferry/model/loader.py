@@ -163,6 +163,8 @@ def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dty
     with torch.device("meta"):
         model = LlamaForCausalLM(config, ParallelGroup.single()).to(dtype)
     model.eval()
+    # The edge's layers take the same fast path a whole model would (int4 GGUF blocks on a bf16 CPU).
+    model.keep_quantized(choose_weights("auto", source, device, dtype, ParallelGroup.single()) == "quantized")
     allocate(model.norm, device)
     with torch.no_grad():
         model.norm.load(source, "model.norm")
