@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferry.model.weights.source import WeightSource
@@ -17,10 +16,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if dtype != torch.float32 and x.device.type == "cpu":
-            # One op instead of seven (it too computes in fp32 inside); the per-op cost is what a CPU decode step
-            # is made of. fp32 keeps the reference's exact sequence below.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
