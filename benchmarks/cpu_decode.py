@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ferry.bench.cpu_peers import FerryRunner, LlamaCppRunner, TransformersRunner  # noqa: E402
 from ferry.bench.edge_codecs import eval_text  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
-from ferry.bench.tp_quality import compare  # noqa: E402
-from ferry.engine.kv_cache import KVCache  # noqa: E402
+from ferry.bench.tp_quality import compare, teacher_forced_logits  # noqa: E402
+from ferry.device import resolve_dtype  # noqa: E402
 from ferry.model.default_model import default_model_path  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
 
@@ -32,19 +32,11 @@ FERRY_MODES = {  # name -> (dtype, weights); "default" is what `ferry generate` 
 }
 
 
-def quality(dtype: str | None, weights: str, ids: list[int]) -> dict:
-    """Teacher-forced agreement with the fp32 model over `ids` (the exact mode compares equal to itself)."""
-    from ferry.device import resolve_dtype
-
+def quality(dtype: str | None, weights: str, ids: list[int], exact_logits: torch.Tensor) -> dict:
+    """Teacher-forced agreement over `ids` with the fp32 model (whose logits are `exact_logits`)."""
     cpu = torch.device("cpu")
-    rows = []
-    for dt, w in (("fp32", "native"), (dtype, weights)):
-        loaded = load_model(None, cpu, resolve_dtype(dt, cpu), show_progress=False, weights=w)
-        cache = KVCache.for_model(loaded.model)
-        cache.ensure(1, len(ids))
-        with torch.inference_mode():
-            rows.append(loaded.model.full_logits(torch.tensor([ids]), cache.layers).float())
-    return compare(rows[0], rows[1], [ids])
+    loaded = load_model(None, cpu, resolve_dtype(dtype, cpu), show_progress=False, weights=weights)
+    return compare(exact_logits, teacher_forced_logits(loaded.model, [ids]), [ids])
 
 
 def main() -> None:
@@ -73,6 +65,8 @@ def main() -> None:
 
     loaded = load_model(None, torch.device("cpu"), torch.float32, show_progress=False)
     text_ids = loaded.tokenizer.encode(eval_text())
+    quality_ids = text_ids[:256]
+    exact_logits = teacher_forced_logits(loaded.model, [quality_ids])  # the fp32 reference, once for every mode
     looped = text_ids * (args.prompt_tokens // len(text_ids) + 2)  # the text, repeated to the length asked
 
     def prompt(round_: int) -> list[int]:
@@ -111,7 +105,7 @@ def main() -> None:
             row["decode_vs_llama_cpp"] = round(row["decode_tok_s"] / statistics.median(decode[peer]), 3)
             row["prefill_vs_llama_cpp"] = round(row["prefill_tok_s"] / statistics.median(prefill[peer]), 3)
         if isinstance(r, FerryRunner) and r.weights != "native":
-            row |= quality(r.dtype, r.weights, text_ids[:256])
+            row |= quality(r.dtype, r.weights, quality_ids, exact_logits)
         rows.append(row)
         r.close()
     meta = provenance(torch.device("cpu")) | {

@@ -16,22 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.edge_codecs import eval_text  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
-from ferry.bench.tp_quality import compare  # noqa: E402
-from ferry.engine.kv_cache import KVCache  # noqa: E402
+from ferry.bench.tp_quality import compare, teacher_forced_logits  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
 
 # The paragraph tests/test_int8_weights.py checks (>= 90% agreement there).
 TEST_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
              "movable metal type, oil-based ink and a wooden press. Within decades, printed books spread across "
              "Europe, lowering their cost and changing how knowledge was shared.")
-
-
-def _logits(loaded, ids: list[list[int]]) -> torch.Tensor:
-    x = torch.tensor(ids)
-    cache = KVCache.for_model(loaded.model)
-    cache.ensure(*x.shape)
-    with torch.inference_mode():
-        return loaded.model.full_logits(x, cache.layers).float()
 
 
 def main() -> None:
@@ -44,7 +35,8 @@ def main() -> None:
     rows = []
     for name, text in (("test text (tests/test_int8_weights.py)", TEST_TEXT), ("shipped text", eval_text())):
         ids = [exact.tokenizer.encode(text)]
-        rows.append({"text": name, "tokens": len(ids[0]), **compare(_logits(exact, ids), _logits(int8, ids), ids)})
+        logits = [teacher_forced_logits(loaded.model, ids) for loaded in (exact, int8)]
+        rows.append({"text": name, "tokens": len(ids[0]), **compare(*logits, ids)})
         print(rows[-1], file=sys.stderr)
     meta = provenance(cpu) | {"variant": "int8 weights, bf16 activations", "reference": "fp32 weights and activations"}
     cols = ["text", "tokens", "top1_agreement", "max_logit_error", "perplexity_exact", "perplexity_variant"]

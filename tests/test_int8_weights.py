@@ -30,22 +30,16 @@ def test_int8_matmul_matches_dequantized_reference():
 
 def test_int8_model_agrees_with_fp32_on_next_token(ferry_smollm):
     """Teacher-forced top-1 agreement over real text: int8 weights (bf16 activations) vs the fp32 model."""
-    from ferry.engine.kv_cache import KVCache
+    from ferry.bench.tp_quality import teacher_forced_logits
 
     int8 = load_model(None, CPU, torch.bfloat16, show_progress=False, weights="int8")
     text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
             "movable metal type, oil-based ink and a wooden press. Within decades, printed books spread across "
             "Europe, lowering their cost and changing how knowledge was shared.")
-    ids = torch.tensor([ferry_smollm.tokenizer.encode(text)])
-    cfg = ferry_smollm.config
-    logits = []
-    for loaded, dtype in ((ferry_smollm, torch.float32), (int8, torch.bfloat16)):
-        cache = KVCache(cfg.num_layers, loaded.model.kv_heads_per_rank, cfg.head_dim, dtype, CPU)
-        cache.ensure(1, ids.shape[1])
-        with torch.inference_mode():
-            logits.append(loaded.model.full_logits(ids, cache.layers))
+    ids = [ferry_smollm.tokenizer.encode(text)]
+    logits = [teacher_forced_logits(loaded.model, ids) for loaded in (ferry_smollm, int8)]
     agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
-    print(f"int8 vs fp32 top-1 agreement: {agreement:.3f} over {ids.shape[1]} positions")
+    print(f"int8 vs fp32 top-1 agreement: {agreement:.3f} over {len(ids[0])} positions")
     assert agreement >= 0.9
 
 

@@ -12,7 +12,7 @@ from gguf.quants import quantize
 from ferry.comm.group import ParallelGroup
 from ferry.device import resolve_dtype
 from ferry.errors import FerryError
-from ferry.model.layers.quant import Int4Weight, int4_linear
+from ferry.model.layers.quant import int4_linear
 from ferry.model.loader import choose_weights, load_model
 from ferry.model.weights.dequant import dequantize
 from ferry.model.weights.repack import QuantBlocks, _nibbles_and_scales, can_pack_int4, pack_int4
@@ -40,8 +40,8 @@ def test_unpacked_nibbles_and_scales_rebuild_the_checkpoint_values(qtype):
 def test_int4_matmul_of_fused_row_blocks_matches_the_dequantized_weights(qtype):
     parts = [_blocks(qtype, rows=32, seed=1), _blocks(qtype, rows=16, seed=2)]  # e.g. q and k fused in one matmul
     assert can_pack_int4(parts)
-    packed, scale_zero = pack_int4(parts, torch.bfloat16)
-    weight = Int4Weight(packed, scale_zero, 32, 48)
+    weight = pack_int4(parts, torch.bfloat16)
+    assert weight.out_features == 48 and weight.group_size == 32
     x = torch.randn(3, 5, 96).bfloat16()
     dense = torch.cat([dequantize(p.data, qtype) for p in parts])
     ref = x.float() @ dense.T
@@ -60,21 +60,17 @@ def test_quantized_model_keeps_every_layer_matmul_int4_and_agrees_with_fp32(ferr
     """Teacher-forced top-1 agreement and perplexity on the shipped eval text against the fp32 model."""
     from importlib.resources import files
 
-    from ferry.engine.kv_cache import KVCache
+    from ferry.bench.tp_quality import teacher_forced_logits
 
     quantized = load_model(None, CPU, torch.bfloat16, show_progress=False, weights="quantized")
     cfg = ferry_smollm.config
     assert quantized.model.weight_formats() == f"{4 * cfg.num_layers} int4, 1 int8"  # the tied head: int8 rows
     text = files("ferry.data").joinpath("eval_text.txt").read_text()
-    ids = torch.tensor([ferry_smollm.tokenizer.encode(text)[:200]])
-    logits = []
-    for loaded, dtype in ((ferry_smollm, torch.float32), (quantized, torch.bfloat16)):
-        cache = KVCache(cfg.num_layers, loaded.model.kv_heads_per_rank, cfg.head_dim, dtype, CPU)
-        cache.ensure(1, ids.shape[1])
-        with torch.inference_mode():
-            logits.append(loaded.model.full_logits(ids, cache.layers))
+    ids = [ferry_smollm.tokenizer.encode(text)[:200]]
+    logits = [teacher_forced_logits(loaded.model, ids) for loaded in (ferry_smollm, quantized)]
     agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
-    nll = [torch.nn.functional.cross_entropy(lg[0, :-1], ids[0, 1:]).item() for lg in logits]
+    targets = torch.tensor(ids[0][1:])
+    nll = [torch.nn.functional.cross_entropy(lg[0, :-1], targets).item() for lg in logits]
     print(f"quantized vs fp32: top-1 agreement {agreement:.3f}, nll {nll[1]:.4f} vs {nll[0]:.4f}")
     assert agreement >= 0.93
     assert abs(nll[1] - nll[0]) < 0.05  # measured 0.005 (perplexity 35.2 vs 35.3 over 256 tokens)

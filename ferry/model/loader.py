@@ -15,7 +15,7 @@ from ferry.errors import FerryError, ModelNotFoundError
 from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
 from ferry.model.layers.embedding import VocabParallelEmbedding
-from ferry.model.layers.quant import check_int8_supported
+from ferry.model.layers.quant import check_quantized_supported
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights.gguf_file import GGUFWeights
@@ -88,6 +88,11 @@ def resolve_model_path(path: str | Path | None) -> Path:
 WEIGHT_FORMATS = ("auto", "native", "int8", "quantized")
 
 
+def check_weight_format(weights: str) -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise FerryError(f"unknown weight format {weights!r} (choose {', '.join(WEIGHT_FORMATS)})")
+
+
 def has_int4_blocks(source: WeightSource) -> bool:
     return isinstance(source, GGUFWeights) and any(t.qtype in INT4_TYPES for t in source.tensors.values())
 
@@ -96,8 +101,7 @@ def choose_weights(weights: str, source: WeightSource, device: torch.device, dty
                    group: ParallelGroup) -> str:
     """`auto` is the fastest correct format for this run: on one CPU rank in bf16, a GGUF with 4-bit blocks keeps
     them ("quantized"); everything else loads "native". fp32 stays exact: it never quantizes."""
-    if weights not in WEIGHT_FORMATS:
-        raise FerryError(f"unknown weight format {weights!r} (choose {', '.join(WEIGHT_FORMATS)})")
+    check_weight_format(weights)
     if weights != "auto":
         return weights
     fast = device.type == "cpu" and dtype == torch.bfloat16 and group.world_size == 1 and has_int4_blocks(source)
@@ -119,10 +123,9 @@ def load_model(
     `offload_fraction`: that share of decoder layers lives in (pinned) host memory and is streamed to the device
     ahead of its use (see ferry/comm/weight_stream.py)."""
     group = group or ParallelGroup.single()
-    if weights not in WEIGHT_FORMATS:
-        raise FerryError(f"unknown weight format {weights!r} (choose {', '.join(WEIGHT_FORMATS)})")
+    check_weight_format(weights)  # before the checkpoint is opened: a typo costs nothing
     if weights in ("int8", "quantized"):
-        check_int8_supported(device, dtype, weights)
+        check_quantized_supported(device, dtype, weights)
     if not 0.0 <= offload_fraction <= 1.0:
         raise FerryError(f"--offload-weights must be a fraction in [0, 1], got {offload_fraction}")
     if offload_fraction and weights not in ("native", "auto"):

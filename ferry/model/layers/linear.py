@@ -12,7 +12,7 @@ from torch import nn
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.quant import Int4Weight, Int8Weight, int4_linear, int8_linear, quantize_rows_int8
 from ferry.model.layers.shard import shard_range
-from ferry.model.weights.repack import GROUP_SIZE, can_pack_int4, pack_int4
+from ferry.model.weights.repack import can_pack_int4, pack_int4
 from ferry.model.weights.source import WeightSource
 
 
@@ -51,10 +51,7 @@ class QuantizableMatmul(nn.Module):
         parts = [get_blocks(name, dim, start, stop) for name, dim, start, stop in slices]
         if any(p is None for p in parts) or not can_pack_int4(parts):
             return False
-        dtype = self.weight.dtype
-        packed, scale_zero = pack_int4(parts, dtype)
-        rows = sum(p.data.shape[0] for p in parts)
-        self.int4 = Int4Weight(packed, scale_zero.to(self.weight.device), GROUP_SIZE, rows)
+        self.int4 = pack_int4(parts, self.weight.dtype)  # on the CPU, the only device --weights quantized takes
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
         return True
 

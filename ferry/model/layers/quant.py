@@ -50,7 +50,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.values.shape[0])
 
 
-def check_int8_supported(device: torch.device, dtype: torch.dtype, weights: str = "int8") -> None:
+def check_quantized_supported(device: torch.device, dtype: torch.dtype, weights: str) -> None:
     if device.type != "cpu":
         raise FerryError(f"--weights {weights} runs on CPU only for now (asked for {device.type})")
     if dtype != torch.bfloat16:

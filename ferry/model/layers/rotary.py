@@ -58,18 +58,11 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(2).to(dtype), self.sin[positions].unsqueeze(2).to(dtype)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: [batch, tokens, heads, head_dim]."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 def apply_rotary_joint(qk: torch.Tensor, q_heads: int, cos: torch.Tensor, sin: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k side by side as one [batch, tokens, q_heads + kv_heads, head_dim] tensor (adjacent in the fused
-    projection's output): one pass of rotary ops instead of two. Values are apply_rotary's exactly; on the 2-core
-    CPU a decode token's rotary went from 32 to 19 us per layer (the ops are too small for anything but their
-    per-call cost to show)."""
+    projection's output): one pass of rotary ops, where rotating q and k apart took two with the same values; on
+    the 2-core CPU a decode token's rotary went from 32 to 19 us per layer (the ops are too small for anything but
+    their per-call cost to show)."""
     rotated = qk * cos + rotate_half(qk) * sin
     return rotated[:, :, :q_heads], rotated[:, :, q_heads:]

@@ -67,10 +67,20 @@ def gguf_name(hf_name: str) -> str:
     return hf_name
 
 
-def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head interleave of rotary pairs (rows of one head: pairs -> halves)."""
+def unpermute_qk(weight, n_heads: int):
+    """Undo llama.cpp's per-head interleave of rotary pairs (rows of one head: pairs -> halves). Rows only move, so
+    it takes dequantized values (a tensor) and stored block rows (a numpy array) alike."""
     rows = weight.shape[0]
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _block_columns(tensor, data: np.ndarray, start: int, stop: int) -> np.ndarray | None:
+    """Stored rows cut to columns [start, stop) without decoding, or None where the cut splits a block."""
+    block, size = (1, 1) if tensor.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) \
+        else GGML_QUANT_SIZES[tensor.qtype]
+    if start % block or stop % block:
+        return None
+    return data[:, start // block * size : stop // block * size]
 
 
 class GGUFWeights:
@@ -116,20 +126,16 @@ class GGUFWeights:
                                               GGMLQuantizationType.BF16) or len(tensor.dims) != 2:
             return None
         data = tensor.rows_view(self.buffer)
-        block, size = GGML_QUANT_SIZES[tensor.qtype]
         cols = tensor.dims[-1]
         if key in self._permute_heads:  # rows are whole blocks, so the row order is undone on the bytes
-            heads = self._permute_heads[key]
-            rows = data.shape[0]
-            data = np.ascontiguousarray(data.reshape(heads, rows // heads // 2, 2, -1).transpose(0, 2, 1, 3)).reshape(
-                rows, -1)
+            data = unpermute_qk(data, self._permute_heads[key])
         if dim == 0:
             data = data[start:stop]
         elif dim == 1:
             stop = cols if stop is None else stop
-            if start % block or stop % block:
+            data, cols = _block_columns(tensor, data, start, stop), stop - start
+            if data is None:
                 return None
-            data, cols = data[:, start // block * size : stop // block * size], stop - start
         return QuantBlocks(tensor.qtype, data, cols)
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -146,13 +152,10 @@ class GGUFWeights:
             data = data[start:stop]
             dim = None
         elif dim == 1 and not permuted and data.ndim == 2:
-            cols = tensor.dims[-1]
-            stop = cols if stop is None else stop
-            block, size = (1, 1) if tensor.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) \
-                else GGML_QUANT_SIZES[tensor.qtype]
-            if start % block == 0 and stop % block == 0:
-                data = data[:, start // block * size : stop // block * size]
-                dim = None
+            stop = tensor.dims[-1] if stop is None else stop
+            columns = _block_columns(tensor, data, start, stop)
+            if columns is not None:
+                data, dim = columns, None
         values = dequantize(data, tensor.qtype)
         if permuted:
             values = unpermute_qk(values, self._permute_heads[key])

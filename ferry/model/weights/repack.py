@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from ferry.model.layers.quant import Int4Weight
+
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1)  # the GGUF types that become int4 groups of 32 as they are
 GROUP_SIZE = 32
@@ -54,10 +56,11 @@ def _nibbles_and_scales(part: QuantBlocks, dtype: torch.dtype) -> tuple[torch.Te
     return q, scale_zero
 
 
-def pack_int4(parts: list[QuantBlocks], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row blocks of one matmul (e.g. q, k and v) -> (packed weight for torch's CPU kernel, scales and zeros
-    [cols / 32, rows, 2]). `can_pack_int4(parts)` must hold."""
+def pack_int4(parts: list[QuantBlocks], dtype: torch.dtype) -> Int4Weight:
+    """Row blocks of one matmul (e.g. q, k and v), stacked, as torch's CPU kernel takes them (scales in `dtype`).
+    `can_pack_int4(parts)` must hold."""
     pieces = [_nibbles_and_scales(p, dtype) for p in parts]
     q = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
     scale_zero = torch.cat([p[1] for p in pieces], dim=1) if len(pieces) > 1 else pieces[0][1]
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scale_zero.contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return Int4Weight(packed, scale_zero.contiguous(), GROUP_SIZE, q.shape[0])
