@@ -106,6 +106,14 @@ KvMemoryOpt = Annotated[Optional[str], typer.Option(
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode instead of Ferry's "
                                                        "(max-autotune-no-cudagraphs), e.g. default")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")]
+PpOpt = Annotated[Optional[int], typer.Option("--pp", help="pipeline stages of contiguous layers (under torchrun: "
+                                               "one per node by default) \\[default: 1]")]
+LayerSplitOpt = Annotated[Optional[str], typer.Option("--layer-split", help="layers per pipeline stage, e.g. "
+                                                      "10,10,12 \\[default: even]")]
+MicroBatchesOpt = Annotated[Optional[int], typer.Option("--micro-batches", help="micro-batches flowing through the "
+                                                        "pipeline \\[default: --pp]")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds any collective, stage message or rank may "
+                                           "stay silent before the run stops with the rank named")]
 AllReduceOpt = Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
                                            "machine) or process_group / symm_one_shot / symm_two_shot / "
                                            "ferry_one_shot")]

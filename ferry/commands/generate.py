@@ -20,13 +20,17 @@ from ferry.commands import (
     DtypeOpt,
     JsonOpt,
     KvMemoryOpt,
+    LayerSplitOpt,
     MaxTokensOpt,
+    MicroBatchesOpt,
     ModelOpt,
+    PpOpt,
     SeedOpt,
     StopOpt,
     StreamOpt,
     StreamPrinter,
     TemperatureOpt,
+    TimeoutOpt,
     TopKOpt,
     TopPOpt,
     TpOpt,
@@ -65,6 +69,10 @@ def generate(
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
     tp: TpOpt = 1,
+    pp: PpOpt = None,
+    layer_split: LayerSplitOpt = None,
+    micro_batches: MicroBatchesOpt = None,
+    timeout: TimeoutOpt = 300.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     compressed_allreduce: CompressedAllReduceOpt = None,
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill", help="TP prefill in two micro-batches, each "
@@ -79,22 +87,26 @@ def generate(
         from ferry.api import LLM
         from ferry.device import dtype_name
         from ferry.engine.sampling import SamplingParams
-        from ferry.parallel.launch import torchrun_world_size, under_torchrun
-        from ferry.parallel.layout import check_parallel_options
+        from ferry.parallel.launch import under_torchrun
+        from ferry.parallel.layout import check_parallel_options, check_pipeline_options
+        from ferry.parallel.mesh import check_mesh, mesh_under_torchrun, torchrun_layout
 
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        # Under torchrun the rank count is torchrun's, whatever --tp says.
-        check_parallel_options(torchrun_world_size() if under_torchrun() else tp, weights, offload_weights,
-                               compressed_allreduce, allreduce)
+        # Under torchrun the rank count is torchrun's: TP inside a node and PP across nodes unless told otherwise.
+        mesh = mesh_under_torchrun(tp, pp, *torchrun_layout()) if under_torchrun() else check_mesh(tp, pp or 1)
+        check_parallel_options(mesh.tp, weights, offload_weights, compressed_allreduce, allreduce)
         compiled = bool(compile) or compile_mode is not None  # one-shot: compiled only when asked
-        if tp > 1 or under_torchrun():
+        check_pipeline_options(mesh.pp, layer_split, micro_batches, compiled, overlap_prefill, weights, offload_weights)
+        if mesh.world > 1 or under_torchrun():
             engine_options = dict(compile=compiled, compile_mode=compile_mode, kv_memory=kv_memory,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
-            _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compressed_allreduce, engine_options,
-                         allreduce)
+            if mesh.pp > 1:
+                engine_options = dict(kv_memory=kv_memory, sync_output=sync_output)
+            _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compressed_allreduce,
+                         engine_options, allreduce, layer_split, micro_batches, timeout)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compiled,
                   compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
@@ -127,39 +139,43 @@ def generate(
     run_guarded(run)
 
 
-def _generate_tp(prompts, params, model, device, dtype, chat, as_json, tp, compression, engine_options,
-                 allreduce) -> None:
-    """`--tp N`: spawn N ranks (or join torchrun's), each loading only its shard; rank 0 prints."""
+def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compression, engine_options,
+                 allreduce, layer_split, micro_batches, timeout) -> None:
+    """`--tp N --pp M`: spawn N x M ranks (or join torchrun's), each loading only its stage's shard; rank 0
+    prints."""
     from ferry.device import resolve_device
     from ferry.engine.engine import Completion
     from ferry.model.loader import open_checkpoint, resolve_model_path
     from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
-    from ferry.parallel.layout import check_launch, check_tensor_parallel
+    from ferry.parallel.layout import check_launch
     from ferry.parallel.tp_generate import GenerateJob, run_generate
 
     dev = resolve_device(device)
     path = resolve_model_path(model)
     _, config, _ = open_checkpoint(path)
-    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce)
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce,
+                      pp=mesh.pp, layer_split=layer_split, micro_batches=micro_batches, timeout_s=timeout)
     if under_torchrun():
-        group = torchrun_group(dev.type, compression=compression)
-        check_tensor_parallel(config, group.world_size)
+        check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split, devices_needed=1)
+        group = torchrun_group(dev.type, timeout_s=timeout, compression=compression)
         result = run_generate(group, job)
         if group.rank != 0:
             return
     else:
-        check_launch(config, dev.type, tp)
-        result = spawn(tp, dev.type, run_generate, (job,), compression=compression)
+        check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split)
+        result = spawn(mesh.world, dev.type, run_generate, (job,), timeout_s=timeout, compression=compression)
     completions = [Completion(**c) for c in result.pop("completions")]
     if as_json:
-        doc = {k: result[k] for k in ("model", "device", "dtype", "tp", "load_s", "peak_host_mb_per_rank",
-                                     "allreduce_calls")}
+        keys = ("model", "device", "dtype", "tp", "pp", "stages", "micro_batches", "load_s", "peak_host_mb_per_rank",
+                "hidden_bytes_sent_per_rank", "allreduce_calls")
+        doc = {k: result[k] for k in keys if k in result}
         doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
         print(json.dumps(doc), flush=True)
         return
     print_completions(completions)
     paths = ", ".join(f"{name} x{n}" for name, n in result["allreduce_calls"].items() if n) or "none"
-    err(f"{summary_line(completions)} (tp={result['tp']}, peak host memory per rank "
+    layout = f"tp={result['tp']}" + (f" x pp={result['pp']} ({', '.join(result['stages'])})" if "pp" in result else "")
+    err(f"{summary_line(completions)} ({layout}, peak host memory per rank "
         f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB, all-reduce paths by eager call or graph capture: {paths})")
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
+from ferry.engine.batch_api import BatchAPI
 from ferry.engine.block_manager import BlockManager
 from ferry.engine.kv_swap import KVSwap
 from ferry.engine.outputs import Completion, TokenEvent
@@ -68,7 +68,7 @@ class EngineStats:
     allgather_bytes: int = 0
 
 
-class Engine:
+class Engine(BatchAPI):
     def __init__(
         self,
         model: LlamaForCausalLM,
@@ -87,7 +87,11 @@ class Engine:
         max_waiting: int = 1024,
         prefix_caching: bool = True,
         preemption: str = "auto",
+        stage=None,
     ) -> None:
+        """`stage`: this rank's pipeline stage (ferry/parallel/pipeline_stage.py), whose layers alone this engine
+        runs and caches; the pipeline engine (pipeline_engine.py) drives several such engines, one per
+        micro-batch."""
         if compile or compile_mode is not None:
             raise FerryError(
                 "--compile is not offered for the serving engine yet: torch.compile turns each layer's in-place K/V "
@@ -104,11 +108,17 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.group = model.group
+        self.stage = stage
+        stage_layers = len(model.span.layers)
         cuda = self.device.type == "cuda"
         use_graphs = cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
             use_graphs = False
+        if stage is not None:
+            use_graphs = False
+            if preemption == "auto":  # measuring prefill speed needs the whole pipeline; swap is per stage
+                preemption = "swap"
         running = max_running or (128 if cuda else 64)
         # With decode graphs, a step carrying a prefill chunk costs several captured decode steps: admit in groups
         # of an eighth of the batch (scheduler.py has the measurement). Without graphs every step is eager alike.
@@ -118,9 +128,10 @@ class Engine:
 
         note = "given"
         if num_blocks is None:
-            num_blocks, note = PagedKVCache.blocks_within(model, KVMemory.parse(kv_memory), block_size)
+            num_blocks, note = PagedKVCache.blocks_within(model, KVMemory.parse(kv_memory), block_size,
+                                                          num_layers=stage_layers)
         num_blocks = self._agree_min([num_blocks])[0]  # every rank the same pool, or their schedules part
-        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size, num_layers=stage_layers)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.width = self.blocks.blocks_for(self.config.max_context)  # block-table columns: a full-context sequence
 
@@ -148,7 +159,8 @@ class Engine:
         self.stats = EngineStats()
         hidden_bytes = self.config.hidden_size * self.dtype.itemsize
         tp = self.group.world_size > 1
-        self._allreduce_bytes_per_token = (2 * self.config.num_layers + 1) * hidden_bytes if tp else 0
+        embeds = model.span.first
+        self._allreduce_bytes_per_token = (2 * stage_layers + embeds) * hidden_bytes if tp else 0
         self._allgather_bytes_per_row = self.config.vocab_size * self.dtype.itemsize if tp else 0
         self._requests: dict[int, Request] = {}
         self._next_id = 0
@@ -193,14 +205,15 @@ class Engine:
         for i, ids in enumerate(prompts):
             self.check_request(ids, params, f"prompt {i}")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queue a request; returns its id (the `index` of its token events). Raises QueueFullError at the bound."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: int | None = None) -> int:
+        """Queue a request; returns its id (the `index` of its token events; `request_id` where the caller numbers
+        requests itself). Raises QueueFullError at the bound."""
         self.check_request(prompt_ids, params)
-        rid = self._next_id
+        rid = self._next_id if request_id is None else request_id
         request = Request(rid, Sequence(list(prompt_ids)), params, Sampler(params, self.device),
                           stop_token_ids(params, self.tokenizer))
         self.scheduler.add(request)
-        self._next_id += 1
+        self._next_id = max(self._next_id, rid + 1)
         self._requests[rid] = request
         return rid
 
@@ -235,6 +248,24 @@ class Engine:
                              "running); this is a bug")
         return events
 
+    def finish_step(self) -> list[TokenEvent]:
+        """The token events of the step in flight, if any (a pipeline stage's engine: the last stage's tokens)."""
+        flight, self._in_flight = self._in_flight, None
+        return self._resolve(flight) if flight else []
+
+    def start_step(self) -> bool:
+        """Schedule and launch a step whose tokens `finish_step` will read; False if there was nothing to run.
+        The pipeline engine alternates the two over its micro-batches' engines."""
+        assert self._in_flight is None, "finish_step first"
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.has_work():
+                raise FerryError("the scheduler could not run any waiting request (KV blocks exhausted with nothing "
+                                 "running); this is a bug")
+            return False
+        self._in_flight = self._launch(scheduled)
+        return True
+
     def _launch(self, step: ScheduledStep) -> _InFlight:
         for src, dst in step.copies:
             self.cache.copy_block(src, dst)
@@ -243,6 +274,9 @@ class Engine:
         self.stats.steps += 1
         self.stats.decode_tokens += len(step.decodes)
         self.stats.prefill_tokens += step.num_tokens - len(step.decodes)
+        rows = [c.request for c in step.decodes] + [c.request for c in step.prefills if c.samples]
+        if self.stage is not None:
+            return self._launch_stage(step, rows, row_of, previous)
         if self.graphs is not None and not step.prefills and len(step.decodes) <= self.limits.max_running:
             graph = self.graphs.get(self.graphs.bucket(len(step.decodes)))
             t = self.inputs.build(step, row_of, bucket=graph.ids.shape[0], into=graph.inputs)
@@ -254,15 +288,31 @@ class Engine:
             self._feed_in_flight(t.ids, t, previous)
             logits = self.model(t.ids.view(1, -1), t.positions.view(1, -1), self.cache.layers, 0,
                                 logits_index=t.logits_index, paged=t.paged)
-        rows = [c.request for c in step.decodes] + [c.request for c in step.prefills if c.samples]
         tokens = self._sample(logits, rows)
+        return self._in_flight_of(rows, t, tokens, self.readback.start(tokens))
+
+    def _launch_stage(self, step: ScheduledStep, rows: list[Request], row_of, previous) -> _InFlight:
+        """A pipeline stage's share of the step: its layers only; the last stage samples, the others receive the
+        sampled tokens from it (pipeline_stage.py)."""
+        from ferry.parallel.pipeline_stage import ForwardedTokens
+
+        t = self.inputs.build(step, row_of)
+        self._feed_in_flight(t.ids, t, previous)
+        logits = self.stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
+        if self.stage.last:
+            tokens = self._sample(logits, rows)
+            return self._in_flight_of(rows, t, tokens, ForwardedTokens(self.stage, self.readback.start(tokens)))
+        pending = self.stage.receive_tokens(len(rows))
+        return self._in_flight_of(rows, t, pending.buf, pending)
+
+    def _in_flight_of(self, rows: list[Request], t, tokens: torch.Tensor, readback) -> _InFlight:
         for r in rows:
             r.pending += 1
         self.stats.upload_bytes += self.inputs.last_upload_bytes
         self.stats.readback_bytes += len(rows) * tokens.element_size()
         self.stats.allreduce_bytes += self._allreduce_bytes_per_token * int(t.ids.numel())
         self.stats.allgather_bytes += self._allgather_bytes_per_row * len(rows)
-        return _InFlight(rows, tokens, self.readback.start(tokens), {r.id: i for i, r in enumerate(rows)})
+        return _InFlight(rows, tokens, readback, {r.id: i for i, r in enumerate(rows)})
 
     @staticmethod
     def _feed_in_flight(ids: torch.Tensor, t, previous: _InFlight | None) -> None:
@@ -292,43 +342,6 @@ class Engine:
                 self.scheduler.remove(r)
                 self._requests.pop(r.id, None)
         return events
-
-    # -- batch API on top -------------------------------------------------------------------------------------
-
-    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
-        """Token events for every prompt of the batch (`index` is the prompt's position), as they come. Leaving
-        the loop early aborts the batch's unfinished requests."""
-        return self._run_batch(prompts, params, [])
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 on_token: Callable[[TokenEvent], None] | None = None) -> list[Completion]:
-        requests: list[Request] = []
-        for event in self._run_batch(prompts, params, requests):
-            if on_token:
-                on_token(event)
-        return [Completion.from_sequence(r.seq, r.arrival) for r in requests]
-
-    def _run_batch(self, prompts, params, requests: list[Request]) -> Iterator[TokenEvent]:
-        """Queue the batch (into `requests`), then step the engine until all of it has finished."""
-        ids = self._add_batch(prompts, params)
-        requests.extend(self._requests[rid] for rid in ids)
-        index = {rid: i for i, rid in enumerate(ids)}
-        try:
-            while any(not r.finished for r in requests):
-                for event in self.step():
-                    if event.index in index:
-                        yield replace(event, index=index[event.index])
-        finally:
-            for rid in ids:
-                self.abort(rid)
-
-    def _add_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
-        self.check_prompts(prompts, params)  # all or nothing: a bad prompt queues none of the batch
-        ids = []
-        for i, p in enumerate(prompts):
-            # One seed for the batch gives each prompt its own reproducible stream, not n copies of one.
-            ids.append(self.add_request(p, params if params.seed is None else replace(params, seed=params.seed + i)))
-        return ids
 
     # -- start-up helpers -------------------------------------------------------------------------------------
 
@@ -363,7 +376,9 @@ class Engine:
         return tokens / sorted(times)[1]
 
     def _agree_min(self, values: list[float]) -> list:
-        """The smallest of each value over the tensor-parallel ranks (unchanged on one rank)."""
+        """The smallest of each value over the tensor-parallel ranks (and every pipeline stage)."""
+        if self.stage is not None:
+            return [type(v)(x) for v, x in zip(values, self.stage.links.agree_min(values), strict=True)]
         if self.group.world_size == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -100,6 +100,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
     def schedule(self) -> ScheduledStep:
         self.steps += 1
         step = ScheduledStep()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +17,34 @@ from ferry.model.layers.mlp import SwiGLU
 from ferry.model.layers.norm import RMSNorm
 from ferry.model.layers.rotary import RotaryEmbedding
 from ferry.model.weights.source import WeightSource
+
+
+@dataclass(frozen=True)
+class LayerSpan:
+    """The decoder layers [start, stop) one pipeline stage holds; the first stage embeds, the last has the head."""
+
+    start: int
+    stop: int
+    num_layers: int
+
+    @classmethod
+    def whole(cls, num_layers: int) -> LayerSpan:
+        return cls(0, num_layers, num_layers)
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.num_layers
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    def __str__(self) -> str:
+        return f"layers {self.start}..{self.stop - 1}"
 
 
 class DecoderLayer(nn.Module):
@@ -71,6 +100,8 @@ class LlamaForCausalLM(nn.Module):
         # Prefill of >= 2 sequences under tensor parallelism: two micro-batches, each one's all-reduces running
         # under the other's matmuls (see _run_layers_overlapped). Set by the engine.
         self.overlap_micro_batches = False
+        # A pipeline stage holds only these layers' weights (the rest stay on the meta device); see stage_forward.
+        self.span = LayerSpan.whole(config.num_layers)
 
     @property
     def kv_heads_per_rank(self) -> int:
@@ -164,6 +195,23 @@ class LlamaForCausalLM(nn.Module):
             last = x[torch.arange(x.shape[0], device=x.device), logits_index]
         return self.logits(last)
 
+    def stage_forward(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        paged: PagedBatch,
+        logits_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """One pipeline stage of a paged step: token ids [1, tokens] on the first stage, the previous stage's hidden
+        states [1, tokens, hidden] on the others; returns hidden states for the next stage, or fp32 logits of the
+        `logits_index` tokens on the last. `kv_caches` holds this stage's layers only. The whole model (one stage)
+        is exactly `forward`."""
+        span = self.span
+        x = self.embed_tokens(inputs) if span.first else inputs
+        x = self.run_layers(x, positions, kv_caches, 0, layers=span.layers, paged=paged)
+        return self.logits(x[0].index_select(0, logits_index)) if span.last else x
+
     def full_logits(
         self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
@@ -185,18 +233,26 @@ class LlamaForCausalLM(nn.Module):
 
     def weight_formats(self) -> str:
         """e.g. "210 int4, 1 int8": how many matmuls hold each weight format (logs, --verbose, benchmarks)."""
-        counts = Counter(m.weight_format for m in self.modules() if isinstance(m, QuantizableMatmul))
+        counts = Counter(m.weight_format for m in self.modules()
+                         if isinstance(m, QuantizableMatmul) and not m.weight.is_meta)  # a stage's own layers
         return ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common())
 
+    def holds_embedding(self) -> bool:
+        """The first stage looks tokens up; the last needs the table too where the head is tied to it."""
+        return self.span.first or (self.span.last and self.config.tie_word_embeddings)
+
     def load(self, source: WeightSource, progress=None) -> None:
-        """Fill every parameter from `source`; `progress(i, n)` is told after each layer."""
-        self.embed_tokens.load(source, "model.embed_tokens")
-        for i, layer in enumerate(self.layers):
-            layer.load(source, f"model.layers.{i}")
+        """Fill every parameter this stage holds (all of them for the whole model) from `source`;
+        `progress(i, n)` is told after each layer."""
+        span = self.span
+        if self.holds_embedding():
+            self.embed_tokens.load(source, "model.embed_tokens")
+        for done, i in enumerate(span.layers, start=1):
+            self.layers[i].load(source, f"model.layers.{i}")
             if progress:
-                progress(i + 1, len(self.layers))
+                progress(done, len(span.layers))
         self.norm.load(source, "model.norm")
-        if not self.config.tie_word_embeddings:
+        if span.last and not self.config.tie_word_embeddings:
             self.lm_head.load(source, "lm_head")
         self.load_rotary(source)
 

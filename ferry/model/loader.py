@@ -16,7 +16,7 @@ from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
 from ferry.model.layers.embedding import VocabParallelEmbedding
 from ferry.model.layers.quant import check_quantized_supported
-from ferry.model.llama import LlamaForCausalLM
+from ferry.model.llama import LayerSpan, LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights.gguf_file import GGUFWeights
 from ferry.model.weights.repack import INT4_TYPES
@@ -63,19 +63,27 @@ def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokeniz
 
 
 def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, group: ParallelGroup,
-                host_layers: frozenset[int] = frozenset()) -> LlamaForCausalLM:
+                host_layers: frozenset[int] = frozenset(), span: LayerSpan | None = None) -> LlamaForCausalLM:
     """Parameters allocated (uninitialised) straight on `device` in `dtype`; decoder layers in `host_layers` in
-    host memory instead (streamed layers: a model larger than the device never has to fit on it)."""
+    host memory instead (streamed layers: a model larger than the device never has to fit on it).
+
+    `span`: a pipeline stage's layers; only they (and the embedding, norm and head where the stage needs them)
+    get memory, everything else stays on the meta device."""
+    span = span or LayerSpan.whole(config.num_layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, group)
     model = model.to(dtype)
-    for name, child in model.named_children():
-        if name != "layers":
-            child.to_empty(device=device)
-    for i, layer in enumerate(model.layers):
-        layer.to_empty(device=torch.device("cpu") if i in host_layers else device)
+    model.span = span
+    model.rotary.to_empty(device=device)
+    model.norm.to_empty(device=device)  # every stage: a few KiB, and the engine reads device and dtype off it
+    if model.holds_embedding():
+        model.embed_tokens.to_empty(device=device)
+    if span.last and not config.tie_word_embeddings:
+        model.lm_head.to_empty(device=device)
+    for i in span.layers:
+        model.layers[i].to_empty(device=torch.device("cpu") if i in host_layers else device)
     model.eval()
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and model.holds_embedding():
         model.lm_head.tie_to(model.embed_tokens)  # to_empty gives each module its own storage
     return model
 
@@ -116,12 +124,14 @@ def load_model(
     show_progress: bool = True,
     weights: str = "auto",
     offload_fraction: float = 0.0,
+    span: LayerSpan | None = None,
 ) -> LoadedModel:
     """`weights`: "native" keeps the checkpoint's values in `dtype`; "int8" quantizes every matmul weight to int8
     rows; "quantized" keeps GGUF Q4_0/Q4_1 matmuls as the checkpoint's own int4 groups and makes the rest int8 rows
     (CPU, bf16); "auto" (the default) picks (choose_weights).
     `offload_fraction`: that share of decoder layers lives in (pinned) host memory and is streamed to the device
-    ahead of its use (see ferry/comm/weight_stream.py)."""
+    ahead of its use (see ferry/comm/weight_stream.py).
+    `span`: a pipeline stage's decoder layers; only its tensors are read (native weights)."""
     group = group or ParallelGroup.single()
     check_weight_format(weights)  # before the checkpoint is opened: a typo costs nothing
     if weights in ("int8", "quantized"):
@@ -133,9 +143,14 @@ def load_model(
     started = time.perf_counter()
     resolved = resolve_model_path(path)
     source, config, tokenizer = open_checkpoint(resolved)
-    weights = "native" if offload_fraction else choose_weights(weights, source, device, dtype, group)
+    if span is not None and (weights not in ("auto", "native") or offload_fraction):
+        raise FerryError(f"--weights {weights} and --offload-weights are not offered with pipeline stages")
+    if span is not None and span.stop > config.num_layers:
+        raise FerryError(f"pipeline stage {span} is beyond the model's {config.num_layers} layers")
+    partial = span is not None and span != LayerSpan.whole(config.num_layers)
+    weights = "native" if offload_fraction or partial else choose_weights(weights, source, device, dtype, group)
     streamed = streamed_layers(config.num_layers, offload_fraction)
-    model = build_model(config, device, dtype, group, host_layers=frozenset(streamed))
+    model = build_model(config, device, dtype, group, host_layers=frozenset(streamed), span=span)
     model.keep_quantized(weights == "quantized")
     streamer = stream_layers(model, streamed) if streamed else None  # before loading: weights land in pinned memory
     with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
@@ -145,8 +160,8 @@ def load_model(
     if streamer:
         streamer.activate()
     seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s, %s weights: %s) in %.2f s", resolved.name, device, dtype, weights,
-             model.weight_formats(), seconds)
+    log.info("loaded %s%s (%s, %s, %s weights: %s) in %.2f s", resolved.name, f" {span}" if partial else "",
+             device, dtype, weights, model.weight_formats(), seconds)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.model.layers.heads import HeadShard
+from ferry.model.llama import LayerSpan
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
@@ -41,14 +42,62 @@ def check_parallel_options(tp: int, weights: str = "auto", offload_fraction: flo
         raise FerryError(f"--weights {weights} and --offload-weights are single-rank options; drop them with --tp")
 
 
-def check_launch(config: ModelConfig, device_type: str, tp: int) -> None:
-    """The layout fits the model and the devices present (checked in the launching process)."""
+def check_launch(config: ModelConfig, device_type: str, tp: int, pp: int = 1, layer_split: str | None = None,
+                 devices_needed: int | None = None) -> None:
+    """The layout fits the model and the devices present (checked in the launching process; under torchrun,
+    where each process drives one device, `devices_needed` is 1)."""
     import torch
 
     check_tensor_parallel(config, tp)
-    check_device_count(device_type, tp, torch.cuda.device_count() if device_type == "cuda" else 0)
+    stage_spans(config.num_layers, pp, layer_split)
+    needed = tp * pp if devices_needed is None else devices_needed
+    check_device_count(device_type, needed, torch.cuda.device_count() if device_type == "cuda" else 0, tp, pp)
 
 
-def check_device_count(device_type: str, tp: int, available: int) -> None:
-    if device_type != "cpu" and tp > available:
-        raise FerryError(f"--tp {tp} needs {tp} {device_type} devices, but {available} are present")
+def check_device_count(device_type: str, needed: int, available: int, tp: int | None = None, pp: int = 1) -> None:
+    if device_type != "cpu" and needed > available:
+        what = f"--tp {tp or needed}" + (f" x --pp {pp}" if pp > 1 else "")
+        raise FerryError(f"{what} needs {needed} {device_type} devices, but {available} are present")
+
+
+def check_pipeline_options(pp: int, layer_split: str | None, micro_batches: int | None, compiled: bool,
+                           overlap_prefill: bool, weights: str = "auto", offload_fraction: float = 0.0) -> None:
+    """Options that only a pipeline uses are refused without one, and single-stage options with one."""
+    if pp == 1:
+        if layer_split:
+            raise FerryError("--layer-split cuts the model into pipeline stages; it needs --pp 2 or more")
+        if micro_batches is not None:
+            raise FerryError("--micro-batches cuts the batch for pipeline stages; it needs --pp 2 or more")
+        return
+    if micro_batches is not None and micro_batches < 1:
+        raise FerryError(f"--micro-batches must be 1 or more, got {micro_batches}")
+    for flag, given in (("--compile", compiled), ("--overlap-prefill", overlap_prefill),
+                        (f"--weights {weights}", weights not in ("auto", "native")),
+                        ("--offload-weights", bool(offload_fraction))):
+        if given:
+            raise FerryError(f"{flag} is not offered with --pp (pipeline stages run the serving engine eagerly)")
+
+
+def stage_spans(num_layers: int, pp: int, layer_split: str | None = None) -> list[LayerSpan]:
+    """Contiguous decoder layers per pipeline stage: `layer_split` ("10,10,12") as given, else as even as the
+    count allows (the earlier stages take one more, since the last also runs the LM head)."""
+    if layer_split:
+        try:
+            counts = [int(part) for part in layer_split.split(",")]
+        except ValueError:
+            raise FerryError(f"--layer-split {layer_split!r}: give one layer count per stage, e.g. 10,10,12") from None
+        if len(counts) != pp:
+            raise FerryError(f"--layer-split {layer_split!r} has {len(counts)} stages; --pp is {pp}")
+        if min(counts) < 1 or sum(counts) != num_layers:
+            raise FerryError(f"--layer-split {layer_split!r}: every stage needs a layer or more, and the counts must "
+                             f"add up to the model's {num_layers} layers (they add up to {sum(counts)})")
+    else:
+        if pp > num_layers:
+            raise FerryError(f"--pp {pp} is more stages than the model's {num_layers} layers")
+        base, extra = divmod(num_layers, pp)
+        counts = [base + (1 if s < extra else 0) for s in range(pp)]
+    spans, start = [], 0
+    for count in counts:
+        spans.append(LayerSpan(start, start + count, num_layers))
+        start += count
+    return spans

@@ -28,6 +28,10 @@ class GenerateJob:
     chat: bool = False
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): compile, sync_output, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
+    pp: int = 1  # pipeline stages; the world's ranks are pp stages of world // pp tensor-parallel ranks
+    layer_split: str | None = None  # "10,10,12": layers per stage (even when None)
+    micro_batches: int | None = None  # the pipeline's micro-batches (pp when None)
+    timeout_s: float = 300.0  # every collective and stage message
 
 
 def gather_floats(group: ParallelGroup, value: float, device: torch.device) -> list[float]:
@@ -92,6 +96,8 @@ def generate_on_rank(group: ParallelGroup, engine: Engine, prompts: list[list[in
 
 
 def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
+    if job.pp > 1:
+        return run_pipeline_generate(group, job)
     from ferry.parallel.layout import check_tensor_parallel
 
     started = time.perf_counter()
@@ -112,5 +118,54 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(group, peak_after_load, engine.device),
         "allreduce_calls": dict(group.allreduce.calls) if group.allreduce else {},
+        "completions": [asdict(c) for c in completions],
+    }
+
+
+def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
+    """`--pp`: this rank loads its stage's layers only (its tensor-parallel shard of them) and runs the pipeline
+    engine; every rank ends with the same completions, rank 0 reports them."""
+    from ferry.device import resolve_dtype
+    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
+    from ferry.parallel.layout import check_tensor_parallel, stage_spans
+    from ferry.parallel.mesh import Mesh, StagePeers, split_groups
+    from ferry.parallel.pipeline_engine import PipelineEngine
+    from ferry.parallel.pipeline_stage import PipelineLinks, PipelineStage
+
+    started = time.perf_counter()
+    mesh = Mesh(world.world_size // job.pp, job.pp)
+    tp_group = split_groups(mesh, world.rank, world.compression)
+    links = PipelineLinks(StagePeers(mesh, world.rank), job.timeout_s)
+    path = resolve_model_path(job.model)
+    config = open_checkpoint(path)[1]
+    check_tensor_parallel(config, mesh.tp)
+    span = stage_spans(config.num_layers, mesh.pp, job.layer_split)[links.peers.stage]
+    device = rank_device(world.rank, job.device_type)
+    dtype = resolve_dtype(job.dtype, device, tp=mesh.world)
+    tp_group = tp_group.with_allreduce(job.allreduce, device, dtype)
+    loaded = load_model(path, device, dtype, group=tp_group, span=span, show_progress=world.rank == 0)
+    load_s = time.perf_counter() - started
+    peak_after_load = peak_resident_mib()
+    tok = loaded.tokenizer
+    ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
+    stage = PipelineStage(loaded.model, links)
+    engine = PipelineEngine(loaded.model, tok, stage, job.micro_batches, **job.engine_options)
+    try:
+        completions = generate_on_rank(world, engine, ids, job.params)
+    finally:
+        engine.close()
+    sent = gather_floats(world, stage.hidden_bytes_sent, engine.device)
+    return {
+        "model": str(loaded.path),
+        "device": str(engine.device.type),
+        "dtype": dtype_name(engine.dtype),
+        "tp": mesh.tp,
+        "pp": mesh.pp,
+        "stages": [str(s) for s in stage_spans(config.num_layers, mesh.pp, job.layer_split)],
+        "micro_batches": len(engine.engines),
+        "load_s": round(load_s, 3),
+        "peak_host_mb_per_rank": gather_floats(world, peak_after_load, engine.device),
+        "hidden_bytes_sent_per_rank": [int(b) for b in sent],
+        "allreduce_calls": dict(tp_group.allreduce.calls) if tp_group.allreduce else {},
         "completions": [asdict(c) for c in completions],
     }

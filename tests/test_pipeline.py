@@ -1,0 +1,112 @@
+"""Pipeline parallelism on CPU with gloo: PP=2, PP=3 (uneven) and TP=2 x PP=2 give the tokens of one rank; each
+stage holds only its layers; layouts and options that cannot work are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ferry.engine.engine import Engine
+from ferry.engine.sampling import SamplingParams
+from ferry.errors import FerryError
+from ferry.model.llama import LayerSpan
+from ferry.model.loader import load_model
+from ferry.parallel.launch import spawn
+from ferry.parallel.layout import check_pipeline_options, stage_spans
+from ferry.parallel.mesh import Mesh, StagePeers, mesh_under_torchrun
+from ferry.parallel.tp_generate import GenerateJob, run_generate
+
+# Held out: none of these appear in other tests' prompts.
+PROMPTS = ("Pipelines move water from", "The three primary colours are", "import numpy as np\n",
+           "A good breakfast includes", "The tallest mountain on Earth")
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(ferry_smollm):
+    ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS]
+    return [c.token_ids for c in Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, GREEDY)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "pp", "split"), [(2, 2, None), (3, 3, "6,14,10"), (4, 2, None)],
+                         ids=["pp2", "pp3-uneven", "tp2xpp2"])
+def test_pipeline_greedy_tokens_match_one_rank(smollm_path, reference_tokens, world, pp, split):
+    job = GenerateJob(str(smollm_path), "cpu", "fp32", PROMPTS, GREEDY, pp=pp, layer_split=split, timeout_s=120)
+    result = spawn(world, "cpu", run_generate, (job,), timeout_s=120)
+    assert [c["token_ids"] for c in result["completions"]] == reference_tokens
+    assert (result["tp"], result["pp"], result["micro_batches"]) == (world // pp, pp, pp)
+    # Every stage but the last sent hidden states on; the last sent none (it sends tokens back instead).
+    sent = result["hidden_bytes_sent_per_rank"]
+    assert all(b > 0 for b in sent[: -(world // pp)]) and all(b == 0 for b in sent[-(world // pp):])
+
+
+@pytest.mark.slow
+def test_pipeline_sampling_with_a_seed_matches_one_rank(ferry_smollm, smollm_path):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    reference = [c.token_ids for c in Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, params)]
+    job = GenerateJob(str(smollm_path), "cpu", "fp32", PROMPTS[:3], params, pp=2, micro_batches=3, timeout_s=120)
+    result = spawn(2, "cpu", run_generate, (job,), timeout_s=120)
+    assert [c["token_ids"] for c in result["completions"]] == reference
+    assert result["micro_batches"] == 3
+
+
+def test_a_stage_holds_only_its_layers(smollm_path, ferry_smollm):
+    middle = load_model(smollm_path, torch.device("cpu"), torch.float32, show_progress=False,
+                        span=LayerSpan(10, 20, 30)).model
+    held = [i for i, layer in enumerate(middle.layers) if not layer.mlp.down_proj.weight.is_meta]
+    assert held == list(range(10, 20))
+    assert middle.embed_tokens.weight.is_meta  # neither first stage nor a tied head's
+    last = load_model(smollm_path, torch.device("cpu"), torch.float32, show_progress=False,
+                      span=LayerSpan(20, 30, 30)).model
+    assert not last.embed_tokens.weight.is_meta  # SmolLM2 ties its head to the embedding table
+    stage_bytes = sum(p.numel() * p.element_size() for p in middle.parameters() if not p.is_meta)
+    whole_bytes = sum(p.numel() * p.element_size() for p in ferry_smollm.model.parameters())
+    assert stage_bytes < 0.4 * whole_bytes  # a third of the layers and no embedding table
+
+
+def test_stage_spans_even_given_and_refused():
+    assert [(s.start, s.stop) for s in stage_spans(30, 4)] == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    spans = stage_spans(32, 3, "10,10,12")
+    assert [(s.start, s.stop, s.first, s.last) for s in spans] == [(0, 10, True, False), (10, 20, False, False),
+                                                                  (20, 32, False, True)]
+    with pytest.raises(FerryError, match="has 2 stages; --pp is 3"):
+        stage_spans(32, 3, "16,16")
+    with pytest.raises(FerryError, match="add up to the model's 32 layers"):
+        stage_spans(32, 2, "16,17")
+    with pytest.raises(FerryError, match="every stage needs a layer"):
+        stage_spans(32, 2, "0,32")
+    with pytest.raises(FerryError, match="one layer count per stage"):
+        stage_spans(32, 2, "16;16")
+    with pytest.raises(FerryError, match="more stages than the model's 4 layers"):
+        stage_spans(4, 5)
+
+
+def test_torchrun_layout_defaults_to_tp_in_node_and_pp_across():
+    assert mesh_under_torchrun(1, None, world=8, local_world=4) == Mesh(tp=4, pp=2)
+    assert mesh_under_torchrun(1, None, world=2, local_world=2) == Mesh(tp=2, pp=1)
+    assert mesh_under_torchrun(1, 4, world=8, local_world=4) == Mesh(tp=2, pp=4)
+    assert mesh_under_torchrun(8, None, world=8, local_world=4) == Mesh(tp=8, pp=1)
+    with pytest.raises(FerryError, match="--tp 3 x --pp 2 must be 8"):
+        mesh_under_torchrun(3, 2, world=8, local_world=4)
+
+
+def test_stage_peers_route_hidden_states_forward_and_tokens_back():
+    mesh = Mesh(tp=2, pp=3)  # ranks 0,1 | 2,3 | 4,5
+    middle = StagePeers(mesh, rank=3)
+    assert (middle.stage, middle.previous, middle.next, middle.token_source) == (1, 1, 5, 5)
+    assert StagePeers(mesh, rank=4).token_receivers() == [0, 2]
+
+
+def test_pipeline_only_options_are_refused_without_a_pipeline_and_back():
+    with pytest.raises(FerryError, match="--layer-split .* needs --pp 2"):
+        check_pipeline_options(1, "10,20", None, False, False)
+    with pytest.raises(FerryError, match="--micro-batches .* needs --pp 2"):
+        check_pipeline_options(1, None, 4, False, False)
+    with pytest.raises(FerryError, match="--compile is not offered with --pp"):
+        check_pipeline_options(2, None, None, True, False)
+    with pytest.raises(FerryError, match="--weights int8 is not offered with --pp"):
+        check_pipeline_options(2, None, None, False, False, weights="int8")
+    with pytest.raises(FerryError, match="--micro-batches must be 1 or more"):
+        check_pipeline_options(2, None, 0, False, False)
