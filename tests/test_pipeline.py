@@ -3,6 +3,15 @@ stage holds only its layers; layouts and options that cannot work are refused by
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +20,7 @@ from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.model.llama import LayerSpan
 from ferry.model.loader import load_model
-from ferry.parallel.launch import spawn
+from ferry.parallel.launch import free_port, spawn
 from ferry.parallel.layout import check_pipeline_options, stage_spans
 from ferry.parallel.mesh import Mesh, StagePeers, mesh_under_torchrun
 from ferry.parallel.tp_generate import GenerateJob, run_generate
@@ -110,3 +119,65 @@ def test_pipeline_only_options_are_refused_without_a_pipeline_and_back():
         check_pipeline_options(2, None, None, False, False, weights="int8")
     with pytest.raises(FerryError, match="--micro-batches must be 1 or more"):
         check_pipeline_options(2, None, 0, False, False)
+
+
+def _torchrun_node(port: int, marker: str, extra: list[str], timeout: float = 30) -> subprocess.Popen:
+    """One "node" of a two-node torchrun job on this machine (c10d rendezvous on 127.0.0.1)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", marker,
+           "-m", "ferry.cli", "generate", "--dtype", "fp32", "--timeout", str(timeout), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _workers_of(marker: str) -> list[int]:
+    """PIDs of the ferry worker processes whose command line carries `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ferry.cli" in cmdline and marker.encode() in cmdline and b"torch.distributed.run" not in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_give_the_tokens_of_one_rank(reference_tokens):
+    port = free_port()
+    nodes = [_torchrun_node(port, "two-nodes", ["--json", "--max-tokens", "12", "--ignore-eos", *PROMPTS[:2]])
+             for _ in range(2)]
+    outs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    docs = [json.loads(out) for out, _ in outs if out.strip()]
+    assert len(docs) == 1  # rank 0 prints
+    doc = docs[0]
+    assert (doc["tp"], doc["pp"]) == (1, 2)  # one process per node: a pipeline stage per node
+    assert [c["token_ids"] for c in doc["completions"]] == reference_tokens[:2]
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_ends_the_other_with_the_rank_named():
+    port, marker = free_port(), f"dying-node-{os.getpid()}"
+    nodes = [_torchrun_node(port, marker, ["--max-tokens", "4000", "--ignore-eos", marker]) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers := _workers_of(marker)) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.5)
+        time.sleep(8)  # past loading, into decoding
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        errs = [node.communicate(timeout=60)[1] for node in nodes]
+        ended_in = time.monotonic() - killed_at
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode != 0 for node in nodes)
+    assert ended_in < 30, f"the surviving node took {ended_in:.0f} s to stop"
+    assert any(re.search(r"waiting for .* from rank \d failed, that rank died or stopped", e) for e in errs), errs
+    time.sleep(1)
+    assert _workers_of(marker) == [], "a worker outlived its job"

@@ -8,7 +8,7 @@ import torch
 
 from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig, RopeScaling
-from ferry.model.llama import LlamaForCausalLM
+from ferry.model.llama import LayerSpan, LlamaForCausalLM
 from ferry.model.loader import build_model
 
 LLAMA3_8B = ModelConfig(
@@ -39,12 +39,16 @@ SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY}
 
 @torch.no_grad()
 def random_model(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, group: ParallelGroup | None = None
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, group: ParallelGroup | None = None,
+    span: LayerSpan | None = None,
 ) -> LlamaForCausalLM:
-    """A model of `config`'s shape with N(0, 0.02) weights and unit norms, built directly on `device`."""
-    model = build_model(config, device, dtype, group or ParallelGroup.single())
+    """A model of `config`'s shape with N(0, 0.02) weights and unit norms, built directly on `device` (only the
+    `span` of a pipeline stage, where one is given)."""
+    model = build_model(config, device, dtype, group or ParallelGroup.single(), span=span)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
+        if param.is_meta:  # another stage's
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
@@ -62,5 +66,5 @@ def weight_bytes_per_token(model: LlamaForCausalLM) -> int:
         if int8 is not None:
             total += int8.values.numel() + int8.scales.numel() * int8.scales.element_size()
         elif module is not model.embed_tokens:
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False) if not p.is_meta)
     return total

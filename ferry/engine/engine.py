@@ -115,10 +115,8 @@ class Engine(BatchAPI):
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
             use_graphs = False
-        if stage is not None:
-            use_graphs = False
-            if preemption == "auto":  # measuring prefill speed needs the whole pipeline; swap is per stage
-                preemption = "swap"
+        if stage is not None and preemption == "auto":
+            preemption = "swap"  # measuring prefill speed would need the whole pipeline; a swap is per stage
         running = max_running or (128 if cuda else 64)
         # With decode graphs, a step carrying a prefill chunk costs several captured decode steps: admit in groups
         # of an eighth of the batch (scheduler.py has the measurement). Without graphs every step is eager alike.
@@ -153,7 +151,8 @@ class Engine(BatchAPI):
         if use_graphs:
             from ferry.engine.paged_graphs import PagedDecodeGraphs
 
-            self.graphs = PagedDecodeGraphs(model, self.cache, self.width, compile=compile, compile_mode=compile_mode)
+            self.graphs = PagedDecodeGraphs(model, self.cache, self.width, compile=compile, compile_mode=compile_mode,
+                                            stage=stage is not None)
         self.decode_path = f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
         self.sync_output = sync_output
         self.stats = EngineStats()
@@ -296,9 +295,16 @@ class Engine(BatchAPI):
         sampled tokens from it (pipeline_stage.py)."""
         from ferry.parallel.pipeline_stage import ForwardedTokens
 
-        t = self.inputs.build(step, row_of)
-        self._feed_in_flight(t.ids, t, previous)
-        logits = self.stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
+        if self.graphs is not None and not step.prefills and len(step.decodes) <= self.limits.max_running:
+            graph = self.graphs.get(self.graphs.bucket(len(step.decodes)))
+            t = self.inputs.build(step, row_of, bucket=graph.ids.shape[0], into=graph.inputs)
+            self._feed_in_flight(graph.ids, t, previous)
+            logits = self.stage.run_captured(graph, len(step.decodes))
+            self.stats.graph_steps += 1
+        else:
+            t = self.inputs.build(step, row_of)
+            self._feed_in_flight(t.ids, t, previous)
+            logits = self.stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
         if self.stage.last:
             tokens = self._sample(logits, rows)
             return self._in_flight_of(rows, t, tokens, ForwardedTokens(self.stage, self.readback.start(tokens)))

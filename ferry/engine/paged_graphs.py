@@ -22,7 +22,7 @@ log = logging.getLogger("ferry.graphs")
 
 
 class _CapturedDecode:
-    def __init__(self, forward, cache: PagedKVCache, rows: int, width: int, pool) -> None:
+    def __init__(self, forward, cache: PagedKVCache, rows: int, width: int, pool, stage_model=None) -> None:
         device = cache.device
         # Zeros: warm-up and capture write K/V into the padding block and read nothing (context 0).
         self.inputs = torch.zeros(decode_region(rows, width), dtype=torch.int32, device=device)
@@ -33,8 +33,16 @@ class _CapturedDecode:
         # The graph reads these by address: they must live as long as it does (a freed index tensor was reused
         # by the allocator and the replay read garbage indices).
         self._read_by_graph = (every_row, paged)
+        # A pipeline stage after the first reads the previous stage's hidden states from this buffer instead.
+        self.hidden = None
+        if stage_model is not None and not stage_model.span.first:
+            self.hidden = torch.zeros((1, rows, stage_model.config.hidden_size), dtype=stage_model.norm.weight.dtype,
+                                      device=device)
 
         def step():
+            if stage_model is not None:
+                inputs = self.hidden if self.hidden is not None else ids.view(1, rows)
+                return stage_model.stage_forward(inputs, positions.view(1, rows), cache.layers, paged, every_row)
             return forward(ids.view(1, rows), positions.view(1, rows), cache.layers, 0, logits_index=every_row,
                            paged=paged)
 
@@ -46,22 +54,24 @@ class _CapturedDecode:
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = step()
+            self.logits = step()  # a stage before the last: its hidden states [1, rows, hidden]
 
     def replay(self, rows: int) -> torch.Tensor:
         self.graph.replay()
-        return self.logits[:rows]
+        return self.logits[:rows] if self.logits.dim() == 2 else self.logits[:, :rows]
 
 
 class PagedDecodeGraphs:
     """Captures a bucket on first use; `compile` first runs the step through torch.compile (compiled_step.py)."""
 
     def __init__(self, model, cache: PagedKVCache, width: int, compile: bool = False,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, stage: bool = False) -> None:
+        """`stage`: capture the model's pipeline stage (stage_forward) rather than the whole forward."""
         from ferry.engine.compiled_step import compile_decode_step
 
         self.cache, self.width, self.compiled = cache, width, compile
         self.forward, self.path = model, "cuda-graph"
+        self.stage_model = model if stage else None
         if compile:
             self.forward, mode = compile_decode_step(model, compile_mode)
             self.path = f"cuda-graph+compile({mode})"
@@ -75,7 +85,8 @@ class PagedDecodeGraphs:
         graph = self.graphs.get(bucket)
         if graph is None:
             started = time.perf_counter()
-            graph = self.graphs[bucket] = _CapturedDecode(self.forward, self.cache, bucket, self.width, self.pool)
+            graph = self.graphs[bucket] = _CapturedDecode(self.forward, self.cache, bucket, self.width, self.pool,
+                                                          self.stage_model)
             log.log(logging.WARNING if self.compiled else logging.INFO, "paged decode step for %d rows %s in %.1f s",
                     bucket, "compiled and captured" if self.compiled else "captured", time.perf_counter() - started)
         return graph

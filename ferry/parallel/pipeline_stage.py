@@ -71,12 +71,22 @@ class PipelineStage:
             inputs = torch.empty((1, tokens, self.hidden_size), dtype=self.dtype, device=self.device)
             self._wait(dist.irecv(inputs, src=self.peers.previous), f"hidden states from rank {self.peers.previous}")
         out = self.model.stage_forward(inputs, positions.view(1, tokens), caches, paged, logits_index)
-        if self.last:
-            return out
+        return out if self.last else self._send_hidden(out)
+
+    def run_captured(self, graph, rows: int):
+        """A decode step of `rows` rows replayed from the stage's CUDA graph (paged_graphs.py); the messages carry
+        the real rows only, never the bucket's padding."""
+        if not self.first:
+            src = self.peers.previous
+            self._wait(dist.irecv(graph.hidden[:, :rows], src=src), f"hidden states from rank {src}")
+        out = graph.replay(rows)
+        # The graph's output buffer is rewritten by its next replay, which could overtake the send: send a copy.
+        return out if self.last else self._send_hidden(out.clone())
+
+    def _send_hidden(self, out: torch.Tensor) -> None:
         self._reap()
         self._sends.append((dist.isend(out, dst=self.peers.next), out))
         self.hidden_bytes_sent += out.numel() * out.element_size()
-        return None
 
     def receive_tokens(self, rows: int) -> ReceivedTokens:
         """Post the receive of the last stage's sampled tokens for a step of `rows` sampled rows (a step of
@@ -99,8 +109,10 @@ class PipelineStage:
         try:
             ok = work.wait(self.links.timeout)
         except RuntimeError as exc:  # gloo: a peer that died closes its connection
+            reason = str(exc).strip().splitlines()[0]
+            reason = reason.split("] ", 1)[-1][:160]  # gloo prefixes its source file and line
             raise FerryError(f"pipeline stage {self.peers.stage} (rank {self.peers.rank}): waiting for {what} "
-                             f"failed: {str(exc).strip().splitlines()[0][:200]}") from None
+                             f"failed, that rank died or stopped ({reason})") from None
         if ok is False:
             raise FerryError(f"pipeline stage {self.peers.stage} (rank {self.peers.rank}): {what} did not arrive "
                              f"within {self.links.timeout.total_seconds():.0f} s")
