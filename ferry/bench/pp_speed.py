@@ -44,12 +44,15 @@ def measure_layout(world: ParallelGroup, job: LayoutJob) -> dict:
 
     device = rank_device(world.rank, "cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, job.dtype)
+    link = "socket" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "default"
+    # Over sockets the all-reduce is NCCL's: torch's symmetric-memory paths would still read peers over NVLink.
+    allreduce = "process_group" if link == "socket" else "auto"
     started = time.perf_counter()
     if job.pp == 1:
-        group = world.with_allreduce("auto", device, dtype)
+        group = world.with_allreduce(allreduce, device, dtype)
         engine = Engine(random_model(job.config, device, dtype, group=group), None, kv_memory=job.kv_memory)
     else:
-        engine = _pipeline_engine(world, job, device, dtype)
+        engine = _pipeline_engine(world, job, device, dtype, allreduce)
     build_s = time.perf_counter() - started
     rows = []
     for batch in job.batches:
@@ -57,12 +60,11 @@ def measure_layout(world: ParallelGroup, job: LayoutJob) -> dict:
         rate = world.min_over_ranks(rate, device)
         rows.append({"tp": job.tp, "pp": job.pp, "batch": batch, "tokens_per_s": round(rate, 1),
                      "aggregate_tokens_per_s": round(rate * batch, 1)})
-    link = "socket" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "default"
     return {"rows": [r | {"link": link} for r in rows], "decode_path": engine.decode_path,
             "build_s": round(build_s, 1)}
 
 
-def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, dtype):
+def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, dtype, allreduce: str):
     from ferry.bench.shapes import random_model
     from ferry.parallel.layout import stage_spans
     from ferry.parallel.mesh import Mesh, StagePeers, split_groups
@@ -70,7 +72,7 @@ def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, dtype):
     from ferry.parallel.pipeline_stage import PipelineLinks, PipelineStage
 
     mesh = Mesh(job.tp, job.pp)
-    tp_group = split_groups(mesh, world.rank, None).with_allreduce("auto", device, dtype)
+    tp_group = split_groups(mesh, world.rank, None).with_allreduce(allreduce, device, dtype)
     links = PipelineLinks(StagePeers(mesh, world.rank), timeout_s=600)
     span = stage_spans(job.config.num_layers, job.pp)[links.peers.stage]
     model = random_model(job.config, device, dtype, group=tp_group, span=span)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import replace
 
 import torch
@@ -43,15 +44,17 @@ def random_model(
     span: LayerSpan | None = None,
 ) -> LlamaForCausalLM:
     """A model of `config`'s shape with N(0, 0.02) weights and unit norms, built directly on `device` (only the
-    `span` of a pipeline stage, where one is given)."""
+    `span` of a pipeline stage, where one is given). Each parameter draws from its own stream, seeded by its
+    name, so a stage holds exactly the values the whole model holds in its layers."""
     model = build_model(config, device, dtype, group or ParallelGroup.single(), span=span)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
     for name, param in model.named_parameters():
         if param.is_meta:  # another stage's
             continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.normal_(0.0, 0.02, generator=gen)
     model.rotary.build_tables(device)
     return model

@@ -69,7 +69,7 @@ class PipelineStage:
             inputs = ids.view(1, tokens)
         else:
             inputs = torch.empty((1, tokens, self.hidden_size), dtype=self.dtype, device=self.device)
-            self._wait(dist.irecv(inputs, src=self.peers.previous), f"hidden states from rank {self.peers.previous}")
+            self._wait_hidden(dist.irecv(inputs, src=self.peers.previous))
         out = self.model.stage_forward(inputs, positions.view(1, tokens), caches, paged, logits_index)
         return out if self.last else self._send_hidden(out)
 
@@ -77,8 +77,7 @@ class PipelineStage:
         """A decode step of `rows` rows replayed from the stage's CUDA graph (paged_graphs.py); the messages carry
         the real rows only, never the bucket's padding."""
         if not self.first:
-            src = self.peers.previous
-            self._wait(dist.irecv(graph.hidden[:, :rows], src=src), f"hidden states from rank {src}")
+            self._wait_hidden(dist.irecv(graph.hidden[:, :rows], src=self.peers.previous))
         out = graph.replay(rows)
         # The graph's output buffer is rewritten by its next replay, which could overtake the send: send a copy.
         return out if self.last else self._send_hidden(out.clone())
@@ -104,6 +103,15 @@ class PipelineStage:
         for dst in self.peers.token_receivers():
             self._sends.append((dist.isend(host, dst=dst, group=self.links.tokens), host))
             self.token_bytes_sent += host.numel() * 8
+
+    def _wait_hidden(self, work) -> None:
+        """Order this stage's compute after the hidden states' arrival. On GPUs that is a wait of the compute stream,
+        not of the host, which goes on to queue the step (NCCL's watchdog enforces the group's timeout; a timeout
+        given here would make the host block until the data is in)."""
+        if self.device.type == "cuda":
+            work.wait()
+        else:
+            self._wait(work, f"hidden states from rank {self.peers.previous}")
 
     def _wait(self, work, what: str) -> None:
         try:
