@@ -6,6 +6,7 @@ from ferry.commands import app
 from ferry.commands import bench as _bench  # noqa: F401, I001  (registers the bench group)
 from ferry.commands import edge as _edge  # noqa: F401, I001  (registers cloud, edge, linkem)
 from ferry.commands import generate as _generate  # noqa: F401  (registers generate, chat) -- first in --help
+from ferry.commands import plan as _plan  # noqa: F401  (registers plan, topo)
 from ferry.commands import serve as _serve  # noqa: F401, I001  (registers serve)
 
 __all__ = ["app", "main"]

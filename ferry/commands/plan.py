@@ -1,0 +1,244 @@
+"""`ferry topo` (this machine's devices and links, measured) and `ferry plan` (the TP x PP layout to run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ferry.commands import DeviceOpt, VerboseOpt, app, err, run_guarded, setup_logging
+
+JsonFileOpt = Annotated[Path | None, typer.Option(
+    "--json", help="write the JSON here ('-': print it on stdout instead of the table)", show_default=False)]
+PresetOpt = Annotated[str | None, typer.Option(
+    help="a topology built from the reference measurements: h200x2-nvlink, h100x4-nvlink, h100x8-nodes4-ib400, "
+    "h200x8-nodes2-ib400", show_default=False)]
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped or captured output has no terminal width: wide enough for the plan's columns unless COLUMNS says.
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 160, highlight=False)
+
+
+def _write_json(doc: dict, path: Path) -> None:
+    text = json.dumps(doc, indent=1)
+    if str(path) == "-":
+        print(text, flush=True)
+    else:
+        path.write_text(text + "\n")
+        err(f"ferry: wrote {path}")
+
+
+@app.command()
+def topo(
+    json_path: JsonFileOpt = None,
+    sizes: Annotated[str | None, typer.Option(
+        help="message sizes of the alpha-beta fits, e.g. 4K,64K,1M \\[default: 4K,64K,1M,4M on CPU; "
+        "8K,256K,8M,64M on GPU]", show_default=False)] = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """This machine's devices and links, each link's latency (alpha) and bandwidth (beta) measured; under
+    torchrun the links between ranks, inside a node and across nodes (rank 0 prints and writes)."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.comm.topology import parse_sizes
+        from ferry.comm.topology import preset as preset_topology
+
+        byte_sizes = parse_sizes(sizes) if sizes else None
+        if preset:
+            topology = preset_topology(preset)
+        else:
+            from ferry.comm.link_probe import measure_local, measure_torchrun
+            from ferry.device import resolve_device
+            from ferry.parallel.launch import under_torchrun
+
+            kind = resolve_device(device).type
+            if under_torchrun():
+                topology = measure_torchrun(kind, byte_sizes)
+                if topology is None:  # not rank 0
+                    return
+            else:
+                topology = measure_local(kind, byte_sizes)
+        if json_path is not None:
+            _write_json(topology.to_json(), json_path)
+        if json_path is None or str(json_path) != "-":
+            _print_topology(topology)
+
+    run_guarded(run)
+
+
+def _print_topology(topology) -> None:
+    from rich.table import Table
+
+    console = _console()
+    d = topology.device
+    console.print(f"[bold]{topology.describe()}[/bold]: {d.memory_bytes / 2**30:.1f} GiB, "
+                  f"{d.mem_bw_Bps / 1e9:.0f} GB/s memory, {d.flops / 1e12:.2f} TFLOP/s each")
+    info = topology.details.get("discovery", {})
+    if info:
+        cpu = info["cpu"]
+        console.print(f"host {info['hostname']}: {cpu['cores']} cores ({cpu['usable_cores']} usable), "
+                      f"{cpu['numa_nodes']} NUMA node(s), {cpu['memory_bytes'] / 2**30:.1f} GiB; "
+                      f"GPU links from {info['link_source']}")
+    if info.get("gpus"):
+        gpus = Table("GPU", "name", "memory GiB", "SMs", "NUMA", "PCI bus", title="devices")
+        for g in info["gpus"]:
+            gpus.add_row(str(g["index"]), g["name"], f"{g['memory_bytes'] / 2**30:.1f}", str(g["sm_count"]),
+                         str(g["numa_node"]), str(g["pci_bus_id"]))
+        console.print(gpus)
+        pairs = Table("pair", "kind", title=f"GPU pairs ({info['link_source']})")
+        for link in info["gpu_links"]:
+            pairs.add_row(f"{link['a']}-{link['b']}", link["kind"])
+        console.print(pairs)
+    links = Table("link", "kind", "alpha us", "beta GB/s", "time of 4 KiB / 1 MiB / 64 MiB", title="links: time = "
+                  "alpha + bytes / beta")
+    for name in ("intra_node", "inter_node", "host_link"):
+        link = getattr(topology, name)
+        if link is not None:
+            times = " / ".join(f"{link.seconds(n) * 1e6:.1f}" for n in (4 << 10, 1 << 20, 64 << 20))
+            links.add_row(name, link.kind, f"{link.alpha_s * 1e6:.2f}", f"{link.beta_Bps / 1e9:.2f}", f"{times} us")
+    for name, fit in topology.details.get("fits", {}).items():
+        if name.startswith("copy"):  # the others are shown above as the links they became
+            links.add_row(f"measured: {name}", "", f"{fit['alpha_us']:.2f}", f"{fit['beta_GBps']:.2f}", "")
+    console.print(links)
+    if "send_recv_mode" in topology.details:
+        console.print(f"send/recv timed {topology.details['send_recv_mode']}")
+
+
+@app.command()
+def plan(
+    topology: Annotated[str | None, typer.Option(
+        help="a topology JSON file (`ferry topo --json`, or written by hand) or 'live': measure this machine "
+        "\\[default: live]", show_default=False)] = None,
+    preset: PresetOpt = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", "-m", help="GGUF file or HF checkpoint folder: its config is read, no weights",
+        show_default=False)] = None,
+    shape: Annotated[str | None, typer.Option(
+        help="a known architecture instead of --model: llama3-8b, llama3-70b, tiny \\[default: llama3-8b]",
+        show_default=False)] = None,
+    batch: Annotated[int, typer.Option(help="sequences decoded together")] = 1,
+    prompt: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 512,
+    output: Annotated[int, typer.Option(help="output tokens per sequence")] = 128,
+    tp: Annotated[int | None, typer.Option("--tp", help="only layouts of this TP degree", show_default=False)] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="only layouts of this many stages", show_default=False)] = None,
+    micro_batches: Annotated[int | None, typer.Option(help="micro-batches in flight \\[default: pp]",
+                                                      show_default=False)] = None,
+    dtype: Annotated[str, typer.Option(help="weights, activations and KV cache: bf16, fp16 or fp32")] = "bf16",
+    step_overhead_us: Annotated[float, typer.Option(help="fixed cost of each stage forward (launches, host)")] = 30.0,
+    margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="time one decoder layer of the model's shape on --device (in a CUDA graph on GPUs) "
+        "and use that instead of the roofline for compute")] = False,
+    device: DeviceOpt = None,
+    top: Annotated[int, typer.Option(help="table rows at most (the JSON has every layout)")] = 20,
+    json_path: JsonFileOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show each layout's cost terms and log to "
+                                          "stderr")] = False,
+) -> None:
+    """Predict prefill time, decode speed and memory per device of every TP x PP layout and recommend one."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from ferry.comm.topology import Topology
+        from ferry.comm.topology import preset as preset_topology
+        from ferry.errors import FerryError
+        from ferry.parallel.cost_model import CostParams
+        from ferry.parallel.planner import Workload, load_model_config
+        from ferry.parallel.planner import plan as make_plan
+
+        bytes_of = {"bf16": 2, "fp16": 2, "fp32": 4}
+        if dtype not in bytes_of:
+            raise FerryError(f"unknown --dtype {dtype!r} (choose bf16, fp16, fp32)")
+        if topology is not None and preset is not None:
+            raise FerryError("give --topology or --preset, not both")
+        name, config = load_model_config(model, shape)
+        params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30))
+        work = Workload(batch, prompt, output)
+        work.check(config)  # before any measuring
+        calibration = None
+        if calibrate:
+            calibration = _calibrate(config, device, dtype)
+        if preset is not None:
+            topo_ = preset_topology(preset)
+        elif topology not in (None, "live"):
+            topo_ = Topology.load(Path(topology))
+        else:
+            from ferry.comm.link_probe import measure_local
+            from ferry.device import resolve_device
+
+            err("ferry: measuring this machine (give --preset or --topology FILE to skip)")
+            topo_ = measure_local(resolve_device(device).type, for_planner=True)
+        result = make_plan(config, topo_, work, params, tp, pp, micro_batches, calibration, name)
+        if json_path is not None:
+            _write_json(result.to_json(), json_path)
+        if json_path is None or str(json_path) != "-":
+            _print_plan(result, top, verbose)
+
+    run_guarded(run)
+
+
+def _calibrate(config, device, dtype):
+    from ferry.device import DTYPES, resolve_device
+    from ferry.parallel.cost_model import time_decoder_layer
+
+    dev = resolve_device(device)
+    err(f"ferry: timing one decoder layer on {dev} for --calibrate")
+    return time_decoder_layer(config, dev, DTYPES[dtype])
+
+
+def _print_plan(result, top: int, verbose: bool) -> None:
+    from rich.table import Table
+
+    console = _console()
+    c, w = result.config, result.workload
+    console.print(f"[bold]{result.model_name}[/bold] ({c.num_params / 1e9:.2f} B parameters, {c.num_layers} layers) "
+                  f"on {result.topology.describe()}; batch {w.batch}, prompt {w.prompt}, output {w.output}"
+                  + (f"; compute calibrated on {result.calibration.device} ({result.calibration.mode})"
+                     if result.calibration else ""))
+    shown = result.predictions[:top]
+    table = Table("", "layout", "split", "M", "TP link", "PP links", "GiB/device", "fits", "prefill ms", "ms/token",
+                  "decode tok/s", title="layouts, fastest decode first")
+    for p in shown:
+        lay = p.layout
+        table.add_row("*" if p is result.recommended else "", lay.name, _split(lay), str(lay.micro_batches),
+                      p.tp_link or "-", ", ".join(sorted(set(p.pp_links))) or "-", f"{p.memory_bytes / 2**30:.1f}",
+                      "yes" if p.fits else f"no (> {p.memory_limit / 2**30:.0f})", f"{p.prefill_s * 1e3:.2f}",
+                      f"{p.tpot_s * 1e3:.3f}", f"{p.decode_tok_s:.1f}",
+                      style="bold" if p is result.recommended else ("dim" if not p.fits else None))
+    console.print(table)
+    if verbose:  # where a token's time goes: the slowest stage's decode terms for one micro-batch
+        terms = Table("layout", "split", "compute", "KV read", "TP all-reduce", "PP send", "LM head + embed",
+                      "launch", "stage us", "cycle", title="decode terms of the slowest stage, one micro-batch (us); "
+                      "cycle = ms per token as a multiple of that stage")
+        for p in shown:
+            s = p.bottleneck
+            terms.add_row(p.layout.name, _split(p.layout), *(f"{s[k] * 1e6:.0f}" for k in (
+                "compute", "kv_read", "tp_allreduce", "pp_send")), f"{(s['lm_head'] + s['embed']) * 1e6:.0f}",
+                f"{s['overhead'] * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
+        console.print(terms)
+    hidden = len(result.predictions) - len(shown)
+    if hidden:
+        console.print(f"{hidden} more layouts in --json (or raise --top)")
+    best = result.recommended
+    if best is None:
+        err("ferry: no layout fits: every one needs more memory per device than the topology has")
+        return
+    err(f"ferry: recommended {best.layout.name} (split {'/'.join(map(str, best.layout.split))}, "
+        f"{best.layout.micro_batches} micro-batches): {best.decode_tok_s:.1f} tokens/s decode, "
+        f"{best.tpot_s * 1e3:.2f} ms per token, prefill {best.prefill_s * 1e3:.1f} ms, "
+        f"{best.memory_bytes / 2**30:.1f} GiB per device")
+
+
+def _split(layout) -> str:
+    return "even" if len(set(layout.split)) == 1 else "/".join(map(str, layout.split))

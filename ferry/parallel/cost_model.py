@@ -1,0 +1,218 @@
+"""What one pipeline stage costs on one tensor-parallel rank: roofline compute, KV reads, collectives, launches.
+
+Per decoder layer, for `rows` sequences of `tokens` new tokens each, attending to `context` cached positions:
+
+    compute  = max(weight bytes per rank / memory bandwidth, flops per rank / flops)
+    kv       = rows x context x 2 (K and V) x KV heads per rank x head_dim x dtype bytes / memory bandwidth
+    tp       = 2 all-reduces (attention output, MLP output) of rows x tokens x hidden x dtype bytes
+
+and an all-reduce over n ranks on a link (alpha, beta) is modelled as
+
+    ceil(log2 n) alpha + 2 (n - 1) / n x bytes / beta
+
+one message latency per doubling step and the bytes of a ring (each rank sends and receives 2 (n - 1) / n of
+the message). alpha is a link's one-way in-graph message time, which is about one small all-reduce's time at
+2 ranks (2 H200s, CUDA graphs: 8 KiB all-reduce 10.1 us in shared/reference, send/recv 13 us one way as
+`ferry topo` timed it); 4 H100s measured 16.2 us where this says 19.4.
+The first stage adds the embedding (a row read and, with TP, its all-reduce), the last the LM head (its weight
+read or its matmul, then an all-gather of the logits over the TP group), every stage one fixed launch overhead.
+With a calibration (timed decoder layers on this device, `time_decoder_layer`) its measured time per layer,
+divided over the TP ranks, replaces compute + kv.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from ferry.comm.topology import Device, Link
+from ferry.model.config import ModelConfig
+from ferry.model.layers.heads import HeadShard
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class CostParams:
+    dtype_bytes: int = 2  # bf16 weights, activations and KV cache
+    # One stage forward's fixed cost: graph launch, host work, sampling on the last stage. An assumption (no
+    # reference file isolates it); with CUDA graphs Ferry's decode step pays tens of microseconds.
+    step_overhead_s: float = 30e-6
+    activation_margin_bytes: int = 2 * GiB  # activations, CUDA context and graphs, allocator slack, per device
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """The largest per-rank share at one tensor-parallel degree (uneven shards: the first ranks take more)."""
+
+    tp: int
+    q_heads: int
+    kv_heads: int
+    layer_params: int  # matmul weights + norms of one decoder layer on this rank
+    vocab_rows: int  # embedding / LM head rows on this rank
+
+    @classmethod
+    def of(cls, config: ModelConfig, tp: int) -> RankShape:
+        shards = [HeadShard.for_rank(config.num_heads, config.num_kv_heads, tp, r) for r in range(tp)]
+        q, kv = max(s.num_heads for s in shards), max(s.num_kv_heads for s in shards)
+        h, hd = config.hidden_size, config.head_dim
+        attn = h * (q + 2 * kv) * hd + q * hd * h
+        mlp = 3 * h * math.ceil(config.intermediate_size / tp)
+        return cls(tp, q, kv, attn + mlp + 2 * h, math.ceil(config.vocab_size / tp))
+
+
+def allreduce_seconds(link: Link, ranks: int, nbytes: float) -> float:
+    if ranks <= 1:
+        return 0.0
+    return math.ceil(math.log2(ranks)) * link.alpha_s + 2 * (ranks - 1) / ranks * nbytes / link.beta_Bps
+
+
+def allgather_seconds(link: Link, ranks: int, nbytes: float) -> float:
+    """`nbytes`: the gathered result; each rank receives (n - 1) / n of it."""
+    if ranks <= 1:
+        return 0.0
+    return math.ceil(math.log2(ranks)) * link.alpha_s + (ranks - 1) / ranks * nbytes / link.beta_Bps
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured seconds of one whole decoder layer (tp = 1) by token count (rows x tokens) at `context`."""
+
+    seconds_by_tokens: tuple[tuple[int, float], ...]
+    context: int
+    device: str
+    mode: str = "eager"  # "cuda graph": replays of a captured layer, as Ferry's decode runs on GPUs
+
+    def layer_seconds(self, tokens: int) -> float:
+        """Linear between measured points; beyond them, the line through the last two (compute-bound prefill
+        grows linearly in tokens). Times are first made non-decreasing in tokens: more work is never faster, and
+        on a busy CPU noise can time 4 rows under 1."""
+        pts, floor = [], 0.0
+        for n, t in sorted(self.seconds_by_tokens):
+            floor = max(floor, t)
+            pts.append((n, floor))
+        if len(pts) == 1:
+            return pts[0][1]
+        i = next((k for k in range(1, len(pts)) if tokens <= pts[k][0]), len(pts) - 1)
+        (n0, t0), (n1, t1) = pts[i - 1], pts[i]
+        return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), pts[0][1])
+
+
+def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: Link | None, layers: int, rows: int,
+                tokens: int, context: int, first: bool, last: bool, params: CostParams,
+                calibration: Calibration | None = None) -> dict[str, float]:
+    """Seconds of one stage forward for one micro-batch on one rank, by term (their sum is the stage's time)."""
+    b, h, hd, tp = params.dtype_bytes, config.hidden_size, config.head_dim, shape.tp
+    n = rows * tokens
+    # Causal prefill: token i attends to i + 1 positions, context / 2 on average; decode attends to all of them.
+    attended = context if tokens == 1 else (context + 1) / 2
+    if calibration is not None:
+        compute, kv = calibration.layer_seconds(n) / tp * layers, 0.0
+    else:
+        flops = 2 * shape.layer_params * n + 4 * n * attended * shape.q_heads * hd
+        compute = layers * max(shape.layer_params * b / device.mem_bw_Bps, flops / device.flops)
+        kv = layers * rows * context * 2 * shape.kv_heads * hd * b / device.mem_bw_Bps
+    tp_comm = 0.0
+    if tp > 1:
+        assert tp_link is not None, "a TP group of several ranks has a link"
+        tp_comm = layers * 2 * allreduce_seconds(tp_link, tp, n * h * b)
+    embed = head = 0.0
+    if first:
+        embed = n * h * b / device.mem_bw_Bps + (allreduce_seconds(tp_link, tp, n * h * b) if tp > 1 else 0.0)
+    if last:  # only each sequence's last position reaches the LM head
+        head = max(shape.vocab_rows * h * b / device.mem_bw_Bps, 2 * rows * shape.vocab_rows * h / device.flops)
+        head += allgather_seconds(tp_link, tp, rows * config.vocab_size * b) if tp > 1 else 0.0
+    return {"compute": compute, "kv_read": kv, "tp_allreduce": tp_comm, "embed": embed, "lm_head": head,
+            "overhead": params.step_overhead_s}
+
+
+def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool, last: bool, pp: int,
+                 kv_tokens: int, params: CostParams) -> dict[str, float]:
+    """Bytes one rank of a stage holds: its weights, the KV cache of every sequence for its layers, a margin."""
+    b, h = params.dtype_bytes, config.hidden_size
+    weights = layers * shape.layer_params * b
+    table = shape.vocab_rows * h * b
+    if first:
+        weights += table
+    if last:  # a tied head shares the embedding table only when one stage holds both
+        weights += h * b + (table if not (config.tie_word_embeddings and pp == 1) else 0)
+    kv = kv_tokens * layers * 2 * shape.kv_heads * config.head_dim * b
+    return {"weights": weights, "kv_cache": kv, "margin": params.activation_margin_bytes}
+
+
+def time_decoder_layer(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32),
+                       context: int = 256, reps: int = 5) -> Calibration:
+    """Time one decoder layer of `config`'s shape (random weights, tp = 1) on `device`: a decode step of `rows`
+    sequences at `context` cached positions for each count; fastest of `reps` after a warm-up."""
+    import torch
+
+    from ferry.comm.group import ParallelGroup
+    from ferry.model.layers.attention import AttentionBatch
+    from ferry.model.layers.rotary import RotaryEmbedding
+    from ferry.model.llama import DecoderLayer
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        layer = DecoderLayer(config, ParallelGroup.single())
+    layer = layer.to(dtype).to_empty(device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    rotary = RotaryEmbedding(config.head_dim, context + 1, config.rope_theta, config.rope_scaling)
+    rotary.build_tables(device)
+    points, modes = [], set()
+    for rows in token_counts:
+        cache_shape = (rows, context + 1, config.num_kv_heads, config.head_dim)
+        kv = (torch.zeros(cache_shape, dtype=dtype, device=device), torch.zeros(cache_shape, dtype=dtype, device=device))
+        x = torch.randn(rows, 1, config.hidden_size, dtype=dtype, device=device, generator=gen)
+        positions = torch.full((rows, 1), context, dtype=torch.long, device=device)
+        batch = AttentionBatch.build(positions, context + 1, rotary, dtype)
+        with torch.inference_mode():
+            seconds, mode = _fastest(lambda x=x, batch=batch, kv=kv: layer(x, batch, kv), device, reps)
+        points.append((rows, seconds))
+        modes.add(mode)
+    return Calibration(tuple(points), context, str(device), "/".join(sorted(modes)))
+
+
+def _fastest(fn, device, reps: int) -> tuple[float, str]:
+    """Fastest of `reps` calls after a warm-up. On a GPU, replays of `fn` captured in a CUDA graph (eagerly the
+    host's launches, not the GPU, set a layer's time; Ferry's decode step replays graphs); eager where capture
+    fails. Returns seconds per call and the mode."""
+    import torch
+
+    cuda = device.type == "cuda"
+    call, mode, per = fn, "eager", 1
+    if cuda:
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+
+            def call() -> None:
+                for _ in range(10):
+                    graph.replay()
+
+            mode, per = "cuda graph", 10
+        except RuntimeError:
+            call = fn
+    call()
+    best = math.inf
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - started) / per)
+    return best, mode
