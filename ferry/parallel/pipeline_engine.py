@@ -11,8 +11,10 @@ tokens are back, so with as many micro-batches as stages every stage works on a 
     stage 0:  k0  k1  k0' k1' ...        (k0' needs k0's tokens, sampled by the last stage)
     stage 1:      k0  k1  k0' k1' ...
 
-Stages before the last read a micro-batch's tokens (finish) before launching its next step (start); the last
-stage launches and then reads at once, so its tokens leave for stage 0 the moment they exist.
+Stages before the last read a micro-batch's tokens (finish) before launching its next step (start). The last
+stage sends each micro-batch's tokens to stage 0 the moment they exist: on a CPU, whose compute is synchronous, it
+reads them right after launching; on a GPU it first queues the next micro-batch's step, then waits for the
+tokens, so its GPU never idles while its host reads back, schedules and launches.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class PipelineEngine(BatchAPI):
         self.kv_report = dict(first.kv_report, blocks=per_engine * count, micro_batches=count)
         self._owner: dict[int, Engine] = {}
         self._next_id = 0
+        self._defer_finish = stage.last and first.device.type == "cuda"
+        self._unfinished: Engine | None = None  # the last stage's engine whose tokens are read after the next launch
         log.info("pipeline stage %d of %d holds %s; %d micro-batches of %d KV blocks each", stage.peers.stage, pp,
                  model.span, count, per_engine)
 
@@ -98,12 +102,20 @@ class PipelineEngine(BatchAPI):
         events: list[TokenEvent] = []
         with torch.inference_mode():
             for engine in self.engines:
-                if self.stage.last:
+                if not self.stage.last:
+                    events += engine.finish_step()
+                    engine.start_step()
+                elif not self._defer_finish:
                     engine.start_step()
                     events += engine.finish_step()
                 else:
-                    events += engine.finish_step()
+                    if engine is self._unfinished:  # one micro-batch: nothing to queue before its tokens
+                        events += engine.finish_step()
+                        self._unfinished = None
                     engine.start_step()
+                    if self._unfinished is not None:
+                        events += self._unfinished.finish_step()
+                    self._unfinished = engine
         for event in events:
             if event.finish_reason is not None:
                 self._owner.pop(event.index, None)
