@@ -136,6 +136,8 @@ def plan(
                                                       show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="weights, activations and KV cache: bf16, fp16 or fp32")] = "bf16",
     step_overhead_us: Annotated[float, typer.Option(help="fixed cost of each stage forward (launches, host)")] = 30.0,
+    pipeline_host_us: Annotated[float, typer.Option(help="host work of a step that a pipeline's first stage cannot "
+                                                    "hide, per micro-batch")] = 500.0,
     margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="time one decoder layer of the model's shape on --device (in a CUDA graph on GPUs) "
@@ -163,7 +165,7 @@ def plan(
         if topology is not None and preset is not None:
             raise FerryError("give --topology or --preset, not both")
         name, config = load_model_config(model, shape)
-        params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30))
+        params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30), pipeline_host_us * 1e-6)
         work = Workload(batch, prompt, output)
         work.check(config)  # before any measuring
         calibration = None
@@ -219,13 +221,13 @@ def _print_plan(result, top: int, verbose: bool) -> None:
     console.print(table)
     if verbose:  # where a token's time goes: the slowest stage's decode terms for one micro-batch
         terms = Table("layout", "split", "compute", "KV read", "TP all-reduce", "PP send", "LM head + embed",
-                      "launch", "stage us", "cycle", title="decode terms of the slowest stage, one micro-batch (us); "
+                      "launch + host", "stage us", "cycle", title="decode terms of the slowest stage, one micro-batch (us); "
                       "cycle = ms per token as a multiple of that stage")
         for p in shown:
             s = p.bottleneck
             terms.add_row(p.layout.name, _split(p.layout), *(f"{s[k] * 1e6:.0f}" for k in (
                 "compute", "kv_read", "tp_allreduce", "pp_send")), f"{(s['lm_head'] + s['embed']) * 1e6:.0f}",
-                f"{s['overhead'] * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
+                f"{(s['overhead'] + s.get('pipeline_host', 0.0)) * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
         console.print(terms)
     hidden = len(result.predictions) - len(shown)
     if hidden:

@@ -40,6 +40,11 @@ class CostParams:
     # reference file isolates it); with CUDA graphs Ferry's decode step pays tens of microseconds.
     step_overhead_s: float = 30e-6
     activation_margin_bytes: int = 2 * GiB  # activations, CUDA context and graphs, allocator slack, per device
+    # A pipeline's first stage schedules a micro-batch's step only once the last stage's tokens for it are back,
+    # so the host's work of a step (read the tokens, schedule, upload, launch), which one device hides under the
+    # previous step's GPU work, is on the pipeline's critical path once per micro-batch. 0.4-0.7 ms measured on
+    # 2x H200 (benchmarks/results/2026-11-30_pp_decode_llama3-8b_cuda.json against the plan without this term).
+    pipeline_host_s: float = 500e-6
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,11 @@ def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: 
     # Causal prefill: token i attends to i + 1 positions, context / 2 on average; decode attends to all of them.
     attended = context if tokens == 1 else (context + 1) / 2
     if calibration is not None:
-        compute, kv = calibration.layer_seconds(n) / tp * layers, 0.0
+        # The measured layer (tp = 1) is its weight read plus a floor of launches and latencies that does not
+        # shrink with more ranks (at one token, what exceeds the weight read); the rest divides over the ranks.
+        weights_s = shape.layer_params * tp * b / device.mem_bw_Bps
+        floor = min(max(0.0, calibration.layer_seconds(1) - weights_s), calibration.layer_seconds(n))
+        compute, kv = layers * (floor + (calibration.layer_seconds(n) - floor) / tp), 0.0
     else:
         flops = 2 * shape.layer_params * n + 4 * n * attended * shape.q_heads * hd
         compute = layers * max(shape.layer_params * b / device.mem_bw_Bps, flops / device.flops)
@@ -141,7 +150,7 @@ def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool
     return {"weights": weights, "kv_cache": kv, "margin": params.activation_margin_bytes}
 
 
-def time_decoder_layer(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32),
+def time_decoder_layer(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
                        context: int = 256, reps: int = 5) -> Calibration:
     """Time one decoder layer of `config`'s shape (random weights, tp = 1) on `device`: a decode step of `rows`
     sequences at `context` cached positions for each count; fastest of `reps` after a warm-up."""

@@ -12,7 +12,8 @@ next stage; from the last stage, the sampled tokens back to the first)
     cycle = max(M' x max_s busy_s, sum_s busy_s),   M' = min(M, batch) (empty micro-batches cost nothing)
 
 which for balanced stages is max(M', pp) x (slowest stage + its send). Every sequence gets one token a cycle:
-time per output token = cycle, decode tokens/s = batch / cycle. Decode attends to prompt + output / 2 positions
+time per output token = cycle, decode tokens/s = batch / cycle. In decode the first stage's busy time includes
+the host's work of a step (CostParams.pipeline_host_s), which a pipeline cannot hide. Decode attends to prompt + output / 2 positions
 (the average over the output). Prefill fills the pipe once: sum_s busy_s + (M' - 1) x max_s busy_s.
 Terms per stage: cost_model.py.
 """
@@ -160,6 +161,8 @@ def predict(config: ModelConfig, topo: Topology, layout: Layout, work: Workload,
         for s, layers in enumerate(split):
             terms = stage_terms(config, shape, topo.device, tp_link, layers, rows, tokens, context, s == 0,
                                 s == pp - 1, params, calibration)
+            if pp > 1 and s == 0 and tokens == 1:
+                terms["pipeline_host"] = params.pipeline_host_s
             send = 0.0
             if pp > 1:  # to the next stage; the last returns the sampled tokens to the first
                 link = topo.link_between(s * tp, ((s + 1) % pp) * tp)
