@@ -139,6 +139,8 @@ def plan(
     pipeline_host_us: Annotated[float, typer.Option(help="host work of a step that a pipeline's first stage cannot "
                                                     "hide, per micro-batch")] = 500.0,
     margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
+    cpu_ranks: Annotated[int, typer.Option(help="on a CPU: plan this many gloo ranks sharing its cores (what --tp "
+                                           "and --pp start there), each a device with its share of them")] = 1,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="time one decoder layer of the model's shape on --device (in a CUDA graph on GPUs) "
         "and use that instead of the roofline for compute")] = False,
@@ -169,8 +171,10 @@ def plan(
         work = Workload(batch, prompt, output)
         work.check(config)  # before any measuring
         calibration = None
+        if cpu_ranks < 1:
+            raise FerryError(f"--cpu-ranks must be 1 or more, got {cpu_ranks}")
         if calibrate:
-            calibration = _calibrate(config, device, dtype)
+            calibration = _calibrate(config, device, dtype, cpu_ranks)
         if preset is not None:
             topo_ = preset_topology(preset)
         elif topology not in (None, "live"):
@@ -180,7 +184,11 @@ def plan(
             from ferry.device import resolve_device
 
             err("ferry: measuring this machine (give --preset or --topology FILE to skip)")
-            topo_ = measure_local(resolve_device(device).type, for_planner=True)
+            device_type = resolve_device(device).type
+            if device_type == "cpu" and cpu_ranks > 1:
+                topo_ = _as_cpu_ranks(measure_local("cpu"), cpu_ranks)
+            else:
+                topo_ = measure_local(device_type, for_planner=True)
         result = make_plan(config, topo_, work, params, tp, pp, micro_batches, calibration, name)
         if json_path is not None:
             _write_json(result.to_json(), json_path)
@@ -190,13 +198,34 @@ def plan(
     run_guarded(run)
 
 
-def _calibrate(config, device, dtype):
+def _calibrate(config, device, dtype, cpu_ranks: int = 1):
+    import os
+
+    import torch
+
     from ferry.device import DTYPES, resolve_device
     from ferry.parallel.cost_model import time_decoder_layer
 
     dev = resolve_device(device)
-    err(f"ferry: timing one decoder layer on {dev} for --calibrate")
-    return time_decoder_layer(config, dev, DTYPES[dtype])
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and cpu_ranks > 1:  # one rank's share of the cores, as the launcher gives each rank
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_ranks))
+    err(f"ferry: timing one decoder layer on {dev} ({torch.get_num_threads()} threads) for --calibrate")
+    try:
+        return time_decoder_layer(config, dev, DTYPES[dtype])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _as_cpu_ranks(topo, ranks: int):
+    """This CPU as `ranks` planning devices: gloo processes that split its cores, memory bandwidth and memory, and
+    talk over the measured process-to-process link."""
+    from dataclasses import replace
+
+    device = topo.device
+    share = replace(device, name=f"{device.name} / {ranks} ranks", memory_bytes=device.memory_bytes // ranks,
+                    mem_bw_Bps=device.mem_bw_Bps / ranks, flops=device.flops / ranks)
+    return replace(topo, devices_per_node=ranks, device=share)
 
 
 def _print_plan(result, top: int, verbose: bool) -> None:
