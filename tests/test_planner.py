@@ -209,7 +209,19 @@ def test_plan_cli_live_on_this_cpu_and_calibrated():
     out = invoke("plan", "--shape", "tiny", "--device", "cpu", "--calibrate", "--batch", "2", "--prompt", "32",
                  "--output", "8")
     assert out.exit_code == 0, out.output
-    assert "compute calibrated on cpu (eager)" in out.stdout and "ferry: recommended tp1 x pp1" in out.stderr
+    assert "compute calibrated on cpu (engine, eager)" in out.stdout and "ferry: recommended tp1 x pp1" in out.stderr
+
+
+def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part():
+    import torch
+
+    from ferry.parallel.cost_model import time_engine_steps
+
+    cal = time_engine_steps(TINY, "cpu", torch.float32, token_counts=(1, 4), new_tokens=6, repeats=1)
+    assert [n for n, _ in cal.seconds_by_tokens] == [1, 4] and cal.mode == "engine, eager"
+    # A step of TINY's 4 layers is its fixed part plus 4 layers: both parts measured, neither absorbing the other.
+    assert all(t > 0 for _, t in cal.seconds_by_tokens) and all(t > 0 for _, t in cal.fixed_by_tokens)
+    assert cal.fixed_seconds(4) == pytest.approx(dict(cal.fixed_by_tokens)[4])
 
 
 @pytest.mark.parametrize("args, message", [

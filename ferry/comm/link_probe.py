@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import time
 from functools import partial
 from itertools import combinations
@@ -200,8 +201,9 @@ def ping_pong_rank(group, pairs: list[tuple[int, int]], sizes: list[int], device
 
     GPUs: round trips captured in a CUDA graph, as Ferry's decode step runs (eagerly, each NCCL call cost
     ~45 us of host time on 2 H200s, 8 KiB and 8 MiB alike, hiding the link); eager if capture fails. CPU: the
-    fastest single round trip: on the 2-core machine shared with other work, 4 KiB round trips took 63 us at
-    best and ~2 ms for most (a sleeping rank's wake-up), and a mean or median measured the scheduler."""
+    median single round trip. On a 2-core machine 4 KiB round trips took 63 us at best and ~2 ms for most: a
+    rank that waits in a receive sleeps and pays the wake-up, and so does every all-reduce of a CPU tensor-parallel
+    step, whose ranks compute between messages (TP=2 decode of a 4-layer model measured ~1.9 ms per collective)."""
     import torch.distributed as dist
 
     from ferry.parallel.launch import rank_device
@@ -228,7 +230,7 @@ def ping_pong_rank(group, pairs: list[tuple[int, int]], sizes: list[int], device
             torch.cuda.synchronize(device)
         return (time.perf_counter() - started) / (2 * calls)
 
-    mode = "cuda graph" if cuda else "fastest single round trip"
+    mode = "cuda graph" if cuda else "median single round trip"
     results: dict = {}
     for a, b in pairs:
         points = []
@@ -237,7 +239,7 @@ def ping_pong_rank(group, pairs: list[tuple[int, int]], sizes: list[int], device
             ops(buf, a, b, 2)  # warm-up: NCCL connects a pair on its first send
             if not cuda:
                 samples = [timed(partial(ops, buf, a, b, 1), 1) for _ in range(30 if size <= 1 << 20 else 10)]
-                points.append((size, min(samples)))
+                points.append((size, statistics.median(samples)))
                 continue
             graph = _captured(partial(ops, buf, a, b, 10), device, pg) if mode == "cuda graph" else None
             if graph is None:

@@ -136,14 +136,15 @@ def plan(
                                                       show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="weights, activations and KV cache: bf16, fp16 or fp32")] = "bf16",
     step_overhead_us: Annotated[float, typer.Option(help="fixed cost of each stage forward (launches, host)")] = 30.0,
-    pipeline_host_us: Annotated[float, typer.Option(help="host work of a step that a pipeline's first stage cannot "
-                                                    "hide, per micro-batch")] = 500.0,
+    pipeline_host_us: Annotated[float | None, typer.Option(
+        help="host work of a step that a pipeline's first stage cannot hide, per micro-batch \\[default: 500 on "
+        "GPUs, 0 on a CPU, whose steps hide nothing]", show_default=False)] = None,
     margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
     cpu_ranks: Annotated[int, typer.Option(help="on a CPU: plan this many gloo ranks sharing its cores (what --tp "
                                            "and --pp start there), each a device with its share of them")] = 1,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="time one decoder layer of the model's shape on --device (in a CUDA graph on GPUs) "
-        "and use that instead of the roofline for compute")] = False,
+        "--calibrate", help="time Ferry's decode step on --device with 1 and 3 layers of the model's shape and use "
+        "its layer and fixed parts instead of the roofline")] = False,
     device: DeviceOpt = None,
     top: Annotated[int, typer.Option(help="table rows at most (the JSON has every layout)")] = 20,
     json_path: JsonFileOpt = None,
@@ -167,7 +168,11 @@ def plan(
         if topology is not None and preset is not None:
             raise FerryError("give --topology or --preset, not both")
         name, config = load_model_config(model, shape)
-        params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30), pipeline_host_us * 1e-6)
+        from ferry.device import resolve_device
+
+        on_gpu = (preset is not None or topology not in (None, "live")) or resolve_device(device).type != "cpu"
+        host_us = pipeline_host_us if pipeline_host_us is not None else (500.0 if on_gpu else 0.0)
+        params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30), host_us * 1e-6)
         work = Workload(batch, prompt, output)
         work.check(config)  # before any measuring
         calibration = None
@@ -181,7 +186,6 @@ def plan(
             topo_ = Topology.load(Path(topology))
         else:
             from ferry.comm.link_probe import measure_local
-            from ferry.device import resolve_device
 
             err("ferry: measuring this machine (give --preset or --topology FILE to skip)")
             device_type = resolve_device(device).type
@@ -204,15 +208,16 @@ def _calibrate(config, device, dtype, cpu_ranks: int = 1):
     import torch
 
     from ferry.device import DTYPES, resolve_device
-    from ferry.parallel.cost_model import time_decoder_layer
+    from ferry.parallel.cost_model import time_engine_steps
 
     dev = resolve_device(device)
     threads = torch.get_num_threads()
     if dev.type == "cpu" and cpu_ranks > 1:  # one rank's share of the cores, as the launcher gives each rank
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_ranks))
-    err(f"ferry: timing one decoder layer on {dev} ({torch.get_num_threads()} threads) for --calibrate")
+    err(f"ferry: timing Ferry's decode step with 1 and 3 layers on {dev} ({torch.get_num_threads()} threads) "
+        "for --calibrate")
     try:
-        return time_decoder_layer(config, dev, DTYPES[dtype])
+        return time_engine_steps(config, dev, DTYPES[dtype])
     finally:
         torch.set_num_threads(threads)
 

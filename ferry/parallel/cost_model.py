@@ -82,26 +82,36 @@ def allgather_seconds(link: Link, ranks: int, nbytes: float) -> float:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured seconds of one whole decoder layer (tp = 1) by token count (rows x tokens) at `context`."""
+    """Measured seconds of one whole decoder layer (tp = 1) by token count (rows x tokens) at `context`, and
+    where the engine's own decode step was timed (time_engine_steps), the step's fixed part by token count:
+    embedding, LM head, sampling and the host's scheduling and launches."""
 
     seconds_by_tokens: tuple[tuple[int, float], ...]
     context: int
     device: str
     mode: str = "eager"  # "cuda graph": replays of a captured layer, as Ferry's decode runs on GPUs
+    fixed_by_tokens: tuple[tuple[int, float], ...] = ()
 
     def layer_seconds(self, tokens: int) -> float:
-        """Linear between measured points; beyond them, the line through the last two (compute-bound prefill
-        grows linearly in tokens). Times are first made non-decreasing in tokens: more work is never faster, and
-        on a busy CPU noise can time 4 rows under 1."""
-        pts, floor = [], 0.0
-        for n, t in sorted(self.seconds_by_tokens):
-            floor = max(floor, t)
-            pts.append((n, floor))
-        if len(pts) == 1:
-            return pts[0][1]
-        i = next((k for k in range(1, len(pts)) if tokens <= pts[k][0]), len(pts) - 1)
-        (n0, t0), (n1, t1) = pts[i - 1], pts[i]
-        return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), pts[0][1])
+        return _interpolate(self.seconds_by_tokens, tokens)
+
+    def fixed_seconds(self, tokens: int) -> float | None:
+        return _interpolate(self.fixed_by_tokens, tokens) if self.fixed_by_tokens else None
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
+    """Linear between measured points; beyond them, the line through the last two (compute-bound prefill grows
+    linearly in tokens). Times are first made non-decreasing in tokens: more work is never faster, and on a busy
+    CPU noise can time 4 rows under 1."""
+    pts, floor = [], 0.0
+    for n, t in sorted(points):
+        floor = max(floor, t)
+        pts.append((n, floor))
+    if len(pts) == 1:
+        return pts[0][1]
+    i = next((k for k in range(1, len(pts)) if tokens <= pts[k][0]), len(pts) - 1)
+    (n0, t0), (n1, t1) = pts[i - 1], pts[i]
+    return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), pts[0][1])
 
 
 def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: Link | None, layers: int, rows: int,
@@ -127,13 +137,23 @@ def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: 
         assert tp_link is not None, "a TP group of several ranks has a link"
         tp_comm = layers * 2 * allreduce_seconds(tp_link, tp, n * h * b)
     embed = head = 0.0
+    head_read = max(shape.vocab_rows * h * b / device.mem_bw_Bps, 2 * rows * shape.vocab_rows * h / device.flops)
     if first:
         embed = n * h * b / device.mem_bw_Bps + (allreduce_seconds(tp_link, tp, n * h * b) if tp > 1 else 0.0)
     if last:  # only each sequence's last position reaches the LM head
-        head = max(shape.vocab_rows * h * b / device.mem_bw_Bps, 2 * rows * shape.vocab_rows * h / device.flops)
-        head += allgather_seconds(tp_link, tp, rows * config.vocab_size * b) if tp > 1 else 0.0
+        head = head_read + (allgather_seconds(tp_link, tp, rows * config.vocab_size * b) if tp > 1 else 0.0)
+    overhead = params.step_overhead_s
+    fixed = calibration.fixed_seconds(n) if calibration is not None else None
+    if fixed is not None:
+        # The engine's measured fixed part holds the one-device LM head (and embedding): counted here instead of
+        # the roofline's, so a stage without the head pays only the host's and the launches' share.
+        head_at_tp1 = head_read * tp
+        overhead = max(fixed - head_at_tp1, params.step_overhead_s)
+        embed = allreduce_seconds(tp_link, tp, n * h * b) if first and tp > 1 else 0.0
+        if last:
+            head = min(head_at_tp1, fixed) / tp + (head - head_read)
     return {"compute": compute, "kv_read": kv, "tp_allreduce": tp_comm, "embed": embed, "lm_head": head,
-            "overhead": params.step_overhead_s}
+            "overhead": overhead}
 
 
 def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool, last: bool, pp: int,
@@ -225,3 +245,33 @@ def _fastest(fn, device, reps: int) -> tuple[float, str]:
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - started) / per)
     return best, mode
+
+
+def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
+                      new_tokens: int = 16, repeats: int = 3) -> Calibration:
+    """Ferry's own decode step on `device`, timed with one and with three decoder layers of `config`'s shape
+    (random weights, the path a real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a
+    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count."""
+    from dataclasses import replace
+
+    import torch
+
+    from ferry.bench.decode_timing import ferry_decode
+    from ferry.bench.shapes import random_model
+    from ferry.engine.engine import Engine
+
+    device = torch.device(device)
+    kv = "2GiB" if device.type == "cuda" else "0.5GiB"
+    steps: dict[int, dict[int, float]] = {}
+    for layers in (1, 3):
+        engine = Engine(random_model(replace(config, num_layers=layers), device, dtype), None, kv_memory=kv,
+                        max_running=max(token_counts))
+        steps[layers] = {n: 1.0 / ferry_decode(engine, n, 32, new_tokens, config.vocab_size, repeats)
+                         for n in token_counts}
+        mode = "engine, " + engine.decode_path.split(",")[0]
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    layer = tuple((n, max((steps[3][n] - steps[1][n]) / 2, 0.0)) for n in token_counts)
+    fixed = tuple((n, max(steps[1][n] - t, 0.0)) for n, t in layer)
+    return Calibration(layer, 32 + new_tokens // 2, str(device), mode, fixed)
