@@ -55,12 +55,13 @@ def main() -> None:
     ap.add_argument("--plans", type=Path, nargs="+", required=True)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--stem", required=True)
+    ap.add_argument("--plan-commit", default=None, help="the commit whose `ferry plan` wrote --plans")
     args = ap.parse_args()
     measured = json.loads(args.measured.read_text())
     plans = [json.loads(p.read_text()) for p in args.plans]
     rows, summary = compare(measured, plans)
     meta = {key: measured[key] for key in ("device", "date", "git_commit", "shape") if key in measured}
-    meta |= {"measured_file": args.measured.name, "plan_topology": plans[0]["topology"].get("source"),
+    meta |= {"plan_commit": args.plan_commit, "measured_file": args.measured.name, "plan_topology": plans[0]["topology"].get("source"),
              "plan_calibration": plans[0].get("calibration"), "summary": summary}
     for batch, order in summary["orders"].items():
         print(f"batch {batch}: predicted {' > '.join(order['predicted'])}; measured {' > '.join(order['measured'])}")
