@@ -75,7 +75,7 @@ def check_pipeline_options(pp: int, layer_split: str | None, micro_batches: int 
                         (f"--weights {weights}", weights not in ("auto", "native")),
                         ("--offload-weights", bool(offload_fraction))):
         if given:
-            raise FerryError(f"{flag} is not offered with --pp (pipeline stages run the serving engine eagerly)")
+            raise FerryError(f"{flag} is not offered with --pp yet")
 
 
 def stage_spans(num_layers: int, pp: int, layer_split: str | None = None) -> list[LayerSpan]:
