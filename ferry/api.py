@@ -1,4 +1,5 @@
-"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`; `LLM(model, tp=2)` for tensor parallelism."""
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`; `LLM(model, tp=2)` for tensor parallelism,
+`LLM(model, pp=2)` for pipeline stages (both: pp stages of tp ranks)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,35 @@ class LLM:
         allreduce: str = "auto",
         overlap_prefill: bool = False,
         kv_memory: str | float | None = None,
+        pp: int = 1,
+        layer_split: str | None = None,
+        micro_batches: int | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
-        from ferry.parallel.layout import check_parallel_options
+        from ferry.parallel.layout import check_parallel_options, check_pipeline_options
+        from ferry.parallel.mesh import check_mesh
 
+        mesh = check_mesh(tp, pp)
         check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
+        check_pipeline_options(pp, layer_split, micro_batches, bool(compile) or compile_mode is not None,
+                               overlap_prefill, weights, offload_weights)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device, tp=tp)
-        self.tp = tp
+        self.dtype = resolve_dtype(dtype, self.device, tp=mesh.world)
+        self.tp, self.pp = tp, pp
         self.workers = None
         self.engine: Engine | None = None
         # The serving engine decodes under CUDA graphs; compiling its paged step is refused (engine.py says why).
         compile = bool(compile) or compile_mode is not None
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill, kv_memory=kv_memory)
-        if tp > 1:
-            self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce)
+        if mesh.world > 1:
+            pipeline = None
+            if pp > 1:
+                from ferry.parallel.tp_generate import PipelineSpec
+
+                pipeline = PipelineSpec(pp, layer_split, micro_batches, timeout_s)
+                engine_options = dict(cuda_graphs=cuda_graphs, sync_output=sync_output, kv_memory=kv_memory)
+            self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce, pipeline, timeout_s)
             return
         from ferry.model.loader import load_model
 
@@ -58,21 +73,21 @@ class LLM:
         if compile:
             self.engine.warm_up()  # the compile is paid here, where the log says so, not inside the first request
 
-    def _start_workers(self, model, dtype, engine_options, compression, allreduce) -> None:
+    def _start_workers(self, model, dtype, engine_options, compression, allreduce, pipeline, timeout_s) -> None:
         from ferry.model.loader import open_checkpoint, resolve_model_path
         from ferry.parallel.layout import check_launch
         from ferry.parallel.workers import TensorParallelWorkers, WorkerSpec
 
         path = resolve_model_path(model)
         _, config, self.tokenizer = open_checkpoint(path)
-        check_launch(config, self.device.type, self.tp)
+        check_launch(config, self.device.type, self.tp, self.pp, pipeline.layer_split if pipeline else None)
         self.model_path = path
-        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce)
-        self.workers = TensorParallelWorkers(spec, self.tp, compression=compression)
+        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce, pipeline=pipeline)
+        self.workers = TensorParallelWorkers(spec, self.tp, compression=compression, timeout_s=timeout_s)
 
     @property
     def parallel_info(self) -> dict:
-        """tp, device, dtype and each rank's peak host memory after loading (MB); tp=1 reports only tp."""
+        """tp, pp, device, dtype and each rank's peak host memory after loading (MB); one rank reports only tp."""
         return dict(self.workers.info) if self.workers else {"tp": 1}
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:

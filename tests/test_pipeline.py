@@ -181,3 +181,61 @@ def test_a_node_that_dies_ends_the_other_with_the_rank_named():
     assert any(re.search(r"waiting for .* from rank \d failed, that rank died or stopped", e) for e in errs), errs
     time.sleep(1)
     assert _workers_of(marker) == [], "a worker outlived its job"
+
+
+@pytest.mark.slow
+def test_a_pp2_server_keeps_its_stages_in_step_across_joining_and_aborted_requests(ferry_smollm):
+    """`ferry serve --pp 2` on CPU: requests that join between ticks, an abort and unseeded sampling all reach
+    every stage at the same point of its micro-batch; greedy answers equal one rank's."""
+    import threading
+
+    import openai
+    from serve_process import ServeProcess
+
+    from ferry.engine.sampling import SamplingParams
+
+    tok = ferry_smollm.tokenizer
+    reference_engine = Engine(ferry_smollm.model, tok, kv_memory="0.25GiB")
+    expected = {i: reference_engine.generate([tok.encode(p)], SamplingParams(max_tokens=8))[0].text
+                for i, p in enumerate(PROMPTS[:4])}
+    server = ServeProcess("--pp", "2", "--device", "cpu", "--served-model-name", "smollm")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            time.sleep(0.15 * i)  # arrive while the earlier ones decode
+            results[i] = client.completions.create(model="smollm", prompt=PROMPTS[i], max_tokens=8,
+                                                   temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        sampled = client.completions.create(model="smollm", prompt="Once upon a time", max_tokens=8,
+                                            temperature=1.0, extra_body={"ignore_eos": True})
+        with client.completions.with_streaming_response.create(model="smollm", prompt=PROMPTS[4], max_tokens=200,
+                                                                stream=True) as resp:
+            next(resp.iter_lines())  # one event in, then the client leaves
+        for t in threads:
+            t.join(120)
+        assert results == expected
+        assert sampled.usage.completion_tokens == 8
+        server.wait_for(lambda: server.metric("ferry_kv_blocks_used") == 0, what="the aborted request's blocks")
+        assert client.completions.create(model="smollm", prompt=PROMPTS[0], max_tokens=8,
+                                         temperature=0).choices[0].text == expected[0]  # still in step
+        assert server.metric('ferry_link_bytes_total{link="pipeline_hidden"}') > 0
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_python_api_pp2_serves_request_after_request(smollm_path, reference_tokens):
+    from ferry.api import LLM
+
+    with LLM(str(smollm_path), device="cpu", pp=2, micro_batches=3) as llm:
+        assert (llm.parallel_info["tp"], llm.parallel_info["pp"]) == (1, 2)
+        first = llm.generate(list(PROMPTS), GREEDY)
+        streamed = [e.token_id for e in llm.stream([PROMPTS[0]], GREEDY)]
+        again = llm.generate(list(PROMPTS[:2]), GREEDY)
+    assert [c.token_ids for c in first] == reference_tokens
+    assert streamed == reference_tokens[0] and [c.token_ids for c in again] == reference_tokens[:2]

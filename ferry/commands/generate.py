@@ -191,6 +191,8 @@ def chat(
     compile_mode: CompileModeOpt = None,
     kv_memory: KvMemoryOpt = None,
     tp: TpOpt = 1,
+    pp: PpOpt = None,
+    layer_split: LayerSplitOpt = None,
     compressed_allreduce: CompressedAllReduceOpt = None,
     allreduce: AllReduceOpt = "auto",
     verbose: VerboseOpt = False,
@@ -204,10 +206,11 @@ def chat(
         from ferry.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp,
-                 compile=compile, compile_mode=compile_mode, kv_memory=kv_memory,
+        with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp, pp=pp or 1,
+                 layer_split=layer_split, compile=compile, compile_mode=compile_mode, kv_memory=kv_memory,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
-            where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "")
+            where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "") + (
+                f", {pp} pipeline stages" if (pp or 1) > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; Ctrl-C stops an answer, /reset starts "
                 "over, /exit or Ctrl-D quits")
             _chat_loop(llm, params)

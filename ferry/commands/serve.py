@@ -14,7 +14,10 @@ from ferry.commands import (
     DeviceOpt,
     DtypeOpt,
     KvMemoryOpt,
+    LayerSplitOpt,
+    MicroBatchesOpt,
     ModelOpt,
+    PpOpt,
     TpOpt,
     VerboseOpt,
     app,
@@ -50,6 +53,9 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     tp: TpOpt = 1,
+    pp: PpOpt = None,
+    layer_split: LayerSplitOpt = None,
+    micro_batches: MicroBatchesOpt = None,
     allreduce: AllReduceOpt = "auto",
     compressed_allreduce: CompressedAllReduceOpt = None,
     kv_memory: KvMemoryOpt = None,
@@ -67,13 +73,17 @@ def serve(
 
     def run() -> None:
         from ferry.device import resolve_device
-        from ferry.parallel.layout import check_launch, check_parallel_options
+        from ferry.parallel.layout import check_launch, check_parallel_options, check_pipeline_options
+        from ferry.parallel.mesh import check_mesh
+        from ferry.parallel.tp_generate import PipelineSpec
         from ferry.parallel.workers import WorkerSpec
         from ferry.serve.app import ServerState, ServeSettings
         from ferry.serve.engine_client import AsyncEngine
         from ferry.serve.server import bind, run_server
 
+        mesh = check_mesh(tp, pp or 1)
         check_parallel_options(tp, "native", 0.0, compressed_allreduce, allreduce)
+        check_pipeline_options(mesh.pp, layer_split, micro_batches, False, False)
         for name, value in (("--request-timeout-s", request_timeout_s), ("--drain-timeout-s", drain_timeout_s),
                             ("--max-waiting", max_waiting)):
             if not value > 0:
@@ -85,13 +95,15 @@ def serve(
             raise FerryError(f"ferry serve places rank r on {dev.type}:r; to use {dev} choose the GPUs with "
                              "CUDA_VISIBLE_DEVICES")
         served, path, config = _open(model, shape, served_model_name)
-        check_launch(config, dev.type, tp)
+        check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split)
         bind(host, port).close()  # a taken port is an error now, not after the model has loaded
+        pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches) if mesh.pp > 1 else None
         spec = WorkerSpec(str(path) if path else "", dev.type, dtype,
-                          {"kv_memory": kv_memory, "max_waiting": max_waiting}, allreduce, shape=shape)
+                          {"kv_memory": kv_memory, "max_waiting": max_waiting}, allreduce, shape=shape,
+                          pipeline=pipeline)
         engine = AsyncEngine(spec, tp, compression=compressed_allreduce)
         try:
-            err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, tp={tp})")
+            err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, {mesh})")
             state = ServerState(engine, served, settings)
             run_server(state, host, port, drain_timeout_s)
         finally:

@@ -207,14 +207,20 @@ class Engine(BatchAPI):
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: int | None = None) -> int:
         """Queue a request; returns its id (the `index` of its token events; `request_id` where the caller numbers
         requests itself). Raises QueueFullError at the bound."""
+        request = self.new_request(prompt_ids, params, self._next_id if request_id is None else request_id)
+        self.enqueue(request)
+        return request.id
+
+    def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: int) -> Request:
+        """A checked request, not queued yet (the pipeline engine queues it at its micro-batch's next step)."""
         self.check_request(prompt_ids, params)
-        rid = self._next_id if request_id is None else request_id
-        request = Request(rid, Sequence(list(prompt_ids)), params, Sampler(params, self.device),
-                          stop_token_ids(params, self.tokenizer))
+        return Request(request_id, Sequence(list(prompt_ids)), params, Sampler(params, self.device),
+                       stop_token_ids(params, self.tokenizer))
+
+    def enqueue(self, request: Request) -> None:
         self.scheduler.add(request)
-        self._next_id = max(self._next_id, rid + 1)
-        self._requests[rid] = request
-        return rid
+        self._next_id = max(self._next_id, request.id + 1)
+        self._requests[request.id] = request
 
     def abort(self, request_id: int) -> None:
         """Stop a request now and free its blocks (a token of it still in flight is dropped)."""

@@ -1,9 +1,13 @@
 """Pipeline-parallel serving: the running batch cut into micro-batches that flow through the stages in turn.
 
-Each micro-batch is its own serving engine (scheduler, block manager, its share of the stage's KV pool): a
-request joins the one with the fewest requests and stays there. Every rank holds the same engines in the same
-state (every stage runs every scheduler on the same token stream), so a step of micro-batch k has the same shape
-everywhere and only activations and token ids cross the links.
+Each micro-batch is its own serving engine (scheduler, block manager, its share of the stage's KV pool): request
+r joins micro-batch r mod M and stays there. Every rank holds the same engines in the same state (every stage runs
+every scheduler on the same token stream), so a step of micro-batch k has the same shape everywhere and only
+activations and token ids cross the links. What keeps the states equal: a request that arrives (or is aborted)
+between ticks is applied to its micro-batch right before that micro-batch's next launch, after its last tokens
+were read, on every rank alike; the stages read a micro-batch's tokens at different moments of a tick, so a change
+applied at once would meet a different state on each (a request finishing on the last stage before an abort
+arrives, and after it on stage 0, would leave their prefix caches apart).
 
 One tick runs a step of every micro-batch. Stage 0 launches micro-batch k's next step as soon as k's previous
 tokens are back, so with as many micro-batches as stages every stage works on a different one at once:
@@ -27,6 +31,7 @@ from ferry.engine.outputs import TokenEvent
 from ferry.engine.paged_cache import BLOCK_SIZE, KVMemory, PagedKVCache
 from ferry.engine.request import Request
 from ferry.engine.sampling import SamplingParams
+from ferry.engine.scheduler import QueueFullError
 from ferry.errors import FerryError
 from ferry.parallel.pipeline_stage import PipelineStage
 
@@ -59,7 +64,10 @@ class PipelineEngine(BatchAPI):
                            f"{first.decode_path}"
         self.kv_report = dict(first.kv_report, blocks=per_engine * count, micro_batches=count)
         self._owner: dict[int, Engine] = {}
+        self._requests: dict[int, Request] = {}
+        self._pending: dict[int, list[tuple[str, Request]]] = {id(e): [] for e in self.engines}  # by engine
         self._next_id = 0
+        self._launched = False  # whether the last tick launched a step of any micro-batch
         self._defer_finish = stage.last and first.device.type == "cuda"
         self._unfinished: Engine | None = None  # the last stage's engine whose tokens are read after the next launch
         log.info("pipeline stage %d of %d holds %s; %d micro-batches of %d KV blocks each", stage.peers.stage, pp,
@@ -74,24 +82,44 @@ class PipelineEngine(BatchAPI):
         self.engines[0].check_prompts(prompts, params)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queue a request on the micro-batch with the fewest (the same choice on every rank)."""
-        engine = min(self.engines, key=lambda e: e.scheduler.num_requests())
-        rid = engine.add_request(prompt_ids, params, request_id=self._next_id)
+        """Queue a request on micro-batch id mod M; it joins at that micro-batch's next launch. Raises
+        QueueFullError at the bound (waiting and arriving requests of that micro-batch)."""
+        engine = self.engines[self._next_id % len(self.engines)]
+        request = engine.new_request(prompt_ids, params, self._next_id)
+        pending = self._pending[id(engine)]
+        waiting = len(engine.scheduler.waiting) + sum(kind == "add" for kind, _ in pending)
+        if waiting >= engine.limits.max_waiting:
+            raise QueueFullError(f"{waiting} requests are waiting already (the bound); retry later")
+        pending.append(("add", request))
         self._next_id += 1
-        self._owner[rid] = engine
-        return rid
+        self._owner[request.id], self._requests[request.id] = engine, request
+        return request.id
 
     def abort(self, request_id: int) -> None:
+        """Stop a request at its micro-batch's next launch (a token read before then is still delivered)."""
         engine = self._owner.pop(request_id, None)
-        if engine is not None:
-            engine.abort(request_id)
+        request = self._requests.pop(request_id, None)
+        if engine is not None and request is not None:
+            self._pending[id(engine)].append(("abort", request))
 
     def request(self, request_id: int) -> Request | None:
-        engine = self._owner.get(request_id)
-        return engine.request(request_id) if engine else None
+        return self._requests.get(request_id)
 
     def has_unfinished(self) -> bool:
-        return any(e.has_unfinished() for e in self.engines)
+        """The same answer on every rank between ticks (ferry serve's ranks decide from it whether to wait for
+        work): the stages read a micro-batch's last tokens in different ticks, so whether a request is still
+        running is not, but whether the last tick launched anything, and what is queued, are."""
+        return (self._launched or any(self._pending.values())
+                or any(e.scheduler.has_work() for e in self.engines))
+
+    def _apply_pending(self, engine: Engine) -> None:
+        for kind, request in self._pending[id(engine)]:
+            if kind == "add":
+                engine.enqueue(request)
+            else:
+                engine.abort(request.id)
+                request.seq.finish_reason = request.seq.finish_reason or "abort"
+        self._pending[id(engine)].clear()
 
     # -- the step loop ----------------------------------------------------------------------------------------
 
@@ -100,41 +128,64 @@ class PipelineEngine(BatchAPI):
         import torch
 
         events: list[TokenEvent] = []
+        self._launched = False
         with torch.inference_mode():
             for engine in self.engines:
                 if not self.stage.last:
                     events += engine.finish_step()
-                    engine.start_step()
+                    self._start(engine)
                 elif not self._defer_finish:
-                    engine.start_step()
+                    self._start(engine)
                     events += engine.finish_step()
                 else:
                     if engine is self._unfinished:  # one micro-batch: nothing to queue before its tokens
                         events += engine.finish_step()
                         self._unfinished = None
-                    engine.start_step()
+                    self._start(engine)
                     if self._unfinished is not None:
                         events += self._unfinished.finish_step()
                     self._unfinished = engine
         for event in events:
             if event.finish_reason is not None:
                 self._owner.pop(event.index, None)
+                self._requests.pop(event.index, None)
         return events
 
+    def _start(self, engine: Engine) -> None:
+        """Every rank reaches here for micro-batch k with its last tokens read: arrivals and aborts join now."""
+        self._apply_pending(engine)
+        self._launched |= engine.start_step()
+
+    @property
+    def limits(self):
+        return self.engines[0].limits
+
+    def warm_up(self, batch: int = 1, every_bucket: bool = False) -> None:
+        """Capture each micro-batch's stage graphs up to `batch` rows (no link is used: stages capture alone)."""
+        for engine in self.engines:
+            engine.warm_up(batch, every_bucket=every_bucket)
+
     def check_no_leaks(self) -> None:
+        """After every request ended or was aborted: run the ticks that apply the last aborts and read the last
+        tokens (as many on every rank), then check every micro-batch's blocks."""
+        while self.has_unfinished():
+            self.step()
         for engine in self.engines:
             engine.check_no_leaks()
 
     def close(self) -> None:
         self.stage.drain()
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """Work and link bytes summed over the micro-batches, and this stage's point-to-point bytes."""
-        total = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+    def gauges(self) -> dict[str, int]:
+        """What /metrics shows (step_loop.engine_gauges), summed over the micro-batches, with this stage's
+        point-to-point bytes."""
+        from ferry.parallel.step_loop import engine_gauges
+
+        total: dict[str, int] = {}
         for engine in self.engines:
-            for key in total:
-                total[key] += getattr(engine.stats, key)
-        total["hidden_bytes_sent"] = self.stage.hidden_bytes_sent
-        total["token_bytes_sent"] = self.stage.token_bytes_sent
+            for key, value in engine_gauges(engine).items():
+                total[key] = total.get(key, 0) + value
+        total["waiting"] += sum(kind == "add" for pending in self._pending.values() for kind, _ in pending)
+        total["pipeline_hidden_bytes"] = self.stage.hidden_bytes_sent
+        total["pipeline_token_bytes"] = self.stage.token_bytes_sent
         return total

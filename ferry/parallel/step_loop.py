@@ -45,6 +45,8 @@ StepToken = tuple[int, int, str, str | None]
 
 def engine_gauges(engine: Engine) -> dict[str, int]:
     """What /metrics shows of the engine: queue and batch sizes, KV blocks, and cumulative work and link bytes."""
+    if hasattr(engine, "gauges"):  # the pipeline engine sums its micro-batches' engines
+        return engine.gauges()
     s, sched, blocks = engine.stats, engine.scheduler, engine.blocks
     return {
         "waiting": len(sched.waiting), "running": len(sched.running), "swapped": len(sched.swapped),

@@ -122,9 +122,21 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     }
 
 
-def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
-    """`--pp`: this rank loads its stage's layers only (its tensor-parallel shard of them) and runs the pipeline
-    engine; every rank ends with the same completions, rank 0 reports them."""
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline's layout: pp stages of (world size / pp) tensor-parallel ranks."""
+
+    pp: int
+    layer_split: str | None = None
+    micro_batches: int | None = None
+    timeout_s: float = 300.0
+
+
+def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None, shape: str | None,
+                     device_type: str, dtype_name_: str | None, allreduce: str, engine_options: dict,
+                     show_progress: bool = False):
+    """This rank's stage: its tensor-parallel shard of its layers (from the checkpoint, or random weights of a
+    named shape) and the pipeline engine over it. Returns (engine, tokenizer or None, TP group, stage spans)."""
     from ferry.device import resolve_dtype
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
     from ferry.parallel.layout import check_tensor_parallel, stage_spans
@@ -132,36 +144,56 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
     from ferry.parallel.pipeline_engine import PipelineEngine
     from ferry.parallel.pipeline_stage import PipelineLinks, PipelineStage
 
-    started = time.perf_counter()
-    mesh = Mesh(world.world_size // job.pp, job.pp)
+    mesh = Mesh(world.world_size // spec.pp, spec.pp)
     tp_group = split_groups(mesh, world.rank, world.compression)
-    links = PipelineLinks(StagePeers(mesh, world.rank), job.timeout_s)
-    path = resolve_model_path(job.model)
-    config = open_checkpoint(path)[1]
+    links = PipelineLinks(StagePeers(mesh, world.rank), spec.timeout_s)
+    if shape is not None:
+        from ferry.bench.shapes import SHAPES
+
+        config, path = SHAPES[shape], None
+    else:
+        path = resolve_model_path(model)
+        config = open_checkpoint(path)[1]
     check_tensor_parallel(config, mesh.tp)
-    span = stage_spans(config.num_layers, mesh.pp, job.layer_split)[links.peers.stage]
-    device = rank_device(world.rank, job.device_type)
-    dtype = resolve_dtype(job.dtype, device, tp=mesh.world)
-    tp_group = tp_group.with_allreduce(job.allreduce, device, dtype)
-    loaded = load_model(path, device, dtype, group=tp_group, span=span, show_progress=world.rank == 0)
+    spans = stage_spans(config.num_layers, mesh.pp, spec.layer_split)
+    span = spans[links.peers.stage]
+    device = rank_device(world.rank, device_type)
+    dtype = resolve_dtype(dtype_name_, device, tp=mesh.world)
+    tp_group = tp_group.with_allreduce(allreduce, device, dtype)
+    if path is None:
+        from ferry.bench.shapes import random_model
+
+        stage_model, tokenizer = random_model(config, device, dtype, group=tp_group, span=span), None
+    else:
+        loaded = load_model(path, device, dtype, group=tp_group, span=span, show_progress=show_progress)
+        stage_model, tokenizer = loaded.model, loaded.tokenizer
+    engine = PipelineEngine(stage_model, tokenizer, PipelineStage(stage_model, links), spec.micro_batches,
+                            **engine_options)
+    return engine, tokenizer, tp_group, spans
+
+
+def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
+    """`--pp`: this rank loads its stage's layers only (its tensor-parallel shard of them) and runs the pipeline
+    engine; every rank ends with the same completions, rank 0 reports them."""
+    started = time.perf_counter()
+    spec = PipelineSpec(job.pp, job.layer_split, job.micro_batches, job.timeout_s)
+    engine, tok, tp_group, spans = pipeline_on_rank(world, spec, job.model, None, job.device_type, job.dtype,
+                                                    job.allreduce, job.engine_options, world.rank == 0)
     load_s = time.perf_counter() - started
     peak_after_load = peak_resident_mib()
-    tok = loaded.tokenizer
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
-    stage = PipelineStage(loaded.model, links)
-    engine = PipelineEngine(loaded.model, tok, stage, job.micro_batches, **job.engine_options)
     try:
         completions = generate_on_rank(world, engine, ids, job.params)
     finally:
         engine.close()
-    sent = gather_floats(world, stage.hidden_bytes_sent, engine.device)
+    sent = gather_floats(world, engine.stage.hidden_bytes_sent, engine.device)
     return {
-        "model": str(loaded.path),
+        "model": str(job.model),
         "device": str(engine.device.type),
         "dtype": dtype_name(engine.dtype),
-        "tp": mesh.tp,
-        "pp": mesh.pp,
-        "stages": [str(s) for s in stage_spans(config.num_layers, mesh.pp, job.layer_split)],
+        "tp": world.world_size // job.pp,
+        "pp": job.pp,
+        "stages": [str(s) for s in spans],
         "micro_batches": len(engine.engines),
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(world, peak_after_load, engine.device),

@@ -35,6 +35,7 @@ from ferry.parallel.launch import (
     keep_multicast_off,
     sigint_ignored_by_children,
 )
+from ferry.parallel.tp_generate import PipelineSpec
 
 log = logging.getLogger("ferry.workers")
 
@@ -49,6 +50,11 @@ class WorkerSpec:
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): cuda_graphs, compile, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
     shape: str | None = None  # a named architecture (ferry/bench/shapes.py) with random weights, instead of `model`
+    pipeline: PipelineSpec | None = None  # pp stages of the ranks (each stage tensor parallel over the rest)
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline.pp if self.pipeline else 1
 
 
 def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
@@ -62,20 +68,24 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
             gather_floats,
             generate_on_rank,
             load_on_rank,
+            pipeline_on_rank,
             random_model_on_rank,
         )
 
         group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
-        if spec.shape is not None:
+        if spec.pipeline is not None:
+            engine, _, _, _ = pipeline_on_rank(group, spec.pipeline, spec.model or None, spec.shape, spec.device_type,
+                                               spec.dtype, spec.allreduce, spec.engine_options)
+        elif spec.shape is not None:
             model, tokenizer = random_model_on_rank(group, spec.shape, spec.device_type, spec.dtype, spec.allreduce)
+            engine = build_engine(model, tokenizer, **spec.engine_options)
         else:
             group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
-            model, tokenizer = loaded.model, loaded.tokenizer
-        engine = build_engine(model, tokenizer, **spec.engine_options)
+            engine = build_engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         peaks = gather_floats(group, peak_resident_mib(), engine.device)
         if rank == 0:
             events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
-                                     "tp": world,
+                                     "tp": world // spec.pp, "pp": spec.pp,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
         leftover: list = []
@@ -117,13 +127,14 @@ class TensorParallelWorkers:
             raise FerryError(f"no torch.distributed backend known for device type {spec.device_type!r}")
         ctx = mp.get_context("spawn")
         self.tp, self.timeout_s = tp, timeout_s
+        world = tp * spec.pp  # with a pipeline, pp stages of tp ranks each
         self._requests = 0
         self._events = ctx.Queue()
-        self._commands = [ctx.Queue() for _ in range(tp)]
+        self._commands = [ctx.Queue() for _ in range(world)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self._procs = [ctx.Process(target=_serve_rank, name=f"ferry-rank{r}", daemon=True,
-                                   args=(r, tp, spec, init_method, timeout_s, compression, self._commands[r],
-                                         self._events)) for r in range(tp)]
+                                   args=(r, world, spec, init_method, timeout_s, compression, self._commands[r],
+                                         self._events)) for r in range(world)]
         with sigint_ignored_by_children():
             for p in self._procs:
                 p.start()

@@ -36,7 +36,9 @@ _COUNTERS = {
     "preemptions": ("ferry_preemptions", "Sequences preempted (swapped out or dropped for recompute)"),
 }
 _LINKS = {"pcie_h2d_bytes": "pcie_h2d", "pcie_d2h_bytes": "pcie_d2h", "allreduce_bytes": "allreduce",
-          "allgather_bytes": "allgather"}
+          "allgather_bytes": "allgather",
+          # rank 0's: stage 0 sends hidden states to stage 1 (the token bytes are the last stage's, so 0 here)
+          "pipeline_hidden_bytes": "pipeline_hidden", "pipeline_token_bytes": "pipeline_tokens"}
 
 
 class _EngineCollector:
