@@ -93,3 +93,35 @@ def test_two_torchrun_gpu_nodes_over_sockets_give_one_gpu_tokens():
     doc = next(json.loads(out) for out, _ in outs if out.strip())
     assert (doc["tp"], doc["pp"]) == (1, 2)
     assert doc["completions"][0]["token_ids"] == json.loads(one.stdout)["completions"][0]["token_ids"]
+
+
+def test_a_pp2_gpu_server_answers_concurrent_requests_and_frees_an_aborted_one():
+    """`ferry serve --pp 2` on two GPUs (random Llama-shaped weights): requests joining between ticks, a client
+    that leaves mid-stream, stage graphs replayed, and the stages still in step afterwards."""
+    _needs(2)
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_process import ServeProcess
+
+    server = ServeProcess("--pp", "2", "--shape", "tiny", "--device", "cuda", "--kv-memory", "1GiB",
+                          "--served-model-name", "tiny")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i: int) -> int:
+            return client.completions.create(model="tiny", prompt=[7 + i, 8, 9, 10 + i], max_tokens=16 + i,
+                                             temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens
+
+        with ThreadPoolExecutor(8) as pool:
+            counts = list(pool.map(ask, range(8)))
+            with client.completions.with_streaming_response.create(model="tiny", prompt=[1, 2, 3], max_tokens=500,
+                                                                    stream=True) as resp:
+                next(resp.iter_lines())  # one event in, then the client leaves
+        assert counts == [16 + i for i in range(8)]
+        server.wait_for(lambda: server.metric("ferry_kv_blocks_used") == 0, what="the aborted request's blocks")
+        assert ask(3) == 19  # still in step
+        assert server.metric("ferry_engine_graph_steps_total") > 0
+        assert server.metric('ferry_link_bytes_total{link="pipeline_hidden"}') > 0
+    finally:
+        assert server.stop() == 0
