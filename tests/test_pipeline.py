@@ -167,7 +167,7 @@ def test_a_node_that_dies_ends_the_other_with_the_rank_named():
         while len(workers := _workers_of(marker)) < 2:
             assert time.monotonic() < deadline, "the workers did not start"
             time.sleep(0.5)
-        time.sleep(8)  # past loading, into decoding
+        time.sleep(5)  # past loading, into decoding
         os.kill(workers[0], signal.SIGKILL)
         killed_at = time.monotonic()
         errs = [node.communicate(timeout=60)[1] for node in nodes]
