@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from serve_process import ServeProcess
+from serve_process import ServeProcess, check_ranks_stay_in_step
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the official OpenAI client")
 
@@ -201,30 +201,7 @@ def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_request
     the ranks' step-boundary agreement; greedy answers still equal one rank's."""
     server = ServeProcess("--tp", "2", "--device", "cpu", "--served-model-name", "smollm")
     try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        results: dict[int, str] = {}
-
-        def ask(i: int) -> None:
-            time.sleep(0.15 * i)  # arrive while the earlier ones decode
-            results[i] = client.completions.create(model="smollm", prompt=PROMPTS[i], max_tokens=8,
-                                                   temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        sampled = client.completions.create(model="smollm", prompt="Once upon a time", max_tokens=8,
-                                            temperature=1.0,  # unseeded: the server picks one seed for both ranks
-                                            extra_body={"ignore_eos": True})  # so it always runs all 8 steps
-        with client.completions.with_streaming_response.create(model="smollm", prompt=PROMPTS[4], max_tokens=200,
-                                                                stream=True) as resp:
-            next(resp.iter_lines())  # one event in, then the client leaves
-        for t in threads:
-            t.join(120)
-        assert results == {i: reference(PROMPTS[i], 8)[0] for i in range(4)}
-        assert sampled.usage.completion_tokens == 8
-        server.wait_for(lambda: server.metric("ferry_kv_blocks_used") == 0, what="the aborted request's blocks")
-        assert client.completions.create(model="smollm", prompt=PROMPTS[0], max_tokens=8,
-                                         temperature=0).choices[0].text == results[0]  # still in step
+        check_ranks_stay_in_step(server, PROMPTS, {i: reference(PROMPTS[i], 8)[0] for i in range(4)})
     finally:
         assert server.stop() == 0
 

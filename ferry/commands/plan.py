@@ -179,7 +179,7 @@ def plan(
         if cpu_ranks < 1:
             raise FerryError(f"--cpu-ranks must be 1 or more, got {cpu_ranks}")
         if calibrate:
-            calibration = _calibrate(config, device, dtype, cpu_ranks)
+            calibration = _calibrate(config, device, dtype, cpu_ranks, batch)
         if preset is not None:
             topo_ = preset_topology(preset)
         elif topology not in (None, "live"):
@@ -202,7 +202,9 @@ def plan(
     run_guarded(run)
 
 
-def _calibrate(config, device, dtype, cpu_ranks: int = 1):
+def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1):
+    """The engine's step timed at the rows a decode micro-batch of this workload has (1 to 8 micro-batches)."""
+    import math
     import os
 
     import torch
@@ -217,7 +219,8 @@ def _calibrate(config, device, dtype, cpu_ranks: int = 1):
     err(f"ferry: timing Ferry's decode step with 1 and 3 layers on {dev} ({torch.get_num_threads()} threads) "
         "for --calibrate")
     try:
-        return time_engine_steps(config, dev, DTYPES[dtype])
+        rows = sorted({1} | {math.ceil(batch / m) for m in (1, 2, 3, 4, 8)})
+        return time_engine_steps(config, dev, DTYPES[dtype], token_counts=tuple(rows))
     finally:
         torch.set_num_threads(threads)
 
