@@ -39,14 +39,18 @@ def reference_tokens(ferry_smollm):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("world", "pp", "split"), [(3, 3, "6,14,10"), (4, 2, None)], ids=["pp3-uneven", "tp2xpp2"])
-def test_pipeline_greedy_tokens_match_one_rank(smollm_path, reference_tokens, world, pp, split):
+def test_pipeline_greedy_tokens_match_one_rank(ferry_smollm, smollm_path, reference_tokens, world, pp, split):
     job = GenerateJob(str(smollm_path), "cpu", "fp32", PROMPTS, GREEDY, pp=pp, layer_split=split, timeout_s=120)
     result = spawn(world, "cpu", run_generate, (job,), timeout_s=120)
     assert [c["token_ids"] for c in result["completions"]] == reference_tokens
-    assert (result["tp"], result["pp"], result["micro_batches"]) == (world // pp, pp, pp)
-    # Every stage but the last sent hidden states on; the last sent none (it sends tokens back instead).
+    tp = world // pp
+    assert (result["tp"], result["pp"], result["micro_batches"]) == (tp, pp, pp)
+    # Each token run crosses each stage boundary once as fp32 hidden states (prompts, then every output token but
+    # the last), split over the stage's TP ranks; the last stage sends none (it sends tokens back instead).
+    tokens = sum(len(ferry_smollm.tokenizer.encode(p)) for p in PROMPTS) + len(PROMPTS) * (GREEDY.max_tokens - 1)
+    boundary_bytes = tokens * ferry_smollm.config.hidden_size * 4
     sent = result["hidden_bytes_sent_per_rank"]
-    assert all(b > 0 for b in sent[: -(world // pp)]) and all(b == 0 for b in sent[-(world // pp):])
+    assert sent == [boundary_bytes // tp] * (world - tp) + [0] * tp
 
 
 def test_a_stage_holds_only_its_layers(smollm_path, ferry_smollm):

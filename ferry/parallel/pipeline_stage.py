@@ -49,6 +49,11 @@ class PipelineStage:
         self.device = model.norm.weight.device
         self.dtype = model.norm.weight.dtype
         self.hidden_size = model.config.hidden_size
+        # With tensor-parallel stages every rank of a stage holds the whole hidden state: each sends only its
+        # 1/tp piece to its peer in the next stage, whose ranks all-gather the pieces over their own (in-node) group,
+        # so the link between stages (between nodes) carries the hidden state once, not tp times.
+        self.tp = model.group
+        self.split = self.tp.world_size > 1 and self.hidden_size % self.tp.world_size == 0
         self._sends: list = []  # (work, tensor): a sent tensor lives until its send completed
         self.hidden_bytes_sent = 0
         self.token_bytes_sent = 0
@@ -69,7 +74,7 @@ class PipelineStage:
             inputs = ids.view(1, tokens)
         else:
             inputs = torch.empty((1, tokens, self.hidden_size), dtype=self.dtype, device=self.device)
-            self._wait_hidden(dist.irecv(inputs, src=self.peers.previous))
+            self._receive_hidden(inputs)
         out = self.model.stage_forward(inputs, positions.view(1, tokens), caches, paged, logits_index)
         return out if self.last else self._send_hidden(out)
 
@@ -77,15 +82,27 @@ class PipelineStage:
         """A decode step of `rows` rows replayed from the stage's CUDA graph (paged_graphs.py); the messages carry
         the real rows only, never the bucket's padding."""
         if not self.first:
-            self._wait_hidden(dist.irecv(graph.hidden[:, :rows], src=self.peers.previous))
+            self._receive_hidden(graph.hidden[:, :rows])
         out = graph.replay(rows)
         # The graph's output buffer is rewritten by its next replay, which could overtake the send: send a copy.
         return out if self.last else self._send_hidden(out.clone())
 
     def _send_hidden(self, out: torch.Tensor) -> None:
         self._reap()
+        if self.split:
+            out = out.reshape(-1).chunk(self.tp.world_size)[self.tp.rank]  # a view: it keeps `out` alive
         self._sends.append((dist.isend(out, dst=self.peers.next), out))
         self.hidden_bytes_sent += out.numel() * out.element_size()
+
+    def _receive_hidden(self, buf: torch.Tensor) -> None:
+        """Fill `buf` [1, tokens, hidden] (contiguous) with the previous stage's hidden states."""
+        if not self.split:
+            self._wait_hidden(dist.irecv(buf, src=self.peers.previous))
+            return
+        pieces = list(buf.view(-1).chunk(self.tp.world_size))
+        mine = pieces[self.tp.rank]
+        self._wait_hidden(dist.irecv(mine, src=self.peers.previous))
+        dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
 
     def receive_tokens(self, rows: int) -> ReceivedTokens:
         """Post the receive of the last stage's sampled tokens for a step of `rows` sampled rows (a step of
