@@ -44,7 +44,7 @@ class LLM:
         mesh = check_mesh(tp, pp)
         check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
         check_pipeline_options(pp, layer_split, micro_batches, bool(compile) or compile_mode is not None,
-                               overlap_prefill, weights, offload_weights)
+                               overlap_prefill, weights, offload_weights, sync_output)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, tp=mesh.world)
         self.tp, self.pp = tp, pp
@@ -60,7 +60,7 @@ class LLM:
                 from ferry.parallel.tp_generate import PipelineSpec
 
                 pipeline = PipelineSpec(pp, layer_split, micro_batches, timeout_s)
-                engine_options = dict(cuda_graphs=cuda_graphs, sync_output=sync_output, kv_memory=kv_memory)
+                engine_options = dict(cuda_graphs=cuda_graphs, kv_memory=kv_memory)
             self._start_workers(model, dtype, engine_options, compressed_allreduce, allreduce, pipeline, timeout_s)
             return
         from ferry.model.loader import load_model

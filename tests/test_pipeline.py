@@ -85,12 +85,15 @@ def test_stage_spans_even_given_and_refused():
 
 
 def test_torchrun_layout_defaults_to_tp_in_node_and_pp_across():
-    assert mesh_under_torchrun(1, None, world=8, local_world=4) == Mesh(tp=4, pp=2)
-    assert mesh_under_torchrun(1, None, world=2, local_world=2) == Mesh(tp=2, pp=1)
-    assert mesh_under_torchrun(1, 4, world=8, local_world=4) == Mesh(tp=2, pp=4)
+    assert mesh_under_torchrun(None, None, world=8, local_world=4) == Mesh(tp=4, pp=2)
+    assert mesh_under_torchrun(None, None, world=2, local_world=2) == Mesh(tp=2, pp=1)
+    assert mesh_under_torchrun(None, 4, world=8, local_world=4) == Mesh(tp=2, pp=4)
     assert mesh_under_torchrun(8, None, world=8, local_world=4) == Mesh(tp=8, pp=1)
+    assert mesh_under_torchrun(1, None, world=8, local_world=4) == Mesh(tp=1, pp=8)  # a given --tp 1 holds
     with pytest.raises(FerryError, match="--tp 3 x --pp 2 must be 8"):
         mesh_under_torchrun(3, 2, world=8, local_world=4)
+    with pytest.raises(FerryError, match="--tp 1 x --pp 4 must be 8"):
+        mesh_under_torchrun(1, 4, world=8, local_world=4)
 
 
 def test_stage_peers_route_hidden_states_forward_and_tokens_back():

@@ -53,3 +53,24 @@ def test_one_at_a_time_admission_when_grouping_is_off():
     assert _run(s) == [0, 1]
     s.remove(requests[0])
     assert _run(s) == [2]
+
+
+def test_a_request_removed_while_swapped_out_gives_its_host_copy_back():
+    class Recording(_NoSwap):
+        def __init__(self) -> None:
+            self.discarded: list[int] = []
+
+        def discard(self, request) -> None:
+            self.discarded.append(request.id)
+            request.swapped = None
+
+    preemption = Recording()
+    s = Scheduler(BlockManager(256, 16), SchedulerLimits(max_batched_tokens=64, max_running=4), preemption)
+    swapped, plain = _request(0), _request(1)
+    for r in (swapped, plain):
+        s.add(r)
+    _run(s)
+    swapped.swapped = object()  # as a swap-out leaves it
+    s.remove(swapped)
+    s.remove(plain)
+    assert preemption.discarded == [0] and swapped.swapped is None

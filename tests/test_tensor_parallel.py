@@ -27,7 +27,7 @@ from ferry.parallel.tp_generate import GenerateJob, run_generate
 
 PROMPTS = ("The capital of France is", "def add(a, b):", "Once upon a time, in a quiet village,",
            "List three colours:", "Water freezes at", "My favourite book is")
-GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
 @pytest.mark.slow

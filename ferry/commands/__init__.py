@@ -106,6 +106,9 @@ KvMemoryOpt = Annotated[Optional[str], typer.Option(
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode instead of Ferry's "
                                                        "(max-autotune-no-cudagraphs), e.g. default")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on CPU)")]
+TpUnsetOpt = Annotated[Optional[int], typer.Option("--tp", help="tensor-parallel ranks (one per GPU; gloo processes on "
+                                                  "CPU; under torchrun: the ranks of a node by default) "
+                                                  "\\[default: 1]")]
 PpOpt = Annotated[Optional[int], typer.Option("--pp", help="pipeline stages of contiguous layers (under torchrun: "
                                                "one per node by default) \\[default: 1]")]
 LayerSplitOpt = Annotated[Optional[str], typer.Option("--layer-split", help="layers per pipeline stage, e.g. "

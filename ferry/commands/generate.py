@@ -34,6 +34,7 @@ from ferry.commands import (
     TopKOpt,
     TopPOpt,
     TpOpt,
+    TpUnsetOpt,
     VerboseOpt,
     WeightsOpt,
     app,
@@ -68,7 +69,7 @@ def generate(
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
-    tp: TpOpt = 1,
+    tp: TpUnsetOpt = None,
     pp: PpOpt = None,
     layer_split: LayerSplitOpt = None,
     micro_batches: MicroBatchesOpt = None,
@@ -96,15 +97,16 @@ def generate(
             ignore_eos=ignore_eos,
         )
         # Under torchrun the rank count is torchrun's: TP inside a node and PP across nodes unless told otherwise.
-        mesh = mesh_under_torchrun(tp, pp, *torchrun_layout()) if under_torchrun() else check_mesh(tp, pp or 1)
+        mesh = mesh_under_torchrun(tp, pp, *torchrun_layout()) if under_torchrun() else check_mesh(1 if tp is None else tp, 1 if pp is None else pp)
         check_parallel_options(mesh.tp, weights, offload_weights, compressed_allreduce, allreduce)
         compiled = bool(compile) or compile_mode is not None  # one-shot: compiled only when asked
-        check_pipeline_options(mesh.pp, layer_split, micro_batches, compiled, overlap_prefill, weights, offload_weights)
+        check_pipeline_options(mesh.pp, layer_split, micro_batches, compiled, overlap_prefill, weights, offload_weights,
+                               sync_output)
         if mesh.world > 1 or under_torchrun():
             engine_options = dict(compile=compiled, compile_mode=compile_mode, kv_memory=kv_memory,
                                   sync_output=sync_output, overlap_prefill=overlap_prefill)
             if mesh.pp > 1:
-                engine_options = dict(kv_memory=kv_memory, sync_output=sync_output)
+                engine_options = dict(kv_memory=kv_memory)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compressed_allreduce,
                          engine_options, allreduce, layer_split, micro_batches, timeout)
             return
@@ -206,11 +208,11 @@ def chat(
         from ferry.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp, pp=pp or 1,
+        with LLM(model, device=device, dtype=dtype, show_progress=True, weights=weights, tp=tp, pp=1 if pp is None else pp,
                  layer_split=layer_split, compile=compile, compile_mode=compile_mode, kv_memory=kv_memory,
                  compressed_allreduce=compressed_allreduce, allreduce=allreduce) as llm:
             where = f"{llm.device}" + (f" x{tp} (tensor parallel)" if tp > 1 else "") + (
-                f", {pp} pipeline stages" if (pp or 1) > 1 else "")
+                f", {pp} pipeline stages" if pp is not None and pp > 1 else "")
             err(f"ferry: chatting with {llm.model_path.name} on {where}; Ctrl-C stops an answer, /reset starts "
                 "over, /exit or Ctrl-D quits")
             _chat_loop(llm, params)

@@ -81,7 +81,7 @@ def serve(
         from ferry.serve.engine_client import AsyncEngine
         from ferry.serve.server import bind, run_server
 
-        mesh = check_mesh(tp, pp or 1)
+        mesh = check_mesh(tp, 1 if pp is None else pp)
         check_parallel_options(tp, "native", 0.0, compressed_allreduce, allreduce)
         check_pipeline_options(mesh.pp, layer_split, micro_batches, False, False)
         for name, value in (("--request-timeout-s", request_timeout_s), ("--drain-timeout-s", drain_timeout_s),

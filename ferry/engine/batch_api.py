@@ -6,6 +6,7 @@ Shared by the serving engine and the pipeline engine: anything with `check_promp
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -41,6 +42,8 @@ class BatchAPI:
         finally:
             for rid in ids:
                 self.abort(rid)
+            if sys.exc_info()[0] in (None, GeneratorExit):  # done, or the caller left the stream: not on an error
+                self.settle()
 
     def _add_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         self.check_prompts(prompts, params)  # all or nothing: a bad prompt queues none of the batch
@@ -50,3 +53,6 @@ class BatchAPI:
             ids.append(self.add_request(p, params if params.seed is None else replace(params, seed=params.seed + i)))
         return ids
 
+    def settle(self) -> None:
+        """After a batch: whatever the engine must still run so every rank ends it in the same state (the
+        pipeline engine's last ticks); nothing for one engine."""

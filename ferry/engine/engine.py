@@ -116,7 +116,10 @@ class Engine(BatchAPI):
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
             use_graphs = False
         if stage is not None and preemption == "auto":
-            preemption = "swap"  # measuring prefill speed would need the whole pipeline; a swap is per stage
+            # Recompute: measuring prefill speed for the swap-or-recompute choice would need the whole pipeline,
+            # and a swap could fail on one stage alone (its pinned pool full: stages hold different layer counts)
+            # while the others went on, which would part the stages' schedules.
+            preemption = "recompute"
         running = max_running or (128 if cuda else 64)
         # With decode graphs, a step carrying a prefill chunk costs several captured decode steps: admit in groups
         # of an eighth of the batch (scheduler.py has the measurement). Without graphs every step is eager alike.
@@ -321,9 +324,10 @@ class Engine(BatchAPI):
         for r in rows:
             r.pending += 1
         self.stats.upload_bytes += self.inputs.last_upload_bytes
-        self.stats.readback_bytes += len(rows) * tokens.element_size()
         self.stats.allreduce_bytes += self._allreduce_bytes_per_token * int(t.ids.numel())
-        self.stats.allgather_bytes += self._allgather_bytes_per_row * len(rows)
+        if self.stage is None or self.stage.last:  # earlier stages get their tokens over the host link from it
+            self.stats.readback_bytes += len(rows) * tokens.element_size()
+            self.stats.allgather_bytes += self._allgather_bytes_per_row * len(rows)
         return _InFlight(rows, tokens, readback, {r.id: i for i, r in enumerate(rows)})
 
     @staticmethod

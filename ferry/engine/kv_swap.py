@@ -99,6 +99,12 @@ class KVSwap:
         self.stats.swapped_in += 1
         self.stats.swap_in_bytes += swapped.host.numel() * swapped.host.element_size()
 
+    def discard(self, request: Request) -> None:
+        """A swapped-out request that will never come back: its pinned buffer is free once the swap-out landed."""
+        swapped: SwappedKV = request.swapped
+        self.pool.release(swapped.buffer, swapped.fence)
+        request.swapped = None
+
     def cache_blocks(self, request: Request) -> int:
         return -(-request.computed // self.cache.block_size)
 

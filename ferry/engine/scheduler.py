@@ -80,6 +80,8 @@ class Preemption(Protocol):
 
     def swap_in(self, request: Request) -> None: ...
 
+    def discard(self, request: Request) -> None: ...
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, limits: SchedulerLimits, preemption: Preemption) -> None:
@@ -99,9 +101,6 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
-
-    def num_requests(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def schedule(self) -> ScheduledStep:
         self.steps += 1
@@ -241,5 +240,6 @@ class Scheduler:
                 queue.remove(r)
                 break
         self.blocks.free(r.table)
-        r.swapped = None
+        if r.swapped is not None:  # aborted while swapped out: its host copy goes back to the pool
+            self.preemption.discard(r)
         r.status = Status.FINISHED

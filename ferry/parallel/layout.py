@@ -61,7 +61,8 @@ def check_device_count(device_type: str, needed: int, available: int, tp: int | 
 
 
 def check_pipeline_options(pp: int, layer_split: str | None, micro_batches: int | None, compiled: bool,
-                           overlap_prefill: bool, weights: str = "auto", offload_fraction: float = 0.0) -> None:
+                           overlap_prefill: bool, weights: str = "auto", offload_fraction: float = 0.0,
+                           sync_output: bool = False) -> None:
     """Options that only a pipeline uses are refused without one, and single-stage options with one."""
     if pp == 1:
         if layer_split:
@@ -73,7 +74,8 @@ def check_pipeline_options(pp: int, layer_split: str | None, micro_batches: int 
         raise FerryError(f"--micro-batches must be 1 or more, got {micro_batches}")
     for flag, given in (("--compile", compiled), ("--overlap-prefill", overlap_prefill),
                         (f"--weights {weights}", weights not in ("auto", "native")),
-                        ("--offload-weights", bool(offload_fraction))):
+                        ("--offload-weights", bool(offload_fraction)),
+                        ("--sync-output", sync_output)):  # a stage reads each micro-batch's tokens before its next
         if given:
             raise FerryError(f"{flag} is not offered with --pp yet")
 

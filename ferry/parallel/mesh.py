@@ -49,16 +49,17 @@ def check_mesh(tp: int, pp: int) -> Mesh:
     return Mesh(tp, pp)
 
 
-def mesh_under_torchrun(tp: int, pp: int | None, world: int, local_world: int) -> Mesh:
-    """The layout of torchrun's `world` ranks (`local_world` per node). Nothing said (tp 1, pp unset): tensor
-    parallel inside a node and pipeline across nodes. Otherwise what is given must multiply to `world`."""
-    if pp is None and tp == 1:
+def mesh_under_torchrun(tp: int | None, pp: int | None, world: int, local_world: int) -> Mesh:
+    """The layout of torchrun's `world` ranks (`local_world` per node). Nothing said: tensor parallel inside a
+    node and pipeline across nodes. One of the two said: the other fills the world. Both: they must multiply to
+    `world`."""
+    if tp is None and pp is None:
         tp, pp = local_world, world // local_world
     elif pp is None:
-        pp = world // tp if tp and world % tp == 0 else 0
-    elif tp == 1 and pp >= 1 and world % pp == 0:
-        tp = world // pp
-    if tp * (pp or 0) != world:
+        pp = world // tp if tp >= 1 and world % tp == 0 else 0
+    elif tp is None:
+        tp = world // pp if pp >= 1 and world % pp == 0 else 0
+    if tp * pp != world:
         raise FerryError(f"torchrun started {world} ranks ({local_world} per node); --tp {tp} x --pp {pp} must "
                          f"be {world}")
     return check_mesh(tp, pp)

@@ -1,7 +1,7 @@
 """Pipeline-parallel serving: the running batch cut into micro-batches that flow through the stages in turn.
 
 Each micro-batch is its own serving engine (scheduler, block manager, its share of the stage's KV pool): request
-r joins micro-batch r mod M and stays there. Every rank holds the same engines in the same state (every stage runs
+r joins micro-batch r mod M (the next one whose queue has room, if that one's is full) and stays there. Every rank holds the same engines in the same state (every stage runs
 every scheduler on the same token stream), so a step of micro-batch k has the same shape everywhere and only
 activations and token ids cross the links. What keeps the states equal: a request that arrives (or is aborted)
 between ticks is applied to its micro-batch right before that micro-batch's next launch, after its last tokens
@@ -62,7 +62,10 @@ class PipelineEngine(BatchAPI):
         self.config, self.device, self.dtype = first.config, first.device, first.dtype
         self.decode_path = f"pipeline stage {stage.peers.stage} of {pp} ({model.span}), {count} micro-batches, " \
                            f"{first.decode_path}"
-        self.kv_report = dict(first.kv_report, blocks=per_engine * count, micro_batches=count)
+        report = first.kv_report
+        self.kv_report = dict(report, blocks=report["blocks"] * count, tokens=report["tokens"] * count,
+                              gib=round(report["gib"] * count, 3),
+                              full_context_sequences=report["full_context_sequences"] * count, micro_batches=count)
         self._owner: dict[int, Engine] = {}
         self._requests: dict[int, Request] = {}
         self._pending: dict[int, list[tuple[str, Request]]] = {id(e): [] for e in self.engines}  # by engine
@@ -82,15 +85,19 @@ class PipelineEngine(BatchAPI):
         self.engines[0].check_prompts(prompts, params)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queue a request on micro-batch id mod M; it joins at that micro-batch's next launch. Raises
-        QueueFullError at the bound (waiting and arriving requests of that micro-batch)."""
-        engine = self.engines[self._next_id % len(self.engines)]
+        """Queue a request on micro-batch id mod M, or the next whose queue has room; it joins at that
+        micro-batch's next launch. Queues are the same on every rank between ticks, so every rank picks the same
+        one. Raises QueueFullError when every micro-batch's queue is at the bound (max_waiting each)."""
+        count = len(self.engines)
+        for offset in range(count):
+            engine = self.engines[(self._next_id + offset) % count]
+            if self._waiting(engine) < engine.limits.max_waiting:
+                break
+        else:
+            raise QueueFullError(f"{sum(self._waiting(e) for e in self.engines)} requests are waiting already (the "
+                                 "bound); retry later")
         request = engine.new_request(prompt_ids, params, self._next_id)
-        pending = self._pending[id(engine)]
-        waiting = len(engine.scheduler.waiting) + sum(kind == "add" for kind, _ in pending)
-        if waiting >= engine.limits.max_waiting:
-            raise QueueFullError(f"{waiting} requests are waiting already (the bound); retry later")
-        pending.append(("add", request))
+        self._pending[id(engine)].append(("add", request))
         self._next_id += 1
         self._owner[request.id], self._requests[request.id] = engine, request
         return request.id
@@ -105,10 +112,16 @@ class PipelineEngine(BatchAPI):
     def request(self, request_id: int) -> Request | None:
         return self._requests.get(request_id)
 
+    def _waiting(self, engine: Engine) -> int:
+        return len(engine.scheduler.waiting) + sum(kind == "add" for kind, _ in self._pending[id(engine)])
+
     def has_unfinished(self) -> bool:
         """The same answer on every rank between ticks (ferry serve's ranks decide from it whether to wait for
-        work): the stages read a micro-batch's last tokens in different ticks, so whether a request is still
-        running is not, but whether the last tick launched anything, and what is queued, are."""
+        work). Whether a request is still running is not the same: the stages read a micro-batch's last tokens in
+        different ticks. Whether the last tick launched anything is, and so are the schedulers' queues. Pending
+        commands can differ in one case: an abort that reaches stage 0 after the last stage saw its request end
+        (the last stage drops it, stage 0 queues it); but the request's final step was launched in the last tick,
+        so `_launched` is true on every rank then, and the answer agrees."""
         return (self._launched or any(self._pending.values())
                 or any(e.scheduler.has_work() for e in self.engines))
 
@@ -165,11 +178,15 @@ class PipelineEngine(BatchAPI):
         for engine in self.engines:
             engine.warm_up(batch, every_bucket=every_bucket)
 
-    def check_no_leaks(self) -> None:
-        """After every request ended or was aborted: run the ticks that apply the last aborts and read the last
-        tokens (as many on every rank), then check every micro-batch's blocks."""
+    def settle(self) -> None:
+        """Run the ticks that apply the last aborts and read the last tokens, as many on every rank (a batch's
+        loop ends a tick earlier on the last stage, which reads tokens first); the last ticks launch nothing."""
         while self.has_unfinished():
             self.step()
+
+    def check_no_leaks(self) -> None:
+        """After every request ended or was aborted: settle, then check every micro-batch's blocks."""
+        self.settle()
         for engine in self.engines:
             engine.check_no_leaks()
 

@@ -3,7 +3,8 @@ send them on; the last stage samples and returns the token ids to every earlier 
 
 Every stage runs the same scheduler on the same token stream (SPMD, like tensor parallelism), so each one knows
 every step's shape, positions and block tables without being told: a hidden-state message carries nothing but
-the [1, tokens, hidden] activations, one message per micro-batch, and the token message [rows] int64.
+the [1, tokens, hidden] activations (with tensor-parallel stages, each rank's 1/tp piece of them), one message per
+micro-batch, and the token message [rows] int64.
 
 Two links, for two reasons. Hidden states go over the device backend (NCCL between GPUs, gloo on CPU) in one
 direction only, stage s -> s+1. Token ids go back over a separate gloo group on the host: the schedulers need them
@@ -133,11 +134,14 @@ class PipelineStage:
     def _wait(self, work, what: str) -> None:
         try:
             ok = work.wait(self.links.timeout)
-        except RuntimeError as exc:  # gloo: a peer that died closes its connection
+        except RuntimeError as exc:  # gloo: a peer that died closes its connection; a silent one times out
             reason = str(exc).strip().splitlines()[0]
             reason = reason.split("] ", 1)[-1][:160]  # gloo prefixes its source file and line
-            raise FerryError(f"pipeline stage {self.peers.stage} (rank {self.peers.rank}): waiting for {what} "
-                             f"failed, that rank died or stopped ({reason})") from None
+            where = f"pipeline stage {self.peers.stage} (rank {self.peers.rank})"
+            if "timed out" in reason.lower():
+                raise FerryError(f"{where}: {what} did not arrive within {self.links.timeout.total_seconds():.0f} s "
+                                 "(--timeout); that rank is stuck or too slow") from None
+            raise FerryError(f"{where}: waiting for {what} failed, that rank died or stopped ({reason})") from None
         if ok is False:
             raise FerryError(f"pipeline stage {self.peers.stage} (rank {self.peers.rank}): {what} did not arrive "
                              f"within {self.links.timeout.total_seconds():.0f} s")

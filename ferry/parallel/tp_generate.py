@@ -182,10 +182,8 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
     load_s = time.perf_counter() - started
     peak_after_load = peak_resident_mib()
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
-    try:
-        completions = generate_on_rank(world, engine, ids, job.params)
-    finally:
-        engine.close()
+    completions = generate_on_rank(world, engine, ids, job.params)
+    engine.close()  # only after a run that ended well: on an error, waiting for sends would hide it
     sent = gather_floats(world, engine.stage.hidden_bytes_sent, engine.device)
     return {
         "model": str(job.model),

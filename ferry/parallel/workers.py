@@ -108,6 +108,8 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
             completions = generate_on_rank(group, engine, prompts, params, on_token)
             if rank == 0:
                 events.put(("done", request, pickle.dumps(completions)))
+        if hasattr(engine, "close"):  # the pipeline engine: its last sends complete before the groups go
+            engine.close()
         torch.distributed.destroy_process_group()
     except FerryError as exc:
         events.put(("error", rank, str(exc)))
