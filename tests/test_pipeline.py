@@ -23,7 +23,7 @@ from ferry.model.loader import load_model
 from ferry.parallel.launch import free_port, spawn
 from ferry.parallel.layout import check_pipeline_options, stage_spans
 from ferry.parallel.mesh import Mesh, StagePeers, mesh_under_torchrun
-from ferry.parallel.tp_generate import GenerateJob, run_generate
+from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
 
 # Held out: none of these appear in other tests' prompts.
 PROMPTS = ("Pipelines move water from", "The three primary colours are", "import numpy as np\n",
@@ -40,7 +40,8 @@ def reference_tokens(ferry_smollm):
 @pytest.mark.slow
 @pytest.mark.parametrize(("world", "pp", "split"), [(3, 3, "6,14,10"), (4, 2, None)], ids=["pp3-uneven", "tp2xpp2"])
 def test_pipeline_greedy_tokens_match_one_rank(ferry_smollm, smollm_path, reference_tokens, world, pp, split):
-    job = GenerateJob(str(smollm_path), "cpu", "fp32", PROMPTS, GREEDY, pp=pp, layer_split=split, timeout_s=120)
+    job = GenerateJob(str(smollm_path), "cpu", "fp32", PROMPTS, GREEDY,
+                      pipeline=PipelineSpec(pp, layer_split=split, timeout_s=120))
     result = spawn(world, "cpu", run_generate, (job,), timeout_s=120)
     assert [c["token_ids"] for c in result["completions"]] == reference_tokens
     tp = world // pp

@@ -52,7 +52,7 @@ def measure_layout(world: ParallelGroup, job: LayoutJob) -> dict:
         group = world.with_allreduce(allreduce, device, dtype)
         engine = Engine(random_model(job.config, device, dtype, group=group), None, kv_memory=job.kv_memory)
     else:
-        engine = _pipeline_engine(world, job, device, dtype, allreduce)
+        engine = _pipeline_engine(world, job, device, allreduce)
     build_s = time.perf_counter() - started
     rows = []
     for batch in job.batches:
@@ -64,19 +64,13 @@ def measure_layout(world: ParallelGroup, job: LayoutJob) -> dict:
             "build_s": round(build_s, 1)}
 
 
-def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, dtype, allreduce: str):
-    from ferry.bench.shapes import random_model
-    from ferry.parallel.layout import stage_spans
-    from ferry.parallel.mesh import Mesh, StagePeers, split_groups
-    from ferry.parallel.pipeline_engine import PipelineEngine
-    from ferry.parallel.pipeline_stage import PipelineLinks, PipelineStage
+def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, allreduce: str):
+    from ferry.parallel.tp_generate import PipelineSpec, pipeline_on_rank
 
-    mesh = Mesh(job.tp, job.pp)
-    tp_group = split_groups(mesh, world.rank, None).with_allreduce(allreduce, device, dtype)
-    links = PipelineLinks(StagePeers(mesh, world.rank), timeout_s=600)
-    span = stage_spans(job.config.num_layers, job.pp)[links.peers.stage]
-    model = random_model(job.config, device, dtype, group=tp_group, span=span)
-    return PipelineEngine(model, None, PipelineStage(model, links), job.micro_batches, kv_memory=job.kv_memory)
+    spec = PipelineSpec(job.pp, micro_batches=job.micro_batches, timeout_s=600)
+    engine, _, _, _ = pipeline_on_rank(world, spec, None, job.config, device.type, job.dtype, allreduce,
+                                       {"kv_memory": job.kv_memory})
+    return engine
 
 
 def run_layout(job: LayoutJob, device_type: str, env: dict[str, str] | None = None) -> dict:

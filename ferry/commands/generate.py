@@ -150,13 +150,13 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, com
     from ferry.model.loader import open_checkpoint, resolve_model_path
     from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
     from ferry.parallel.layout import check_launch
-    from ferry.parallel.tp_generate import GenerateJob, run_generate
+    from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
 
     dev = resolve_device(device)
     path = resolve_model_path(model)
     _, config, _ = open_checkpoint(path)
-    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce,
-                      pp=mesh.pp, layer_split=layer_split, micro_batches=micro_batches, timeout_s=timeout)
+    pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches, timeout) if mesh.pp > 1 else None
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce, pipeline)
     if under_torchrun():
         check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split, devices_needed=1)
         group = torchrun_group(dev.type, timeout_s=timeout, compression=compression)

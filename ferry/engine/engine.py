@@ -252,8 +252,7 @@ class Engine(BatchAPI):
             events += self._resolve(launched)
             self._in_flight = None
         if launched is None and not events and self.scheduler.has_work():
-            raise FerryError("the scheduler could not run any waiting request (KV blocks exhausted with nothing "
-                             "running); this is a bug")
+            self._stuck()
         return events
 
     def finish_step(self) -> list[TokenEvent]:
@@ -268,11 +267,15 @@ class Engine(BatchAPI):
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.has_work():
-                raise FerryError("the scheduler could not run any waiting request (KV blocks exhausted with nothing "
-                                 "running); this is a bug")
+                self._stuck()
             return False
         self._in_flight = self._launch(scheduled)
         return True
+
+    @staticmethod
+    def _stuck() -> None:
+        raise FerryError("the scheduler could not run any waiting request (KV blocks exhausted with nothing "
+                         "running); this is a bug")
 
     def _launch(self, step: ScheduledStep) -> _InFlight:
         for src, dst in step.copies:
@@ -283,42 +286,32 @@ class Engine(BatchAPI):
         self.stats.decode_tokens += len(step.decodes)
         self.stats.prefill_tokens += step.num_tokens - len(step.decodes)
         rows = [c.request for c in step.decodes] + [c.request for c in step.prefills if c.samples]
-        if self.stage is not None:
-            return self._launch_stage(step, rows, row_of, previous)
+        stage = self.stage  # a pipeline stage runs its layers only (pipeline_stage.py)
         if self.graphs is not None and not step.prefills and len(step.decodes) <= self.limits.max_running:
             graph = self.graphs.get(self.graphs.bucket(len(step.decodes)))
             t = self.inputs.build(step, row_of, bucket=graph.ids.shape[0], into=graph.inputs)
             self._feed_in_flight(graph.ids, t, previous)
-            logits = graph.replay(len(step.decodes))
+            n = len(step.decodes)
+            logits = stage.run_captured(graph, n) if stage else graph.replay(n)
             self.stats.graph_steps += 1
         else:
             t = self.inputs.build(step, row_of)
             self._feed_in_flight(t.ids, t, previous)
-            logits = self.model(t.ids.view(1, -1), t.positions.view(1, -1), self.cache.layers, 0,
-                                logits_index=t.logits_index, paged=t.paged)
+            if stage:
+                logits = stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
+            else:
+                logits = self.model(t.ids.view(1, -1), t.positions.view(1, -1), self.cache.layers, 0,
+                                    logits_index=t.logits_index, paged=t.paged)
+        if stage and not stage.last:  # the last stage samples; this one receives its tokens
+            pending = stage.receive_tokens(len(rows))
+            return self._in_flight_of(rows, t, pending.buf, pending)
         tokens = self._sample(logits, rows)
-        return self._in_flight_of(rows, t, tokens, self.readback.start(tokens))
+        readback = self.readback.start(tokens)
+        if stage:
+            from ferry.parallel.pipeline_stage import ForwardedTokens
 
-    def _launch_stage(self, step: ScheduledStep, rows: list[Request], row_of, previous) -> _InFlight:
-        """A pipeline stage's share of the step: its layers only; the last stage samples, the others receive the
-        sampled tokens from it (pipeline_stage.py)."""
-        from ferry.parallel.pipeline_stage import ForwardedTokens
-
-        if self.graphs is not None and not step.prefills and len(step.decodes) <= self.limits.max_running:
-            graph = self.graphs.get(self.graphs.bucket(len(step.decodes)))
-            t = self.inputs.build(step, row_of, bucket=graph.ids.shape[0], into=graph.inputs)
-            self._feed_in_flight(graph.ids, t, previous)
-            logits = self.stage.run_captured(graph, len(step.decodes))
-            self.stats.graph_steps += 1
-        else:
-            t = self.inputs.build(step, row_of)
-            self._feed_in_flight(t.ids, t, previous)
-            logits = self.stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
-        if self.stage.last:
-            tokens = self._sample(logits, rows)
-            return self._in_flight_of(rows, t, tokens, ForwardedTokens(self.stage, self.readback.start(tokens)))
-        pending = self.stage.receive_tokens(len(rows))
-        return self._in_flight_of(rows, t, pending.buf, pending)
+            readback = ForwardedTokens(stage, readback)  # reading them sends them to the earlier stages
+        return self._in_flight_of(rows, t, tokens, readback)
 
     def _in_flight_of(self, rows: list[Request], t, tokens: torch.Tensor, readback) -> _InFlight:
         for r in rows:
@@ -400,6 +393,20 @@ class Engine(BatchAPI):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group.process_group)
         return [type(v)(x) for v, x in zip(values, t.tolist(), strict=True)]
+
+    def gauges(self) -> dict[str, int]:
+        """What /metrics shows of the engine: queue and batch sizes, KV blocks, and cumulative work and link bytes."""
+        s, sched, blocks, swap = self.stats, self.scheduler, self.blocks, self.swap.stats
+        return {
+            "waiting": len(sched.waiting), "running": len(sched.running), "swapped": len(sched.swapped),
+            "kv_blocks_used": blocks.usable_blocks - blocks.free_blocks, "kv_blocks_total": blocks.usable_blocks,
+            "steps": s.steps, "graph_steps": s.graph_steps, "prefill_tokens": s.prefill_tokens,
+            "decode_tokens": s.decode_tokens, "prefix_hit_tokens": blocks.stats.prefix_hit_tokens,
+            "preemptions": swap.swapped_out + swap.recomputed,
+            "pcie_h2d_bytes": s.upload_bytes + swap.swap_in_bytes,
+            "pcie_d2h_bytes": s.readback_bytes + swap.swap_out_bytes,
+            "allreduce_bytes": s.allreduce_bytes, "allgather_bytes": s.allgather_bytes,
+        }
 
     def check_no_leaks(self) -> None:
         """All blocks free and nothing queued (tests call it after every run)."""

@@ -169,10 +169,10 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         kv_len: int,
-        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden]."""
-        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, kv_len, paged=paged)
+        """input_ids, positions: [batch, tokens] -> final-norm inputs [batch, tokens, hidden] (dense cache; paged
+        steps go through stage_forward)."""
+        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, kv_len)
 
     def forward(
         self,
@@ -186,9 +186,9 @@ class LlamaForCausalLM(nn.Module):
         """fp32 logits [batch, vocab] for the token at `logits_index` of each row (the last when None).
 
         Paged: input_ids and positions are [1, tokens] and `logits_index` [n] picks tokens of that row -> [n, vocab]."""
-        x = self.hidden_states(input_ids, positions, kv_caches, kv_len, paged)
         if paged is not None:
-            return self.logits(x[0].index_select(0, logits_index))
+            return self.stage_forward(input_ids, positions, kv_caches, paged, logits_index)
+        x = self.hidden_states(input_ids, positions, kv_caches, kv_len)
         if logits_index is None:
             last = x[:, -1]
         else:
@@ -205,8 +205,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """One pipeline stage of a paged step: token ids [1, tokens] on the first stage, the previous stage's hidden
         states [1, tokens, hidden] on the others; returns hidden states for the next stage, or fp32 logits of the
-        `logits_index` tokens on the last. `kv_caches` holds this stage's layers only. The whole model (one stage)
-        is exactly `forward`."""
+        `logits_index` tokens on the last. `kv_caches` holds this stage's layers only. `forward`'s paged steps are
+        this, over the whole model as its one stage."""
         span = self.span
         x = self.embed_tokens(inputs) if span.first else inputs
         x = self.run_layers(x, positions, kv_caches, 0, layers=span.layers, paged=paged)

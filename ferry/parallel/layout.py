@@ -10,16 +10,17 @@ from __future__ import annotations
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
 from ferry.model.layers.heads import HeadShard
+from ferry.model.layers.shard import shard_sizes
 from ferry.model.llama import LayerSpan
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    _check_rank_count(tp)
+    check_rank_count(tp)
     for rank in range(tp):
         HeadShard.for_rank(config.num_heads, config.num_kv_heads, tp, rank)
 
 
-def _check_rank_count(tp: int) -> None:
+def check_rank_count(tp: int) -> None:
     if tp < 1:
         raise FerryError(f"--tp must be 1 or more (one rank per device), got {tp}")
 
@@ -29,7 +30,7 @@ def check_parallel_options(tp: int, weights: str = "auto", offload_fraction: flo
     """The one check of the rank count and the options that go with it, run before any model loads or rank
     starts (CLI and API alike): an option that only a tensor-parallel run uses is refused on one rank rather
     than dropped, and single-rank options are refused with several."""
-    _check_rank_count(tp)
+    check_rank_count(tp)
     if compression not in (None, "int8"):
         raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
     if tp == 1:
@@ -96,8 +97,7 @@ def stage_spans(num_layers: int, pp: int, layer_split: str | None = None) -> lis
     else:
         if pp > num_layers:
             raise FerryError(f"--pp {pp} is more stages than the model's {num_layers} layers")
-        base, extra = divmod(num_layers, pp)
-        counts = [base + (1 if s < extra else 0) for s in range(pp)]
+        counts = shard_sizes(num_layers, pp)
     spans, start = [], 0
     for count in counts:
         spans.append(LayerSpan(start, start + count, num_layers))

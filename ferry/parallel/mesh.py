@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ferry.comm.group import ParallelGroup
 from ferry.errors import FerryError
+from ferry.parallel.layout import check_rank_count
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,7 @@ class Mesh:
 
 
 def check_mesh(tp: int, pp: int) -> Mesh:
-    if tp < 1:
-        raise FerryError(f"--tp must be 1 or more (one rank per device), got {tp}")
+    check_rank_count(tp)
     if pp < 1:
         raise FerryError(f"--pp must be 1 or more (one stage per device group), got {pp}")
     return Mesh(tp, pp)

@@ -194,13 +194,11 @@ class PipelineEngine(BatchAPI):
         self.stage.drain()
 
     def gauges(self) -> dict[str, int]:
-        """What /metrics shows (step_loop.engine_gauges), summed over the micro-batches, with this stage's
-        point-to-point bytes."""
-        from ferry.parallel.step_loop import engine_gauges
-
+        """What /metrics shows (Engine.gauges), summed over the micro-batches, with this stage's point-to-point
+        bytes."""
         total: dict[str, int] = {}
         for engine in self.engines:
-            for key, value in engine_gauges(engine).items():
+            for key, value in engine.gauges().items():
                 total[key] = total.get(key, 0) + value
         total["waiting"] += sum(kind == "add" for pending in self._pending.values() for kind, _ in pending)
         total["pipeline_hidden_bytes"] = self.stage.hidden_bytes_sent

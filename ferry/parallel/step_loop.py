@@ -43,23 +43,6 @@ class LeaveLoop:
 StepToken = tuple[int, int, str, str | None]
 
 
-def engine_gauges(engine: Engine) -> dict[str, int]:
-    """What /metrics shows of the engine: queue and batch sizes, KV blocks, and cumulative work and link bytes."""
-    if hasattr(engine, "gauges"):  # the pipeline engine sums its micro-batches' engines
-        return engine.gauges()
-    s, sched, blocks = engine.stats, engine.scheduler, engine.blocks
-    return {
-        "waiting": len(sched.waiting), "running": len(sched.running), "swapped": len(sched.swapped),
-        "kv_blocks_used": blocks.usable_blocks - blocks.free_blocks, "kv_blocks_total": blocks.usable_blocks,
-        "steps": s.steps, "graph_steps": s.graph_steps, "prefill_tokens": s.prefill_tokens,
-        "decode_tokens": s.decode_tokens, "prefix_hit_tokens": blocks.stats.prefix_hit_tokens,
-        "preemptions": engine.swap.stats.swapped_out + engine.swap.stats.recomputed,
-        "pcie_h2d_bytes": s.upload_bytes + engine.swap.stats.swap_in_bytes,
-        "pcie_d2h_bytes": s.readback_bytes + engine.swap.stats.swap_out_bytes,
-        "allreduce_bytes": s.allreduce_bytes, "allgather_bytes": s.allgather_bytes,
-    }
-
-
 class StepLoop:
     def __init__(self, engine: Engine, commands, events, rank: int, world: int, timeout_s: float) -> None:
         self.engine, self.commands, self.events = engine, commands, events
@@ -83,7 +66,7 @@ class StepLoop:
                 self._apply(command)
             if not self.engine.has_unfinished():
                 if commands and self.rank == 0:  # an abort freed blocks with no step to follow: say so
-                    self.events.put(("step", [], engine_gauges(self.engine)))
+                    self.events.put(("step", [], self.engine.gauges()))
                 continue
             tokens = [(self.cid_of[e.index], e.token_id, e.text, e.finish_reason) for e in self.engine.step()
                       if e.index in self.cid_of]
@@ -91,7 +74,7 @@ class StepLoop:
                 if finish is not None:
                     self.cid_of.pop(self.rid_of.pop(cid), None)
             if self.rank == 0:
-                self.events.put(("step", tokens, engine_gauges(self.engine)))
+                self.events.put(("step", tokens, self.engine.gauges()))
 
     def _take_commands(self, block: bool) -> list:
         """This step's commands, the same on every rank."""

@@ -14,8 +14,19 @@ from ferry.engine.engine import Engine, build_engine
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.memory import peak_resident_mib
+from ferry.model.config import ModelConfig
 from ferry.model.loader import LoadedModel
 from ferry.parallel.launch import rank_device
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline's layout: pp stages of (world size / pp) tensor-parallel ranks."""
+
+    pp: int
+    layer_split: str | None = None
+    micro_batches: int | None = None
+    timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -28,10 +39,7 @@ class GenerateJob:
     chat: bool = False
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): compile, sync_output, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
-    pp: int = 1  # pipeline stages; the world's ranks are pp stages of world // pp tensor-parallel ranks
-    layer_split: str | None = None  # "10,10,12": layers per stage (even when None)
-    micro_batches: int | None = None  # the pipeline's micro-batches (pp when None)
-    timeout_s: float = 300.0  # every collective and stage message
+    pipeline: PipelineSpec | None = None  # the world's ranks as pipeline stages of tensor-parallel ranks
 
 
 def gather_floats(group: ParallelGroup, value: float, device: torch.device) -> list[float]:
@@ -96,7 +104,7 @@ def generate_on_rank(group: ParallelGroup, engine: Engine, prompts: list[list[in
 
 
 def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
-    if job.pp > 1:
+    if job.pipeline is not None:
         return run_pipeline_generate(group, job)
     from ferry.parallel.layout import check_tensor_parallel
 
@@ -122,21 +130,12 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class PipelineSpec:
-    """A pipeline's layout: pp stages of (world size / pp) tensor-parallel ranks."""
-
-    pp: int
-    layer_split: str | None = None
-    micro_batches: int | None = None
-    timeout_s: float = 300.0
-
-
-def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None, shape: str | None,
+def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None, shape: str | ModelConfig | None,
                      device_type: str, dtype_name_: str | None, allreduce: str, engine_options: dict,
                      show_progress: bool = False):
     """This rank's stage: its tensor-parallel shard of its layers (from the checkpoint, or random weights of a
-    named shape) and the pipeline engine over it. Returns (engine, tokenizer or None, TP group, stage spans)."""
+    shape, named or given) and the pipeline engine over it. Returns (engine, tokenizer or None, TP group, stage
+    spans)."""
     from ferry.device import resolve_dtype
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
     from ferry.parallel.layout import check_tensor_parallel, stage_spans
@@ -150,7 +149,7 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
     if shape is not None:
         from ferry.bench.shapes import SHAPES
 
-        config, path = SHAPES[shape], None
+        config, path = (SHAPES[shape] if isinstance(shape, str) else shape), None
     else:
         path = resolve_model_path(model)
         config = open_checkpoint(path)[1]
@@ -176,7 +175,7 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
     """`--pp`: this rank loads its stage's layers only (its tensor-parallel shard of them) and runs the pipeline
     engine; every rank ends with the same completions, rank 0 reports them."""
     started = time.perf_counter()
-    spec = PipelineSpec(job.pp, job.layer_split, job.micro_batches, job.timeout_s)
+    spec = job.pipeline
     engine, tok, tp_group, spans = pipeline_on_rank(world, spec, job.model, None, job.device_type, job.dtype,
                                                     job.allreduce, job.engine_options, world.rank == 0)
     load_s = time.perf_counter() - started
@@ -189,8 +188,8 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
         "model": str(job.model),
         "device": str(engine.device.type),
         "dtype": dtype_name(engine.dtype),
-        "tp": world.world_size // job.pp,
-        "pp": job.pp,
+        "tp": world.world_size // spec.pp,
+        "pp": spec.pp,
         "stages": [str(s) for s in spans],
         "micro_batches": len(engine.engines),
         "load_s": round(load_s, 3),

@@ -1,7 +1,7 @@
 """`GET /metrics`: Prometheus text for requests, the engine's queue and KV cache, latency and the links crossed.
 
 Request-level series are observed here as requests end; engine-level ones are read from the gauges rank 0 sends
-with every step (step_loop.engine_gauges) when Prometheus scrapes. Link bytes are exact counts of what each step
+with every step (Engine.gauges) when Prometheus scrapes. Link bytes are exact counts of what each step
 moved: the packed step inputs and KV swap-ins host -> device, sampled tokens and swap-outs device -> host, and
 with tensor parallelism the all-reduce and logits all-gather messages.
 """
