@@ -44,7 +44,7 @@ def test_json_prints_exactly_one_object_with_every_field():
         (["generate", "x", "--model", "/no/such/model.gguf"], "does not exist"),
         (["generate", "x", "--top-p", "0"], "top_p"),
         (["generate", "x", "--temperature", "-1"], "temperature"),
-        (["generate", "x", "--device", "cuda"], "no CUDA device"),
+        (["generate", "x", "--device", "cuda"], "no cuda device"),
         (["generate", "x", "--dtype", "int3"], "unknown dtype"),
         (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
         (["generate", "x", "--tp", "0"], "--tp must be 1 or more"),

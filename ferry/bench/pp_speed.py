@@ -68,7 +68,7 @@ def _pipeline_engine(world: ParallelGroup, job: LayoutJob, device, allreduce: st
     from ferry.parallel.tp_generate import PipelineSpec, pipeline_on_rank
 
     spec = PipelineSpec(job.pp, micro_batches=job.micro_batches, timeout_s=600)
-    engine, _, _, _ = pipeline_on_rank(world, spec, None, job.config, device.type, job.dtype, allreduce,
+    engine, _, _, _, _ = pipeline_on_rank(world, spec, None, job.config, device.type, job.dtype, allreduce,
                                        {"kv_memory": job.kv_memory})
     return engine
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ferry.comm.allreduce_engine import AllReduceEngine, PendingSum
+from ferry.model.layers.shard import shard_range, shard_sizes
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,17 @@ class ParallelGroup:
     process_group: dist.ProcessGroup | None = None
     compression: str | None = None  # "int8": lossy all-reduce of row-parallel outputs (see compressed.py)
     allreduce: AllReduceEngine | None = None  # per-size path choice (allreduce_engine.py); None: the process group
+    # Each rank's weight in an uneven split of heads, FFN columns and vocabulary (ranks of unequal speed,
+    # placement.py); None: even.
+    shares: tuple[float, ...] | None = None
+
+    def shard_range(self, total: int, unit: int = 1) -> tuple[int, int]:
+        """[start, stop) of this rank's share of `total` (cut at multiples of `unit`)."""
+        start, stop = shard_range(total // unit, self.world_size, self.rank, self.shares)
+        return start * unit, stop * unit
+
+    def shard_widths(self, total: int) -> list[int]:
+        return shard_sizes(total, self.world_size, self.shares)
 
     def with_allreduce(self, mode: str, device: torch.device, dtype: torch.dtype) -> ParallelGroup:
         """This group with an all-reduce engine for `mode` ("auto": calibrated; or one path's name)."""

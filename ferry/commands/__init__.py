@@ -113,6 +113,13 @@ PpOpt = Annotated[Optional[int], typer.Option("--pp", help="pipeline stages of c
                                                "one per node by default) \\[default: 1]")]
 LayerSplitOpt = Annotated[Optional[str], typer.Option("--layer-split", help="layers per pipeline stage, e.g. "
                                                       "10,10,12 \\[default: even]")]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="where each pipeline stage runs, with its "
+                                                  "layers: cuda:0=24,cpu=6, or cuda:0,cpu to size them by measured "
+                                                  "speed, or a placement JSON file (TP stages, threads, shares)",
+                                                  show_default=False)]
+TpSharesOpt = Annotated[Optional[str], typer.Option("--tp-shares", help="uneven tensor parallelism for ranks of "
+                                                    "unequal speed: each rank's share of heads and FFN columns, "
+                                                    "e.g. 2,1, or 'auto' (measured)", show_default=False)]
 MicroBatchesOpt = Annotated[Optional[int], typer.Option("--micro-batches", help="micro-batches flowing through the "
                                                         "pipeline \\[default: --pp]")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds any collective, stage message or rank may "

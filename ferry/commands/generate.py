@@ -26,6 +26,7 @@ from ferry.commands import (
     ModelOpt,
     PpOpt,
     SeedOpt,
+    StagesOpt,
     StopOpt,
     StreamOpt,
     StreamPrinter,
@@ -34,6 +35,7 @@ from ferry.commands import (
     TopKOpt,
     TopPOpt,
     TpOpt,
+    TpSharesOpt,
     TpUnsetOpt,
     VerboseOpt,
     WeightsOpt,
@@ -73,6 +75,8 @@ def generate(
     pp: PpOpt = None,
     layer_split: LayerSplitOpt = None,
     micro_batches: MicroBatchesOpt = None,
+    stages: StagesOpt = None,
+    tp_shares: TpSharesOpt = None,
     timeout: TimeoutOpt = 300.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     compressed_allreduce: CompressedAllReduceOpt = None,
@@ -86,18 +90,29 @@ def generate(
 
     def run() -> None:
         from ferry.api import LLM
+        from ferry.errors import FerryError
         from ferry.device import dtype_name
         from ferry.engine.sampling import SamplingParams
         from ferry.parallel.launch import under_torchrun
         from ferry.parallel.layout import check_parallel_options, check_pipeline_options
-        from ferry.parallel.mesh import check_mesh, mesh_under_torchrun, torchrun_layout
+        from ferry.parallel.mesh import Mesh, check_mesh, mesh_under_torchrun, torchrun_layout
+        from ferry.parallel.placement import placement_from_options
 
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
+        placement = placement_from_options(stages, tp_shares, device, tp, pp, layer_split)
+        if placement is not None and under_torchrun():
+            raise FerryError("--stages and --tp-shares are not offered under torchrun yet (each process takes its "
+                             "node's device); run them on one machine")
         # Under torchrun the rank count is torchrun's: TP inside a node and PP across nodes unless told otherwise.
-        mesh = mesh_under_torchrun(tp, pp, *torchrun_layout()) if under_torchrun() else check_mesh(1 if tp is None else tp, 1 if pp is None else pp)
+        if placement is not None:
+            mesh = Mesh(placement.tp, placement.pp)
+        elif under_torchrun():
+            mesh = mesh_under_torchrun(tp, pp, *torchrun_layout())
+        else:
+            mesh = check_mesh(1 if tp is None else tp, 1 if pp is None else pp)
         check_parallel_options(mesh.tp, weights, offload_weights, compressed_allreduce, allreduce)
         compiled = bool(compile) or compile_mode is not None  # one-shot: compiled only when asked
         check_pipeline_options(mesh.pp, layer_split, micro_batches, compiled, overlap_prefill, weights, offload_weights,
@@ -108,7 +123,7 @@ def generate(
             if mesh.pp > 1:
                 engine_options = dict(kv_memory=kv_memory)
             _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compressed_allreduce,
-                         engine_options, allreduce, layer_split, micro_batches, timeout)
+                         engine_options, allreduce, layer_split, micro_batches, timeout, placement)
             return
         llm = LLM(model, device=device, dtype=dtype, show_progress=True, compile=compiled,
                   compile_mode=compile_mode, weights=weights, sync_output=sync_output, offload_weights=offload_weights,
@@ -142,22 +157,30 @@ def generate(
 
 
 def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compression, engine_options,
-                 allreduce, layer_split, micro_batches, timeout) -> None:
-    """`--tp N --pp M`: spawn N x M ranks (or join torchrun's), each loading only its stage's shard; rank 0
-    prints."""
+                 allreduce, layer_split, micro_batches, timeout, placement=None) -> None:
+    """`--tp N --pp M` (or `--stages`): spawn N x M ranks (or join torchrun's), each loading only its stage's
+    shard; rank 0 prints."""
     from ferry.device import resolve_device
     from ferry.engine.engine import Completion
     from ferry.model.loader import open_checkpoint, resolve_model_path
     from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
+    import torch
+
     from ferry.parallel.layout import check_launch
+    from ferry.parallel.placement import check_fits
     from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
 
-    dev = resolve_device(device)
+    dev = resolve_device(device) if placement is None else torch.device(placement.rank(0).device_type)
     path = resolve_model_path(model)
     _, config, _ = open_checkpoint(path)
     pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches, timeout) if mesh.pp > 1 else None
-    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce, pipeline)
-    if under_torchrun():
+    job = GenerateJob(str(path), dev.type, dtype, tuple(prompts), params, chat, engine_options, allreduce, pipeline,
+                      placement)
+    if placement is not None:
+        check_fits(placement, config)
+        result = spawn(mesh.world, dev.type, run_generate, (job,), timeout_s=timeout, compression=compression,
+                       placement=placement)
+    elif under_torchrun():
         check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split, devices_needed=1)
         group = torchrun_group(dev.type, timeout_s=timeout, compression=compression)
         result = run_generate(group, job)
@@ -169,7 +192,8 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, com
     completions = [Completion(**c) for c in result.pop("completions")]
     if as_json:
         keys = ("model", "device", "dtype", "tp", "pp", "stages", "micro_batches", "load_s", "peak_host_mb_per_rank",
-                "hidden_bytes_sent_per_rank", "allreduce_calls")
+                "hidden_bytes_sent_per_rank", "allreduce_calls", "placement", "stage_dtypes", "speed_split",
+                "tp_shares")
         doc = {k: result[k] for k in keys if k in result}
         doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
         print(json.dumps(doc), flush=True)
@@ -177,6 +201,11 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, com
     print_completions(completions)
     paths = ", ".join(f"{name} x{n}" for name, n in result["allreduce_calls"].items() if n) or "none"
     layout = f"tp={result['tp']}" + (f" x pp={result['pp']} ({', '.join(result['stages'])})" if "pp" in result else "")
+    if "placement" in result:
+        layout += " on " + " | ".join(f"{'+'.join(p['devices'])} {dt}" for p, dt in
+                                      zip(result["placement"], result["stage_dtypes"], strict=True))
+    if result.get("tp_shares"):
+        layout += f", TP shares {', '.join(map(str, result['tp_shares']))}"
     err(f"{summary_line(completions)} ({layout}, peak host memory per rank "
         f"{', '.join(f'{m:.0f}' for m in result['peak_host_mb_per_rank'])} MB, all-reduce paths by eager call or graph capture: {paths})")
 

@@ -231,6 +231,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, QuantizableMatmul):
                 module.keep_quantized = keep
 
+    def emulate_slowdown(self, factor: int) -> None:
+        """Run every matmul `factor` times: this rank computes as a device `factor` times slower would (a
+        placement's `slowdown`; ferry/parallel/placement.py)."""
+        for module in self.modules():
+            if isinstance(module, QuantizableMatmul):
+                module.slowdown = factor
+
     def weight_formats(self) -> str:
         """e.g. "210 int4, 1 int8": how many matmuls hold each weight format (logs, --verbose, benchmarks)."""
         counts = Counter(m.weight_format for m in self.modules()

@@ -172,10 +172,11 @@ def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool
 
 
 def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
-                      new_tokens: int = 16, repeats: int = 3) -> Calibration:
+                      new_tokens: int = 16, repeats: int = 3, slowdown: int = 1) -> Calibration:
     """Ferry's own decode step on `device`, timed with one and with three decoder layers of `config`'s shape
     (random weights, the path a real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a
-    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count."""
+    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count.
+    `slowdown`: the emulated slow device of a placement (placement.py)."""
     from dataclasses import replace
 
     import torch
@@ -188,8 +189,9 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
     kv = "2GiB" if device.type == "cuda" else "0.5GiB"
     steps: dict[int, dict[int, float]] = {}
     for layers in (1, 3):
-        engine = Engine(random_model(replace(config, num_layers=layers), device, dtype), None, kv_memory=kv,
-                        max_running=max(token_counts))
+        model = random_model(replace(config, num_layers=layers), device, dtype)
+        model.emulate_slowdown(slowdown)
+        engine = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
         # The fastest of the repeats: load on a shared machine only ever slows a run, and the layer is a difference
         # of two timings, which noise in either would swamp.
         steps[layers] = {n: 1.0 / max(ferry_decode(engine, n, 32, new_tokens, config.vocab_size, 1)

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from ferry.comm.group import ParallelGroup
+from ferry.device import BACKENDS, backend_for
 from ferry.errors import FerryError
 
 log = logging.getLogger("ferry.launch")
-BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "npu": "hccl"}
 
 
 def free_port() -> int:
@@ -66,23 +66,29 @@ def sigint_ignored_by_children():
         signal.signal(signal.SIGINT, previous)
 
 
-def rank_device(rank: int, device_type: str) -> torch.device:
-    """The device a rank computes on: one GPU per rank (wrapping if ranks outnumber GPUs), or the host."""
-    if device_type == "cuda":
-        return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+def rank_device(rank: int, device_type: str, placement=None) -> torch.device:
+    """The device a rank computes on: the placement's, else one accelerator per rank (wrapping if ranks outnumber
+    them), or the host."""
+    if placement is not None:
+        return torch.device(placement.rank(rank).device)
+    if device_type != "cpu":
+        return torch.device(device_type, rank % torch.accelerator.device_count())
     return torch.device(device_type)
 
 
 def init_group(
-    rank: int, world: int, device_type: str, init_method: str, timeout_s: float, compression: str | None = None
+    rank: int, world: int, device_type: str, init_method: str, timeout_s: float, compression: str | None = None,
+    placement=None,
 ) -> ParallelGroup:
-    backend = BACKENDS.get(device_type)
-    if backend is None:
-        raise FerryError(f"no torch.distributed backend known for device type {device_type!r}")
-    if device_type == "cuda":
-        torch.cuda.set_device(rank_device(rank, device_type))
+    """Join the world group. With a placement (ranks on devices of different kinds, placement.py) the world group
+    is gloo, host-side, and the ranks that share an accelerator type get their own groups of its backend later."""
+    backend = placement.world_backend if placement is not None else backend_for([device_type])
+    device = rank_device(rank, device_type, placement)
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index or 0)
     # Ranks share the host's cores: without this, gloo ranks oversubscribe them and decode slows several-fold.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    threads = placement.threads(rank) if placement is not None else max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelGroup(rank=rank, world_size=world, process_group=dist.group.WORLD, compression=compression)
@@ -102,12 +108,13 @@ def log_like_parent(rank: int, level: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format=f"ferry: rank {rank}: %(name)s: %(message)s")
 
 
-def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results, log_level) -> None:
+def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, args, results, log_level,
+            placement) -> None:
     die_with_parent()
     keep_multicast_off()
     log_like_parent(rank, log_level)
     try:
-        group = init_group(rank, world, device_type, init_method, timeout_s, compression)
+        group = init_group(rank, world, device_type, init_method, timeout_s, compression, placement)
         log.info("rank %d of %d joined the group (pid %d)", rank, world, os.getpid())
         result = fn(group, *args)
         if rank == 0:
@@ -127,19 +134,21 @@ def _worker(rank, world, device_type, init_method, timeout_s, compression, fn, a
 
 def spawn(
     world: int, device_type: str, fn: Callable[..., Any], args: tuple, timeout_s: float = 300.0,
-    compression: str | None = None,
+    compression: str | None = None, placement=None,
 ) -> Any:
-    """Run fn(group, *args) on `world` spawned ranks; return rank 0's result."""
+    """Run fn(group, *args) on `world` spawned ranks (on the devices of `placement`, if given); return rank 0's
+    result."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
     level = logging.getLogger("ferry").getEffectiveLevel()
     procs = [ctx.Process(target=_worker, args=(r, world, device_type, init_method, timeout_s, compression, fn, args, results,
-                                               level), name=f"ferry-rank{r}", daemon=True) for r in range(world)]
+                                               level, placement), name=f"ferry-rank{r}", daemon=True) for r in range(world)]
     with sigint_ignored_by_children():
         for p in procs:
             p.start()
-    log.info("spawned %d ranks (%s, %s), pids %s", world, device_type, BACKENDS[device_type],
+    log.info("spawned %d ranks (%s, %s), pids %s", world, placement or device_type,
+             placement.world_backend if placement else BACKENDS[device_type],
              " ".join(str(p.pid) for p in procs))
     try:
         outcome = None

@@ -107,16 +107,18 @@ class StagePeers:
         return [self.mesh.rank_at(s, self.mesh.tp_rank_of(self.rank)) for s in range(self.mesh.pp - 1)]
 
 
-def split_groups(mesh: Mesh, rank: int, compression: str | None) -> ParallelGroup:
+def split_groups(mesh: Mesh, rank: int, compression: str | None,
+                 stage_backends: list[str] | None = None) -> ParallelGroup:
     """This rank's tensor-parallel group. Every rank creates every stage's group, in one order (new_group is a
-    collective over the whole world), and keeps its own."""
+    collective over the whole world), and keeps its own. `stage_backends`: each stage's backend where stages are
+    on different kinds of device (the world group is then gloo); else the world's."""
     if mesh.tp == 1:
         return ParallelGroup.single()
     if mesh.pp == 1:
         return ParallelGroup(rank=rank, world_size=mesh.tp, process_group=dist.group.WORLD, compression=compression)
     mine = None
     for stage in range(mesh.pp):
-        group = dist.new_group(mesh.stage_ranks(stage))
+        group = dist.new_group(mesh.stage_ranks(stage), backend=stage_backends[stage] if stage_backends else None)
         if stage == mesh.stage_of(rank):
             mine = group
     return ParallelGroup(rank=mesh.tp_rank_of(rank), world_size=mesh.tp, process_group=mine, compression=compression)

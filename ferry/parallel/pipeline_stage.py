@@ -10,30 +10,99 @@ Two links, for two reasons. Hidden states go over the device backend (NCCL betwe
 direction only, stage s -> s+1. Token ids go back over a separate gloo group on the host: the schedulers need them
 on the host anyway, and a pair of GPUs sending hidden states one way and tokens the other on one NCCL communicator
 would serialise both on its stream, where a send can wait for a receive queued behind it (a deadlock).
+
+Stages on devices of different kinds (placement.py: a GPU stage and a CPU stage) meet through the host: the GPU
+side copies its hidden states into a pinned buffer on its copy stream and sends that over gloo once the copy is
+done, without holding up the launch of its next micro-batch (the send is posted when the host next has to wait
+anyway); a GPU receiving from a CPU takes the message into a pinned buffer and uploads it. Each stage computes in
+its own dtype (bf16 on a GPU, fp32 or bf16 on a CPU); a message travels in the narrower of the two and the
+receiver converts it.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ferry.comm.copy_stream import CopyStream
+from ferry.comm.pinned_pool import PinnedBufferPool
+from ferry.device import BACKENDS
 from ferry.errors import FerryError
 from ferry.parallel.mesh import StagePeers
 
 log = logging.getLogger("ferry.pipeline")
 
 
-class PipelineLinks:
-    """The process groups of one pipeline (created on every rank, in one order: group creation is collective)."""
+@dataclass(frozen=True)
+class Hop:
+    """How hidden states cross one stage boundary, seen from either end."""
 
-    def __init__(self, peers: StagePeers, timeout_s: float) -> None:
+    sender: torch.device
+    receiver: torch.device
+    wire_dtype: torch.dtype  # the narrower of the two stages' dtypes (the receiver's on a tie)
+    group: dist.ProcessGroup | None = None  # None: the world group
+
+    @property
+    def via_host(self) -> bool:
+        """A CPU on one side and an accelerator on the other: the accelerator's side stages through pinned memory."""
+        return (self.sender.type == "cpu") != (self.receiver.type == "cpu")
+
+    @classmethod
+    def between(cls, sender: torch.device, sender_dtype: torch.dtype, receiver: torch.device,
+                receiver_dtype: torch.dtype, group=None) -> Hop:
+        narrower = sender_dtype if sender_dtype.itemsize < receiver_dtype.itemsize else receiver_dtype
+        return cls(sender, receiver, narrower, group)
+
+
+class _SendDone:
+    """A pinned buffer's fence for the pool: free once its gloo send completed."""
+
+    def __init__(self, work) -> None:
+        self.work = work
+
+    def query(self) -> bool:
+        return self.work.is_completed()
+
+
+class PipelineLinks:
+    """The process groups of one pipeline (created on every rank, in one order: group creation is collective).
+
+    `stage_devices` / `stage_dtypes`: each stage's device (of this rank's TP position) and dtype, where stages
+    differ (a placement); by default every stage is on this rank's kind of device, in its dtype, and hidden states
+    use the world group."""
+
+    def __init__(self, peers: StagePeers, timeout_s: float, stage_devices: list[torch.device] | None = None,
+                 stage_dtypes: list[torch.dtype] | None = None) -> None:
         self.peers = peers
         self.timeout = datetime.timedelta(seconds=timeout_s)
         # The world group carries hidden states; tokens and host-side agreement get their own gloo group.
         self.tokens = dist.new_group(backend="gloo", timeout=self.timeout)
+        self.stage_devices, self.stage_dtypes = stage_devices, stage_dtypes
+        self._groups: dict[int, dist.ProcessGroup] = {}
+        if stage_devices is not None and len({d.type for d in stage_devices}) > 1:
+            # A mixed world group is gloo: neighbouring stages on one kind of accelerator get a group of its
+            # backend for each TP position's pair (every rank creates every pair's group, in one order).
+            mesh = peers.mesh
+            for boundary in range(mesh.pp - 1):
+                a, b = stage_devices[boundary], stage_devices[boundary + 1]
+                if a.type == b.type != "cpu":
+                    for t in range(mesh.tp):
+                        pair = [mesh.rank_at(boundary, t), mesh.rank_at(boundary + 1, t)]
+                        group = dist.new_group(pair, backend=BACKENDS[a.type], timeout=self.timeout)
+                        if peers.rank in pair:
+                            self._groups[boundary] = group
+
+    def hop(self, boundary: int, device: torch.device, dtype: torch.dtype) -> Hop:
+        """The hop from stage `boundary` to the next, for a rank on `device` in `dtype` (the default layout)."""
+        if self.stage_devices is None:
+            return Hop(device, device, dtype)
+        s, r = boundary, boundary + 1
+        return Hop.between(self.stage_devices[s], self.stage_dtypes[s], self.stage_devices[r], self.stage_dtypes[r],
+                           self._groups.get(boundary))
 
     def agree_min(self, values: list[float]) -> list[float]:
         """The smallest of each value over every rank of every stage (pool sizes, measured rates)."""
@@ -55,7 +124,14 @@ class PipelineStage:
         # so the link between stages (between nodes) carries the hidden state once, not tp times.
         self.tp = model.group
         self.split = self.tp.world_size > 1 and self.hidden_size % self.tp.world_size == 0
+        stage = self.peers.stage
+        self.send_hop = None if self.last else links.hop(stage, self.device, self.dtype)
+        self.recv_hop = None if self.first else links.hop(stage - 1, self.device, self.dtype)
+        hops = [h for h in (self.send_hop, self.recv_hop) if h is not None]
+        self.copies = CopyStream(self.device) if any(h.via_host for h in hops) else None
+        self.pool = PinnedBufferPool(max_bytes=256 << 20) if self.copies and self.device.type == "cuda" else None
         self._sends: list = []  # (work, tensor): a sent tensor lives until its send completed
+        self._staged: list = []  # (fence, pinned buffer, host tensor): copied to the host, not yet sent
         self.hidden_bytes_sent = 0
         self.token_bytes_sent = 0
 
@@ -70,6 +146,7 @@ class PipelineStage:
     def run(self, ids: torch.Tensor, positions: torch.Tensor, caches, paged, logits_index: torch.Tensor):
         """This stage's layers over the step: logits [rows, vocab] on the last stage, None on the others (their
         output has been sent on)."""
+        self._post_staged(block=False)
         tokens = ids.numel()
         if self.first:
             inputs = ids.view(1, tokens)
@@ -82,6 +159,7 @@ class PipelineStage:
     def run_captured(self, graph, rows: int):
         """A decode step of `rows` rows replayed from the stage's CUDA graph (paged_graphs.py); the messages carry
         the real rows only, never the bucket's padding."""
+        self._post_staged(block=False)
         if not self.first:
             self._receive_hidden(graph.hidden[:, :rows])
         out = graph.replay(rows)
@@ -90,20 +168,71 @@ class PipelineStage:
 
     def _send_hidden(self, out: torch.Tensor) -> None:
         self._reap()
+        hop = self.send_hop
+        if out.dtype != hop.wire_dtype:
+            out = out.to(hop.wire_dtype)
         if self.split:
             out = out.reshape(-1).chunk(self.tp.world_size)[self.tp.rank]  # a view: it keeps `out` alive
-        self._sends.append((dist.isend(out, dst=self.peers.next), out))
         self.hidden_bytes_sent += out.numel() * out.element_size()
+        if hop.via_host and self.device.type != "cpu":
+            # Into pinned memory on the copy stream; sent once the copy is done (_post_staged), so the host goes
+            # on to launch the next micro-batch meanwhile.
+            buf = self.pool.acquire(out.numel() * out.element_size())
+            host = buf.view(out.numel() * out.element_size(), out.dtype, tuple(out.shape))
+            fence = self.copies.copy(host, out, host_pinned=buf.pinned, fence=buf.event, record=False)
+            self._staged.append((fence, buf, host, out))
+            self._post_staged(block=False)
+            return
+        self._sends.append((dist.isend(out, dst=self.peers.next, group=hop.group), out))
+
+    def _post_staged(self, block: bool) -> None:
+        """Send the staged hidden states whose copy to the host is done, in order (all of them with `block`)."""
+        while self._staged:
+            fence, buf, host, _ = self._staged[0]
+            if not block and not fence.query():
+                return
+            fence.synchronize()
+            self._staged.pop(0)
+            work = dist.isend(host, dst=self.peers.next, group=self.send_hop.group)
+            self.pool.release(buf, _SendDone(work))
+            self._sends.append((work, host))
 
     def _receive_hidden(self, buf: torch.Tensor) -> None:
         """Fill `buf` [1, tokens, hidden] (contiguous) with the previous stage's hidden states."""
+        self._post_staged(block=True)  # a stage that waits must not sit on sends its successor waits for
+        hop = self.recv_hop
+        if hop.via_host and self.device.type != "cpu" or buf.dtype != hop.wire_dtype:
+            self._receive_converted(buf, hop)
+            return
         if not self.split:
-            self._wait_hidden(dist.irecv(buf, src=self.peers.previous))
+            self._wait_hidden(dist.irecv(buf, src=self.peers.previous, group=hop.group))
             return
         pieces = list(buf.view(-1).chunk(self.tp.world_size))
         mine = pieces[self.tp.rank]
-        self._wait_hidden(dist.irecv(mine, src=self.peers.previous))
+        self._wait_hidden(dist.irecv(mine, src=self.peers.previous, group=hop.group))
         dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
+
+    def _receive_converted(self, buf: torch.Tensor, hop: Hop) -> None:
+        """The message arrives in another dtype or on the host: receive it as it travels, then convert and (for an
+        accelerator from a CPU) upload it."""
+        numel = buf.numel() // self.tp.world_size if self.split else buf.numel()
+        nbytes = numel * hop.wire_dtype.itemsize
+        on_host = hop.via_host and self.device.type != "cpu"
+        pinned = self.pool.acquire(nbytes) if on_host else None
+        wire = pinned.view(nbytes, hop.wire_dtype, (numel,)) if pinned is not None else \
+            torch.empty(numel, dtype=hop.wire_dtype, device=self.device)
+        work = dist.irecv(wire, src=self.peers.previous, group=hop.group)
+        self._wait(work, f"hidden states from rank {self.peers.previous}") if on_host else self._wait_hidden(work)
+        flat = buf.view(-1)
+        if self.split:
+            pieces = list(flat.chunk(self.tp.world_size))
+            mine = pieces[self.tp.rank]
+            fence = self.copies.copy_in_order(mine, wire, host_pinned=True) if on_host else mine.copy_(wire)
+            dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
+        else:
+            fence = self.copies.copy_in_order(flat, wire, host_pinned=True) if on_host else flat.copy_(wire)
+        if pinned is not None:
+            self.pool.release(pinned, fence)
 
     def receive_tokens(self, rows: int) -> ReceivedTokens:
         """Post the receive of the last stage's sampled tokens for a step of `rows` sampled rows (a step of
@@ -151,6 +280,7 @@ class PipelineStage:
 
     def drain(self) -> None:
         """Wait for every send still in flight (before the groups are destroyed)."""
+        self._post_staged(block=True)
         for work, _ in self._sends:
             self._wait(work, "a send to complete")
         self._sends.clear()
@@ -163,6 +293,7 @@ class ReceivedTokens:
         self.stage, self.work, self.buf = stage, work, buf
 
     def result(self) -> list[int]:
+        self.stage._post_staged(block=True)  # the tokens come after the last stage had these hidden states
         if self.work is not None:
             self.stage._wait(self.work, f"sampled tokens from rank {self.stage.peers.token_source}")
         return self.buf.tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +18,9 @@ from ferry.memory import peak_resident_mib
 from ferry.model.config import ModelConfig
 from ferry.model.loader import LoadedModel
 from ferry.parallel.launch import rank_device
+from ferry.parallel.placement import Placement
+
+log = logging.getLogger("ferry.parallel")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class GenerateJob:
     engine_options: dict = field(default_factory=dict)  # Engine(**engine_options): compile, sync_output, ...
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
     pipeline: PipelineSpec | None = None  # the world's ranks as pipeline stages of tensor-parallel ranks
+    placement: Placement | None = None  # each rank's device, threads and share (placement.py); None: alike
 
 
 def gather_floats(group: ParallelGroup, value: float, device: torch.device) -> list[float]:
@@ -72,34 +77,89 @@ def agree_on_seed(group: ParallelGroup, params: SamplingParams, device: torch.de
     return replace(params, seed=int(seed))
 
 
+def gather_speeds(group, placement: Placement, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  gather_device: torch.device):
+    """Every rank's measured speed (device_speed.py), in rank order; None when the placement needs none."""
+    from ferry.parallel.device_speed import DeviceSpeed, measure, needs_measuring
+
+    if placement is None or not needs_measuring(placement):
+        return None
+    # One rank at a time: a layer's time is the difference of two short timings, which another rank's
+    # measurement on the same host's cores and memory would skew (2 ranks at once timed a 2x slower one faster).
+    rank, mine = torch.distributed.get_rank(), None
+    for turn in range(torch.distributed.get_world_size()):
+        if turn == rank:
+            mine = measure(config, device, dtype, placement.rank(rank).slowdown)
+        torch.distributed.barrier(group=group)
+    t = torch.tensor([mine.layer_s, mine.fixed_s], dtype=torch.float64, device=gather_device)
+    parts = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t, group=group)
+    return [DeviceSpeed(placement.rank(r).device, float(p[0]), float(p[1]), mine.rows) for r, p in enumerate(parts)]
+
+
+def placed_group(group: ParallelGroup, placement: Placement | None, config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, gather_group, gather_device: torch.device):
+    """`group` with this stage's TP shares (given, or from every rank's measured speed) and the split report."""
+    from dataclasses import replace as with_fields
+
+    from ferry.parallel.device_speed import split_by_speed
+
+    if placement is None:
+        return group, None
+    split = split_by_speed(placement, config.num_layers,
+                           gather_speeds(gather_group, placement, config, device, dtype, gather_device))
+    shares = split.shares[torch.distributed.get_rank() // placement.tp]
+    return (with_fields(group, shares=shares) if shares else group), split
+
+
 def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtype_name: str | None, allreduce: str,
-                 show_progress: bool = False) -> tuple[ParallelGroup, LoadedModel]:
-    """This rank's shard of the model, on its device, and the group with its all-reduce engine."""
+                 show_progress: bool = False, placement: Placement | None = None) -> tuple[ParallelGroup, LoadedModel]:
+    """This rank's shard of the model, on its device (its share of it, with a placement), and the group with its
+    all-reduce engine."""
     from ferry.device import resolve_dtype
-    from ferry.model.loader import load_model
+    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
 
-    device = rank_device(group.rank, device_type)
+    device = rank_device(group.rank, device_type, placement)
     dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
+    if placement is not None:
+        path = resolve_model_path(model)
+        group, _ = placed_group(group, placement, open_checkpoint(path)[1], device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)
-    return group, load_model(model, device, dtype, group=group, show_progress=show_progress)
+    loaded = load_model(model, device, dtype, group=group, show_progress=show_progress)
+    if placement is not None:
+        loaded.model.emulate_slowdown(placement.rank(group.rank).slowdown)
+    return group, loaded
 
 
-def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dtype_name: str | None, allreduce: str):
+def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dtype_name: str | None, allreduce: str,
+                         placement: Placement | None = None):
     """This rank's shard of a named architecture with random weights (speed runs of real shapes); no tokenizer."""
     from ferry.bench.shapes import SHAPES, random_model
     from ferry.device import resolve_dtype
 
-    device = rank_device(group.rank, device_type)
+    device = rank_device(group.rank, device_type, placement)
     dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
+    group, _ = placed_group(group, placement, SHAPES[shape], device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)
-    return random_model(SHAPES[shape], device, dtype, group=group), None
+    model = random_model(SHAPES[shape], device, dtype, group=group)
+    if placement is not None:
+        model.emulate_slowdown(placement.rank(group.rank).slowdown)
+    return model, None
+
+
+def group_device(engine, placement: Placement | None) -> torch.device:
+    """Where the world group's tensors live: the host when ranks are on different kinds of device (the group is
+    gloo), else the ranks' device."""
+    return torch.device("cpu") if placement is not None and placement.mixed else engine.device
 
 
 def generate_on_rank(group: ParallelGroup, engine: Engine, prompts: list[list[int]], params: SamplingParams,
-                     on_token=None) -> list:
-    """One request, run in step with the other ranks, checked to have produced the same tokens on all of them."""
-    completions = engine.generate(prompts, agree_on_seed(group, params, engine.device), on_token=on_token)
-    check_ranks_agree(group, completions, engine.device)
+                     on_token=None, device: torch.device | None = None) -> list:
+    """One request, run in step with the other ranks, checked to have produced the same tokens on all of them.
+    `device`: the group's tensors' device (group_device), by default the engine's."""
+    device = device or engine.device
+    completions = engine.generate(prompts, agree_on_seed(group, params, device), on_token=on_token)
+    check_ranks_agree(group, completions, device)
     return completions
 
 
@@ -110,7 +170,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
 
     started = time.perf_counter()
     group, loaded = load_on_rank(group, job.model, job.device_type, job.dtype, job.allreduce,
-                                 show_progress=group.rank == 0)
+                                 show_progress=group.rank == 0, placement=job.placement)
     check_tensor_parallel(loaded.config, group.world_size)
     load_s = time.perf_counter() - started
     peak_after_load = peak_resident_mib()
@@ -123,6 +183,7 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
         "device": str(engine.device.type),
         "dtype": dtype_name(engine.dtype),
         "tp": group.world_size,
+        "tp_shares": list(group.shares) if group.shares else None,
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(group, peak_after_load, engine.device),
         "allreduce_calls": dict(group.allreduce.calls) if group.allreduce else {},
@@ -132,20 +193,35 @@ def run_generate(group: ParallelGroup, job: GenerateJob) -> dict:
 
 def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None, shape: str | ModelConfig | None,
                      device_type: str, dtype_name_: str | None, allreduce: str, engine_options: dict,
-                     show_progress: bool = False):
+                     show_progress: bool = False, placement: Placement | None = None):
     """This rank's stage: its tensor-parallel shard of its layers (from the checkpoint, or random weights of a
-    shape, named or given) and the pipeline engine over it. Returns (engine, tokenizer or None, TP group, stage
-    spans)."""
-    from ferry.device import resolve_dtype
+    shape, named or given) and the pipeline engine over it. With a placement, each stage on its own device, in its
+    own dtype, its layers (and TP shares) as given or sized by every rank's measured speed. Returns (engine,
+    tokenizer or None, TP group, stage spans, speed split or None)."""
+    from ferry.device import BACKENDS, resolve_dtype
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
+    from ferry.model.llama import LayerSpan
     from ferry.parallel.layout import check_tensor_parallel, stage_spans
     from ferry.parallel.mesh import Mesh, StagePeers, split_groups
     from ferry.parallel.pipeline_engine import PipelineEngine
     from ferry.parallel.pipeline_stage import PipelineLinks, PipelineStage
 
-    mesh = Mesh(world.world_size // spec.pp, spec.pp)
-    tp_group = split_groups(mesh, world.rank, world.compression)
-    links = PipelineLinks(StagePeers(mesh, world.rank), spec.timeout_s)
+    if placement is not None:
+        mesh = Mesh(placement.tp, placement.pp)
+        # Each stage's device at this rank's TP position, and its dtype: a CPU stage beside GPUs resolves as one
+        # rank would (bf16 where native); a CPU-only pipeline stays fp32 like every CPU layout.
+        devices = [torch.device(s.ranks[mesh.tp_rank_of(world.rank)].device) for s in placement.stages]
+        dtypes = [resolve_dtype(dtype_name_, d, tp=mesh.tp if placement.mixed else mesh.world) for d in devices]
+        backends = [BACKENDS[s.device_type] for s in placement.stages] if placement.mixed else None
+        tp_group = split_groups(mesh, world.rank, world.compression, backends)
+        links = PipelineLinks(StagePeers(mesh, world.rank), spec.timeout_s, devices, dtypes)
+        device, dtype = devices[links.peers.stage], dtypes[links.peers.stage]
+    else:
+        mesh = Mesh(world.world_size // spec.pp, spec.pp)
+        tp_group = split_groups(mesh, world.rank, world.compression)
+        links = PipelineLinks(StagePeers(mesh, world.rank), spec.timeout_s)
+        device = rank_device(world.rank, device_type)
+        dtype = resolve_dtype(dtype_name_, device, tp=mesh.world)
     if shape is not None:
         from ferry.bench.shapes import SHAPES
 
@@ -154,10 +230,18 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
         path = resolve_model_path(model)
         config = open_checkpoint(path)[1]
     check_tensor_parallel(config, mesh.tp)
-    spans = stage_spans(config.num_layers, mesh.pp, spec.layer_split)
+    tp_group, split = placed_group(tp_group, placement, config, device, dtype, links.tokens, torch.device("cpu"))
+    if split is not None and split.layer_counts:
+        spans, start = [], 0
+        for count in split.layer_counts:
+            spans.append(LayerSpan(start, start + count, config.num_layers))
+            start += count
+        if world.rank == 0:
+            log.info("stages sized by measured speed: %s layers (%s)", ",".join(map(str, split.layer_counts)),
+                     "; ".join(f"{s['device']} {s['layer_ms']} ms/layer" for s in split.speeds))
+    else:
+        spans = stage_spans(config.num_layers, mesh.pp, spec.layer_split or (placement and placement.layer_split))
     span = spans[links.peers.stage]
-    device = rank_device(world.rank, device_type)
-    dtype = resolve_dtype(dtype_name_, device, tp=mesh.world)
     tp_group = tp_group.with_allreduce(allreduce, device, dtype)
     if path is None:
         from ferry.bench.shapes import random_model
@@ -166,9 +250,11 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
     else:
         loaded = load_model(path, device, dtype, group=tp_group, span=span, show_progress=show_progress)
         stage_model, tokenizer = loaded.model, loaded.tokenizer
+    if placement is not None:
+        stage_model.emulate_slowdown(placement.rank(world.rank).slowdown)
     engine = PipelineEngine(stage_model, tokenizer, PipelineStage(stage_model, links), spec.micro_batches,
                             **engine_options)
-    return engine, tokenizer, tp_group, spans
+    return engine, tokenizer, tp_group, spans, split
 
 
 def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
@@ -176,15 +262,17 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
     engine; every rank ends with the same completions, rank 0 reports them."""
     started = time.perf_counter()
     spec = job.pipeline
-    engine, tok, tp_group, spans = pipeline_on_rank(world, spec, job.model, None, job.device_type, job.dtype,
-                                                    job.allreduce, job.engine_options, world.rank == 0)
+    engine, tok, tp_group, spans, split = pipeline_on_rank(world, spec, job.model, None, job.device_type, job.dtype,
+                                                           job.allreduce, job.engine_options, world.rank == 0,
+                                                           job.placement)
     load_s = time.perf_counter() - started
     peak_after_load = peak_resident_mib()
     ids = [tok.encode_chat(p) if job.chat else tok.encode(p) for p in job.prompts]
-    completions = generate_on_rank(world, engine, ids, job.params)
+    on = group_device(engine, job.placement)
+    completions = generate_on_rank(world, engine, ids, job.params, device=on)
     engine.close()  # only after a run that ended well: on an error, waiting for sends would hide it
-    sent = gather_floats(world, engine.stage.hidden_bytes_sent, engine.device)
-    return {
+    sent = gather_floats(world, engine.stage.hidden_bytes_sent, on)
+    doc = {
         "model": str(job.model),
         "device": str(engine.device.type),
         "dtype": dtype_name(engine.dtype),
@@ -193,8 +281,17 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
         "stages": [str(s) for s in spans],
         "micro_batches": len(engine.engines),
         "load_s": round(load_s, 3),
-        "peak_host_mb_per_rank": gather_floats(world, peak_after_load, engine.device),
+        "peak_host_mb_per_rank": gather_floats(world, peak_after_load, on),
         "hidden_bytes_sent_per_rank": [int(b) for b in sent],
         "allreduce_calls": dict(tp_group.allreduce.calls) if tp_group.allreduce else {},
         "completions": [asdict(c) for c in completions],
     }
+    if job.placement is not None:
+        stages = job.placement.stages
+        doc["device"] = "+".join(dict.fromkeys(s.device_type for s in stages))
+        doc["placement"] = [{"devices": [r.device for r in st.ranks], "layers": str(span)}
+                            for st, span in zip(stages, spans, strict=True)]
+        doc["stage_dtypes"] = [dtype_name(d) for d in engine.stage.links.stage_dtypes or [engine.dtype]]
+        if split is not None:
+            doc["speed_split"] = split.to_json()
+    return doc

@@ -26,8 +26,8 @@ from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
 from ferry.memory import peak_resident_mib
+from ferry.device import BACKENDS
 from ferry.parallel.launch import (
-    BACKENDS,
     describe_dead_rank,
     die_with_parent,
     free_port,
@@ -35,6 +35,7 @@ from ferry.parallel.launch import (
     keep_multicast_off,
     sigint_ignored_by_children,
 )
+from ferry.parallel.placement import Placement
 from ferry.parallel.tp_generate import PipelineSpec
 
 log = logging.getLogger("ferry.workers")
@@ -51,6 +52,7 @@ class WorkerSpec:
     allreduce: str = "auto"  # all-reduce path: "auto" (calibrated per size) or one path's name
     shape: str | None = None  # a named architecture (ferry/bench/shapes.py) with random weights, instead of `model`
     pipeline: PipelineSpec | None = None  # pp stages of the ranks (each stage tensor parallel over the rest)
+    placement: Placement | None = None  # each rank's device, threads and share (placement.py); None: alike
 
     @property
     def pp(self) -> int:
@@ -67,24 +69,29 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
         from ferry.parallel.tp_generate import (
             gather_floats,
             generate_on_rank,
+            group_device,
             load_on_rank,
             pipeline_on_rank,
             random_model_on_rank,
         )
 
-        group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression)
+        group = init_group(rank, world, spec.device_type, init_method, timeout_s, compression, spec.placement)
         if spec.pipeline is not None:
-            engine, _, _, _ = pipeline_on_rank(group, spec.pipeline, spec.model or None, spec.shape, spec.device_type,
-                                               spec.dtype, spec.allreduce, spec.engine_options)
+            engine, _, _, _, _ = pipeline_on_rank(group, spec.pipeline, spec.model or None, spec.shape,
+                                                  spec.device_type, spec.dtype, spec.allreduce, spec.engine_options,
+                                                  placement=spec.placement)
         elif spec.shape is not None:
-            model, tokenizer = random_model_on_rank(group, spec.shape, spec.device_type, spec.dtype, spec.allreduce)
+            model, tokenizer = random_model_on_rank(group, spec.shape, spec.device_type, spec.dtype, spec.allreduce,
+                                                    spec.placement)
             engine = build_engine(model, tokenizer, **spec.engine_options)
         else:
-            group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce)
+            group, loaded = load_on_rank(group, spec.model, spec.device_type, spec.dtype, spec.allreduce,
+                                         placement=spec.placement)
             engine = build_engine(loaded.model, loaded.tokenizer, **spec.engine_options)
-        peaks = gather_floats(group, peak_resident_mib(), engine.device)
+        on = group_device(engine, spec.placement)
+        peaks = gather_floats(group, peak_resident_mib(), on)
         if rank == 0:
-            events.put(("ready", 0, {"device": engine.device.type, "dtype": dtype_name(engine.dtype),
+            events.put(("ready", 0, {"device": str(spec.placement) if spec.placement else engine.device.type, "dtype": dtype_name(engine.dtype),
                                      "tp": world // spec.pp, "pp": spec.pp,
                                   "peak_host_mb_per_rank": peaks,
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
@@ -105,7 +112,7 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
                     events.put(("rejected", request, str(exc)))
                 continue
             on_token = (lambda e: events.put(("token", request, e))) if rank == 0 else None
-            completions = generate_on_rank(group, engine, prompts, params, on_token)
+            completions = generate_on_rank(group, engine, prompts, params, on_token, device=on)
             if rank == 0:
                 events.put(("done", request, pickle.dumps(completions)))
         if hasattr(engine, "close"):  # the pipeline engine: its last sends complete before the groups go
@@ -129,7 +136,7 @@ class TensorParallelWorkers:
             raise FerryError(f"no torch.distributed backend known for device type {spec.device_type!r}")
         ctx = mp.get_context("spawn")
         self.tp, self.timeout_s = tp, timeout_s
-        world = tp * spec.pp  # with a pipeline, pp stages of tp ranks each
+        world = spec.placement.world if spec.placement else tp * spec.pp  # pp stages of tp ranks each
         self._requests = 0
         self._events = ctx.Queue()
         self._commands = [ctx.Queue() for _ in range(world)]

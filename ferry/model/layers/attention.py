@@ -103,7 +103,7 @@ class Attention(nn.Module):
         group: ParallelGroup,
     ) -> None:
         super().__init__()
-        heads = HeadShard.for_rank(num_heads, num_kv_heads, group.world_size, group.rank)
+        heads = HeadShard.for_rank(num_heads, num_kv_heads, group.world_size, group.rank, group.shares)
         self.heads = heads
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, head_dim
         # Each rank's queries find their keys locally: folded per KV head when the local groups are equal,

@@ -9,7 +9,6 @@ from torch import nn
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.linear import QuantizableMatmul
 from ferry.model.layers.quant import quantize_rows_int8
-from ferry.model.layers.shard import shard_range, shard_sizes
 from ferry.model.weights.source import WeightSource
 
 
@@ -17,8 +16,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, group: ParallelGroup) -> None:
         super().__init__()
         self.group = group
-        self.vocab_start, self.vocab_stop = shard_range(vocab_size, group.world_size, group.rank)
-        self.shard_widths = shard_sizes(vocab_size, group.world_size)
+        self.vocab_start, self.vocab_stop = group.shard_range(vocab_size)
+        self.shard_widths = group.shard_widths(vocab_size)
         self.weight = nn.Parameter(torch.empty(self.vocab_stop - self.vocab_start, dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,9 @@ class HeadShard:
     group_size: int  # query heads per KV head in the whole model
 
     @classmethod
-    def for_rank(cls, num_heads: int, num_kv_heads: int, world_size: int, rank: int) -> HeadShard:
+    def for_rank(cls, num_heads: int, num_kv_heads: int, world_size: int, rank: int,
+                 shares: tuple[float, ...] | None = None) -> HeadShard:
+        """`shares`: each rank's weight for an uneven split (ranks of unequal speed); None splits evenly."""
         if num_heads % num_kv_heads:
             raise FerryError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
         if world_size > num_heads:
@@ -39,9 +41,9 @@ class HeadShard:
                              f"use --tp <= {num_heads}")
         group = num_heads // num_kv_heads
         if world_size <= num_kv_heads:
-            kv_start, kv_stop = shard_range(num_kv_heads, world_size, rank)
+            kv_start, kv_stop = shard_range(num_kv_heads, world_size, rank, shares)
             return cls(kv_start * group, kv_stop * group, kv_start, kv_stop, group)
-        q_start, q_stop = shard_range(num_heads, world_size, rank)
+        q_start, q_stop = shard_range(num_heads, world_size, rank, shares)
         return cls(q_start, q_stop, q_start // group, (q_stop - 1) // group + 1, group)
 
     @property

@@ -11,7 +11,6 @@ from torch import nn
 
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.quant import Int4Weight, Int8Weight, int4_linear, int8_linear, quantize_rows_int8
-from ferry.model.layers.shard import shard_range
 from ferry.model.weights.repack import can_pack_int4, pack_int4
 from ferry.model.weights.source import WeightSource
 
@@ -24,8 +23,16 @@ class QuantizableMatmul(nn.Module):
     int8: Int8Weight | None = None
     int4: Int4Weight | None = None
     keep_quantized = False  # set per module before loading (LlamaForCausalLM.keep_quantized)
+    # Run every matmul this many times: emulates a device that much slower (a placement's `slowdown`, to test and
+    # measure uneven splits on one host). 1 everywhere else.
+    slowdown = 1
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.slowdown - 1):
+            self._matmul(x)
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None:
             return int4_linear(x, self.int4)
         if self.int8 is not None:
@@ -77,10 +84,7 @@ class ColumnParallelLinear(QuantizableMatmul):
         self.group = group
         if block_ranges is None:
             units = units or [1] * len(block_sizes)
-            block_ranges = []
-            for size, unit in zip(block_sizes, units, strict=True):
-                start, stop = shard_range(size // unit, group.world_size, group.rank)
-                block_ranges.append((start * unit, stop * unit))
+            block_ranges = [group.shard_range(size, unit) for size, unit in zip(block_sizes, units, strict=True)]
         self.block_ranges = list(block_ranges)
         self.out_features = sum(stop - start for start, stop in self.block_ranges)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
@@ -117,10 +121,7 @@ class RowParallelLinear(QuantizableMatmul):
     ) -> None:
         super().__init__()
         self.group = group
-        if in_range is None:
-            start, stop = shard_range(in_features // unit, group.world_size, group.rank)
-            in_range = (start * unit, stop * unit)
-        self.in_range = in_range
+        self.in_range = in_range if in_range is not None else group.shard_range(in_features, unit)
         self.weight = nn.Parameter(
             torch.empty(out_features, self.in_range[1] - self.in_range[0]), requires_grad=False
         )

@@ -1,16 +1,30 @@
-"""How a dimension is cut across the ranks of a group."""
+"""How a dimension is cut across the ranks of a group: evenly, or in proportion to each rank's weight (its
+measured speed, for ranks on devices of unequal speed)."""
 
 from __future__ import annotations
 
 
-def shard_sizes(total: int, world_size: int) -> list[int]:
-    """Split `total` units over ranks as evenly as possible; the first ranks take the remainder."""
-    base, extra = divmod(total, world_size)
-    return [base + (1 if r < extra else 0) for r in range(world_size)]
+def shard_sizes(total: int, world_size: int, weights: tuple[float, ...] | None = None) -> list[int]:
+    """Split `total` units over ranks: as evenly as possible (the first ranks take the remainder), or in
+    proportion to `weights` (largest remainders round up, earlier ranks first on ties), every rank at least one
+    unit where there are enough. Equal weights give the even split."""
+    if weights is None or len(set(weights)) == 1:
+        base, extra = divmod(total, world_size)
+        return [base + (1 if r < extra else 0) for r in range(world_size)]
+    if len(weights) != world_size or min(weights) <= 0:
+        raise ValueError(f"{world_size} ranks need {world_size} positive weights, got {weights}")
+    floor = 1 if total >= world_size else 0
+    spare = total - floor * world_size
+    exact = [spare * w / sum(weights) for w in weights]
+    sizes = [floor + int(x) for x in exact]
+    by_remainder = sorted(range(world_size), key=lambda r: (-(exact[r] - int(exact[r])), r))
+    for r in by_remainder[: total - sum(sizes)]:
+        sizes[r] += 1
+    return sizes
 
 
-def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+def shard_range(total: int, world_size: int, rank: int, weights: tuple[float, ...] | None = None) -> tuple[int, int]:
     """[start, stop) of `rank`'s share of `total` units."""
-    sizes = shard_sizes(total, world_size)
+    sizes = shard_sizes(total, world_size, weights)
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
