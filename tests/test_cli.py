@@ -45,6 +45,7 @@ def test_json_prints_exactly_one_object_with_every_field():
         (["generate", "x", "--top-p", "0"], "top_p"),
         (["generate", "x", "--temperature", "-1"], "temperature"),
         (["generate", "x", "--device", "cuda"], "no cuda device"),
+        (["generate", "x", "--stages", "cpu=10,cpu=20", "--pp", "2"], "--stages places every rank itself; drop --pp"),
         (["generate", "x", "--dtype", "int3"], "unknown dtype"),
         (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
         (["generate", "x", "--tp", "0"], "--tp must be 1 or more"),

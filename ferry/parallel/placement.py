@@ -9,7 +9,7 @@ over ranks of unequal speed, each rank's share of the heads and FFN columns. Sho
 
 JSON form (a file), for tensor-parallel stages, CPU thread counts and emulated slow devices:
 
-    {"stages": [{"layers": 20, "ranks": [{"device": "cpu", "threads": 1}]},
+    {"stages": [{"layers": 20, "ranks": [{"device": "cpu", "threads": 1}], "dtype": "bf16"},
                 {"ranks": [{"device": "cpu", "threads": 1, "slowdown": 2}, {"device": "cpu"}], "shares": "auto"}]}
 
 `slowdown` k runs every matmul of that rank k times: a device k times slower, to test and measure uneven splits
@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.device import BACKENDS, present_devices
+from ferry.device import BACKENDS, DTYPES, present_devices
 from ferry.errors import FerryError
 
 
@@ -44,6 +44,7 @@ class StagePlace:
     ranks: tuple[RankPlace, ...]
     layers: int | None = None  # None: sized by measured speed
     shares: tuple[float, ...] | str | None = None  # TP work per rank: None even, "auto" measured, or weights
+    dtype: str | None = None  # this stage's dtype (fp32, bf16, ...); None: --dtype, or its device's default
 
     @property
     def device_type(self) -> str:
@@ -155,7 +156,15 @@ def placement_from_json(doc, where: str) -> Placement:
         layers = stage.get("layers")
         if layers is not None and (not isinstance(layers, int) or layers < 1):
             raise FerryError(f"--stages {where}: stage {i}: layers must be a whole number >= 1, got {layers!r}")
-        stages.append(StagePlace(tuple(places), layers, parse_shares(stage.get("shares"), len(places), where)))
+        unknown = set(stage) - {"ranks", "layers", "shares", "dtype"}
+        if unknown:
+            raise FerryError(f"--stages {where}: stage {i}: unknown field(s) {', '.join(sorted(unknown))}")
+        dtype = stage.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise FerryError(f"--stages {where}: stage {i}: unknown dtype {dtype!r} (choose from "
+                             f"{', '.join(sorted(DTYPES))})")
+        stages.append(StagePlace(tuple(places), layers, parse_shares(stage.get("shares"), len(places), where),
+                                 dtype))
     return check_placement(Placement(tuple(stages)), where)
 
 
@@ -224,7 +233,8 @@ def _with_indices(placement: Placement) -> Placement:
             return r
         return RankPlace(f"{r.device}:0", r.threads, r.slowdown)
 
-    return Placement(tuple(StagePlace(tuple(fix(r) for r in s.ranks), s.layers, s.shares) for s in placement.stages))
+    return Placement(tuple(StagePlace(tuple(fix(r) for r in s.ranks), s.layers, s.shares, s.dtype)
+                           for s in placement.stages))
 
 
 def placement_from_options(stages: str | None, tp_shares: str | None, device: str | None, tp: int | None,

@@ -120,7 +120,7 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
 
     device = rank_device(group.rank, device_type, placement)
-    dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
+    dtype = resolve_dtype(placement and placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
     if placement is not None:
         path = resolve_model_path(model)
         group, _ = placed_group(group, placement, open_checkpoint(path)[1], device, dtype, group.process_group, device)
@@ -138,7 +138,7 @@ def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dty
     from ferry.device import resolve_dtype
 
     device = rank_device(group.rank, device_type, placement)
-    dtype = resolve_dtype(dtype_name, device, tp=group.world_size)
+    dtype = resolve_dtype(placement and placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
     group, _ = placed_group(group, placement, SHAPES[shape], device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)
     model = random_model(SHAPES[shape], device, dtype, group=group)
@@ -211,7 +211,8 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
         # Each stage's device at this rank's TP position, and its dtype: a CPU stage beside GPUs resolves as one
         # rank would (bf16 where native); a CPU-only pipeline stays fp32 like every CPU layout.
         devices = [torch.device(s.ranks[mesh.tp_rank_of(world.rank)].device) for s in placement.stages]
-        dtypes = [resolve_dtype(dtype_name_, d, tp=mesh.tp if placement.mixed else mesh.world) for d in devices]
+        dtypes = [resolve_dtype(s.dtype or dtype_name_, d, tp=mesh.tp if placement.mixed else mesh.world)
+                  for s, d in zip(placement.stages, devices, strict=True)]
         backends = [BACKENDS[s.device_type] for s in placement.stages] if placement.mixed else None
         tp_group = split_groups(mesh, world.rank, world.compression, backends)
         links = PipelineLinks(StagePeers(mesh, world.rank), spec.timeout_s, devices, dtypes)

@@ -13,15 +13,16 @@ def shard_sizes(total: int, world_size: int, weights: tuple[float, ...] | None =
         return [base + (1 if r < extra else 0) for r in range(world_size)]
     if len(weights) != world_size or min(weights) <= 0:
         raise ValueError(f"{world_size} ranks need {world_size} positive weights, got {weights}")
-    floor = 1 if total >= world_size else 0
-    spare = total - floor * world_size
-    exact = [spare * w / sum(weights) for w in weights]
-    sizes = [floor + int(x) for x in exact]
-    by_remainder = sorted(range(world_size), key=lambda r: (-(exact[r] - int(exact[r])), r))
+    exact = [total * w / sum(weights) for w in weights]
+    sizes = [int(x) for x in exact]
+    by_remainder = sorted(range(world_size), key=lambda r: (-(exact[r] - sizes[r]), r))
     for r in by_remainder[: total - sum(sizes)]:
         sizes[r] += 1
+    for r in range(world_size):  # a rank of tiny weight still gets a unit, from the largest share
+        if sizes[r] == 0 and total >= world_size:
+            sizes[max(range(world_size), key=lambda i: sizes[i])] -= 1
+            sizes[r] = 1
     return sizes
-
 
 def shard_range(total: int, world_size: int, rank: int, weights: tuple[float, ...] | None = None) -> tuple[int, int]:
     """[start, stop) of `rank`'s share of `total` units."""
