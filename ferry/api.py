@@ -37,11 +37,22 @@ class LLM:
         layer_split: str | None = None,
         micro_batches: int | None = None,
         timeout_s: float = 300.0,
+        stages: str | None = None,
+        tp_shares: str | None = None,
     ) -> None:
         from ferry.parallel.layout import check_parallel_options, check_pipeline_options
-        from ferry.parallel.mesh import check_mesh
+        from ferry.parallel.mesh import Mesh, check_mesh
+        from ferry.parallel.placement import placement_from_options
 
-        mesh = check_mesh(tp, pp)
+        # `stages` ("cuda:0=24,cpu=6", "cuda:0,cpu" or a placement file) and `tp_shares` ("2,1" or "auto") place
+        # ranks on devices of different kinds and speeds, as the CLI's --stages and --tp-shares.
+        self.placement = placement_from_options(stages, tp_shares, device if stages is None else None,
+                                                None if stages else tp, None if stages else pp,
+                                                None if stages else layer_split)
+        if self.placement is not None:
+            tp, pp = self.placement.tp, self.placement.pp
+            device = device if stages is None else self.placement.rank(0).device_type
+        mesh = check_mesh(tp, pp) if self.placement is None else Mesh(tp, pp)
         check_parallel_options(tp, weights, offload_weights, compressed_allreduce, allreduce)
         check_pipeline_options(pp, layer_split, micro_batches, bool(compile) or compile_mode is not None,
                                overlap_prefill, weights, offload_weights, sync_output)
@@ -80,9 +91,15 @@ class LLM:
 
         path = resolve_model_path(model)
         _, config, self.tokenizer = open_checkpoint(path)
-        check_launch(config, self.device.type, self.tp, self.pp, pipeline.layer_split if pipeline else None)
+        if self.placement is not None:
+            from ferry.parallel.placement import check_fits
+
+            check_fits(self.placement, config)
+        else:
+            check_launch(config, self.device.type, self.tp, self.pp, pipeline.layer_split if pipeline else None)
         self.model_path = path
-        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce, pipeline=pipeline)
+        spec = WorkerSpec(str(path), self.device.type, dtype, engine_options, allreduce, pipeline=pipeline,
+                          placement=self.placement)
         self.workers = TensorParallelWorkers(spec, self.tp, compression=compression, timeout_s=timeout_s)
 
     @property

@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -71,6 +71,11 @@ def generate(
     sync_output: Annotated[bool, typer.Option("--sync-output", help="read each step's tokens before launching the "
                                                                    "next (the old, slower mode; for comparison)")] = False,
     offload_weights: Annotated[float, typer.Option(help="share of layers kept in host memory and streamed in")] = 0.0,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="the GPU memory the model may use, e.g. 12GiB: layers "
+                                                      "beyond it are streamed over PCIe or run on the CPU as a "
+                                                      "pipeline stage, whichever measures faster (--offload)",
+                                                      show_default=False)] = None,
+    offload: Annotated[str, typer.Option(help="with --gpu-memory: auto (measured), stream or cpu")] = "auto",
     tp: TpUnsetOpt = None,
     pp: PpOpt = None,
     layer_split: LayerSplitOpt = None,
@@ -89,6 +94,7 @@ def generate(
     setup_logging(verbose)
 
     def run() -> None:
+        nonlocal offload_weights, kv_memory, stages, device  # --gpu-memory decides them
         from ferry.api import LLM
         from ferry.errors import FerryError
         from ferry.device import dtype_name
@@ -102,6 +108,15 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
+        if gpu_memory is not None:
+            way = _offload_way(model, device, dtype, gpu_memory, offload, len(prompts), max_tokens,
+                               dict(tp=tp, pp=pp, stages=stages, tp_shares=tp_shares, offload_weights=offload_weights))
+            if way.way == "stream":
+                offload_weights = way.host_layers / (way.host_layers + way.gpu_layers)
+                kv_memory = kv_memory or f"{_kv_gib(gpu_memory):.2f}GiB"
+            elif way.way == "cpu-stage":
+                stages, device = way.stages, None
+                kv_memory = kv_memory or f"{_kv_gib(gpu_memory):.2f}GiB"
         placement = placement_from_options(stages, tp_shares, device, tp, pp, layer_split)
         if placement is not None and under_torchrun():
             raise FerryError("--stages and --tp-shares are not offered under torchrun yet (each process takes its "
@@ -156,6 +171,50 @@ def generate(
     run_guarded(run)
 
 
+def _kv_gib(gpu_memory: str) -> float:
+    from ferry.parallel.offload_plan import KV_SHARE, parse_size
+
+    return parse_size(gpu_memory) * KV_SHARE / (1 << 30)
+
+
+def _offload_way(model, device, dtype, gpu_memory: str, offload: str, batch: int, max_tokens: int, others: dict):
+    """`--gpu-memory`: where the layers beyond the budget go (offload_plan.py), measured on this machine and said
+    on stderr."""
+    import os
+
+    import torch
+
+    from ferry.device import resolve_device, resolve_dtype
+    from ferry.errors import FerryError
+    from ferry.model.loader import open_checkpoint, resolve_model_path
+    from ferry.parallel.device_speed import measure
+    from ferry.parallel.offload_plan import choose, gpu_layers_within, measure_h2d_bandwidth, parse_size
+
+    if offload not in ("auto", "stream", "cpu"):
+        raise FerryError(f"--offload {offload!r}: choose auto, stream or cpu")
+    for flag, value in others.items():
+        if value:
+            raise FerryError(f"--gpu-memory places the layers itself on one GPU and the host; drop "
+                             f"--{flag.replace('_', '-')}")
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise FerryError("--gpu-memory budgets a GPU's memory; this run has none (--device cpu or no GPU)")
+    budget = parse_size(gpu_memory)
+    config = open_checkpoint(resolve_model_path(model))[1]
+    gpu_dtype = resolve_dtype(dtype, dev)
+    if gpu_layers_within(config, gpu_dtype.itemsize, budget) >= config.num_layers:
+        err(f"ferry: --gpu-memory {gpu_memory}: all {config.num_layers} layers fit; nothing is offloaded")
+        return choose(config, gpu_dtype.itemsize, budget, batch, None, None, None)
+    gpu = measure(config, dev, gpu_dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # what the CPU stage's rank gets (placement.py)
+    cpu = measure(config, torch.device("cpu"), resolve_dtype(dtype, torch.device("cpu")))
+    torch.set_num_threads(threads)
+    way = choose(config, gpu_dtype.itemsize, budget, batch, gpu, cpu, measure_h2d_bandwidth(dev), force=offload)
+    err(f"ferry: {way.why}: {'streaming them' if way.way == 'stream' else 'a CPU stage, --stages ' + way.stages}")
+    return way
+
+
 def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, compression, engine_options,
                  allreduce, layer_split, micro_batches, timeout, placement=None) -> None:
     """`--tp N --pp M` (or `--stages`): spawn N x M ranks (or join torchrun's), each loading only its stage's
@@ -193,7 +252,7 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, com
     if as_json:
         keys = ("model", "device", "dtype", "tp", "pp", "stages", "micro_batches", "load_s", "peak_host_mb_per_rank",
                 "hidden_bytes_sent_per_rank", "allreduce_calls", "placement", "stage_dtypes", "speed_split",
-                "tp_shares")
+                "tp_shares", "stage_times_per_rank")
         doc = {k: result[k] for k in keys if k in result}
         doc["completions"] = [completion_json(p, c) for p, c in zip(prompts, completions, strict=True)]
         print(json.dumps(doc), flush=True)

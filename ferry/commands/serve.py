@@ -18,6 +18,7 @@ from ferry.commands import (
     MicroBatchesOpt,
     ModelOpt,
     PpOpt,
+    StagesOpt,
     TpOpt,
     VerboseOpt,
     app,
@@ -56,6 +57,7 @@ def serve(
     pp: PpOpt = None,
     layer_split: LayerSplitOpt = None,
     micro_batches: MicroBatchesOpt = None,
+    stages: StagesOpt = None,
     allreduce: AllReduceOpt = "auto",
     compressed_allreduce: CompressedAllReduceOpt = None,
     kv_memory: KvMemoryOpt = None,
@@ -72,17 +74,21 @@ def serve(
     setup_logging(verbose)
 
     def run() -> None:
+        import torch
+
         from ferry.device import resolve_device
         from ferry.parallel.layout import check_launch, check_parallel_options, check_pipeline_options
-        from ferry.parallel.mesh import check_mesh
+        from ferry.parallel.mesh import Mesh, check_mesh
+        from ferry.parallel.placement import check_fits, placement_from_options
         from ferry.parallel.tp_generate import PipelineSpec
         from ferry.parallel.workers import WorkerSpec
         from ferry.serve.app import ServerState, ServeSettings
         from ferry.serve.engine_client import AsyncEngine
         from ferry.serve.server import bind, run_server
 
-        mesh = check_mesh(tp, 1 if pp is None else pp)
-        check_parallel_options(tp, "native", 0.0, compressed_allreduce, allreduce)
+        placement = placement_from_options(stages, None, device, None if tp == 1 else tp, pp, layer_split)
+        mesh = check_mesh(tp, 1 if pp is None else pp) if placement is None else Mesh(placement.tp, placement.pp)
+        check_parallel_options(mesh.tp, "native", 0.0, compressed_allreduce, allreduce)
         check_pipeline_options(mesh.pp, layer_split, micro_batches, False, False)
         for name, value in (("--request-timeout-s", request_timeout_s), ("--drain-timeout-s", drain_timeout_s),
                             ("--max-waiting", max_waiting)):
@@ -90,18 +96,21 @@ def serve(
                 raise FerryError(f"{name} must be > 0, got {value}")
         settings = ServeSettings(api_key=load_api_key(api_key_file), request_timeout_s=request_timeout_s,
                                  max_waiting=max_waiting)
-        dev = resolve_device(device)
+        dev = resolve_device(device) if placement is None else torch.device(placement.rank(0).device_type)
         if dev.index not in (None, 0):
             raise FerryError(f"ferry serve places rank r on {dev.type}:r; to use {dev} choose the GPUs with "
                              "CUDA_VISIBLE_DEVICES")
         served, path, config = _open(model, shape, served_model_name)
-        check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split)
+        if placement is not None:
+            check_fits(placement, config)
+        else:
+            check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split)
         bind(host, port).close()  # a taken port is an error now, not after the model has loaded
         pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches) if mesh.pp > 1 else None
         spec = WorkerSpec(str(path) if path else "", dev.type, dtype,
                           {"kv_memory": kv_memory, "max_waiting": max_waiting}, allreduce, shape=shape,
-                          pipeline=pipeline)
-        engine = AsyncEngine(spec, tp, compression=compressed_allreduce)
+                          pipeline=pipeline, placement=placement)
+        engine = AsyncEngine(spec, mesh.tp, compression=compressed_allreduce)
         try:
             err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, {mesh})")
             state = ServerState(engine, served, settings)

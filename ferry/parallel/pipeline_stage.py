@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,55 @@ class _SendDone:
 
     def query(self) -> bool:
         return self.work.is_completed()
+
+
+class StageTiming:
+    """Where a stage's time goes, per micro-batch step: its own layers (CUDA events on a GPU, whose host runs
+    ahead; wall time on a CPU, whose compute is synchronous) and the host's waits for the previous stage's hidden
+    states and for the last stage's tokens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        self.steps = 0
+        self.compute_s = self.hidden_wait_s = self.token_wait_s = 0.0
+        self._events: list = []  # (start, end) CUDA events not yet read
+        self._started = 0.0
+
+    def start(self) -> None:
+        self.steps += 1
+        if self.on_gpu:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, None))
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.on_gpu:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1] = (self._events[-1][0], end)
+            if len(self._events) > 64:
+                self._collect(block=False)
+        else:
+            self.compute_s += time.perf_counter() - self._started
+
+    def _collect(self, block: bool) -> None:
+        pending = []
+        for start, end in self._events:
+            if end is not None and (block or end.query()):
+                end.synchronize()
+                self.compute_s += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((start, end))
+        self._events = pending
+
+    def per_step_ms(self) -> dict:
+        self._collect(block=True)
+        n = max(self.steps, 1)
+        return {"steps": self.steps, "compute_ms": round(self.compute_s / n * 1e3, 3),
+                "hidden_wait_ms": round(self.hidden_wait_s / n * 1e3, 3),
+                "token_wait_ms": round(self.token_wait_s / n * 1e3, 3)}
 
 
 class PipelineLinks:
@@ -134,6 +184,7 @@ class PipelineStage:
         self._staged: list = []  # (fence, pinned buffer, host tensor): copied to the host, not yet sent
         self.hidden_bytes_sent = 0
         self.token_bytes_sent = 0
+        self.timing = StageTiming(self.device)
 
     @property
     def first(self) -> bool:
@@ -153,7 +204,9 @@ class PipelineStage:
         else:
             inputs = torch.empty((1, tokens, self.hidden_size), dtype=self.dtype, device=self.device)
             self._receive_hidden(inputs)
+        self.timing.start()
         out = self.model.stage_forward(inputs, positions.view(1, tokens), caches, paged, logits_index)
+        self.timing.stop()
         return out if self.last else self._send_hidden(out)
 
     def run_captured(self, graph, rows: int):
@@ -162,7 +215,9 @@ class PipelineStage:
         self._post_staged(block=False)
         if not self.first:
             self._receive_hidden(graph.hidden[:, :rows])
+        self.timing.start()
         out = graph.replay(rows)
+        self.timing.stop()
         # The graph's output buffer is rewritten by its next replay, which could overtake the send: send a copy.
         return out if self.last else self._send_hidden(out.clone())
 
@@ -200,6 +255,13 @@ class PipelineStage:
     def _receive_hidden(self, buf: torch.Tensor) -> None:
         """Fill `buf` [1, tokens, hidden] (contiguous) with the previous stage's hidden states."""
         self._post_staged(block=True)  # a stage that waits must not sit on sends its successor waits for
+        started = time.perf_counter()
+        try:
+            self._receive_hidden_now(buf)
+        finally:
+            self.timing.hidden_wait_s += time.perf_counter() - started
+
+    def _receive_hidden_now(self, buf: torch.Tensor) -> None:
         hop = self.recv_hop
         if hop.via_host and self.device.type != "cpu" or buf.dtype != hop.wire_dtype:
             self._receive_converted(buf, hop)
@@ -295,7 +357,9 @@ class ReceivedTokens:
     def result(self) -> list[int]:
         self.stage._post_staged(block=True)  # the tokens come after the last stage had these hidden states
         if self.work is not None:
+            started = time.perf_counter()
             self.stage._wait(self.work, f"sampled tokens from rank {self.stage.peers.token_source}")
+            self.stage.timing.token_wait_s += time.perf_counter() - started
         return self.buf.tolist()
 
 

@@ -131,17 +131,19 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     return group, loaded
 
 
-def random_model_on_rank(group: ParallelGroup, shape: str, device_type: str, dtype_name: str | None, allreduce: str,
-                         placement: Placement | None = None):
-    """This rank's shard of a named architecture with random weights (speed runs of real shapes); no tokenizer."""
+def random_model_on_rank(group: ParallelGroup, shape: str | ModelConfig, device_type: str, dtype_name: str | None,
+                         allreduce: str, placement: Placement | None = None):
+    """This rank's shard of an architecture (named, or a config) with random weights (speed runs of real shapes);
+    no tokenizer."""
     from ferry.bench.shapes import SHAPES, random_model
     from ferry.device import resolve_dtype
 
+    config = SHAPES[shape] if isinstance(shape, str) else shape
     device = rank_device(group.rank, device_type, placement)
     dtype = resolve_dtype(placement and placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
-    group, _ = placed_group(group, placement, SHAPES[shape], device, dtype, group.process_group, device)
+    group, _ = placed_group(group, placement, config, device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)
-    model = random_model(SHAPES[shape], device, dtype, group=group)
+    model = random_model(config, device, dtype, group=group)
     if placement is not None:
         model.emulate_slowdown(placement.rank(group.rank).slowdown)
     return model, None
@@ -273,6 +275,8 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
     completions = generate_on_rank(world, engine, ids, job.params, device=on)
     engine.close()  # only after a run that ended well: on an error, waiting for sends would hide it
     sent = gather_floats(world, engine.stage.hidden_bytes_sent, on)
+    mine = engine.stage.timing.per_step_ms()
+    times = {k: gather_floats(world, v, on) for k, v in mine.items()}
     doc = {
         "model": str(job.model),
         "device": str(engine.device.type),
@@ -284,6 +288,7 @@ def run_pipeline_generate(world: ParallelGroup, job: GenerateJob) -> dict:
         "load_s": round(load_s, 3),
         "peak_host_mb_per_rank": gather_floats(world, peak_after_load, on),
         "hidden_bytes_sent_per_rank": [int(b) for b in sent],
+        "stage_times_per_rank": [{k: times[k][r] for k in mine} for r in range(world.world_size)],
         "allreduce_calls": dict(tp_group.allreduce.calls) if tp_group.allreduce else {},
         "completions": [asdict(c) for c in completions],
     }
