@@ -11,7 +11,6 @@ import torch
 
 from ferry.device import backend_for, present_devices
 from ferry.engine.engine import Engine
-from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError
 from ferry.model.layers.heads import HeadShard
@@ -21,6 +20,7 @@ from ferry.parallel.launch import spawn
 from ferry.parallel.pipeline_stage import Hop
 from ferry.parallel.placement import parse_stages, placement_from_json, placement_from_options
 from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
+from tie_rule import worst_gap
 
 # Held out: none of these appear in other tests' prompts.
 PROMPTS = ("Rivers carry sediment to", "My favourite board game is", "SELECT name FROM")
@@ -85,18 +85,8 @@ def test_stages_in_different_dtypes_convert_at_the_crossing(ferry_smollm, smollm
     assert result["stage_dtypes"] == ["bf16", "fp32"]
     tokens = sum(len(ferry_smollm.tokenizer.encode(p)) for p in PROMPTS) + len(PROMPTS) * (GREEDY.max_tokens - 1)
     assert result["hidden_bytes_sent_per_rank"] == [tokens * ferry_smollm.config.hidden_size * 2, 0]
-    cfg = ferry_smollm.config
     for prompt, c in zip(PROMPTS, result["completions"], strict=True):
-        ids = ferry_smollm.tokenizer.encode(prompt)
-        cache = KVCache(cfg.num_layers, ferry_smollm.model.kv_heads_per_rank, cfg.head_dim, torch.float32,
-                        torch.device("cpu"))
-        cache.ensure(1, len(ids) + len(c["token_ids"]))
-        with torch.inference_mode():
-            logits = ferry_smollm.model.full_logits(torch.tensor([ids + c["token_ids"]]), cache.layers)
-        logits = logits[0, len(ids) - 1: -1]
-        chosen = logits.gather(1, torch.tensor(c["token_ids"]).unsqueeze(1)).squeeze(1)
-        assert float((logits.max(dim=1).values - chosen).max()) <= BF16_TIE_LOGITS, prompt
-
+        assert worst_gap(ferry_smollm, ferry_smollm.tokenizer.encode(prompt), c["token_ids"]) <= BF16_TIE_LOGITS
 
 def test_weighted_shard_sizes_are_proportional_cover_everything_and_even_by_default():
     assert shard_sizes(9, 2) == shard_sizes(9, 2, (1.0, 1.0)) == [5, 4]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Heterogeneous placements on a GPU machine (a GPU and its host), results under $1 (default benchmarks/results):
+# a GPU + CPU pipeline with an even and a measured layer split, and the layers a GPU budget cannot hold streamed
+# over PCIe vs run as a CPU stage. The GPU tests (tests/test_gpu_hetero.py) need the default model installed.
+#   bash benchmarks/run_hetero_gpu.sh [OUT]
+set -uo pipefail
+OUT=${1:-benchmarks/results}
+. "$(dirname "$0")/gpu_session_env.sh"
+echo "cpus: $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
+run timeout 300 python benchmarks/hetero_split.py gpu-cpu --shape llama3-8b --layers 16 --batches 1,16 --prompt-len 64 \
+    --new-tokens 16 --repeats 2 --out "$OUT"
+run timeout 360 python benchmarks/hetero_split.py offload --shape llama3-8b --gpu-memory 12GiB --batches 1,16 \
+    --prompt-len 64 --new-tokens 16 --repeats 2 --out "$OUT"
