@@ -5,8 +5,8 @@ streaming the layers a GPU budget cannot hold.
     python benchmarks/hetero_split.py gpu-cpu --shape llama3-8b    # one GPU + the host: even vs measured layer split
     python benchmarks/hetero_split.py offload --shape llama3-8b --gpu-memory 12GiB   # stream vs a CPU stage
 
-`cpu` runs the default model (real weights, fp32, one thread per rank; the second rank runs every matmul twice,
-a device 2x slower). `gpu-cpu` and `offload` use random weights of a real architecture's shape (bf16 on the GPU,
+`cpu` runs the default model (real weights, fp32, one thread per rank; the second rank runs every matmul
+--slowdown times, 3 by default: a device more than 2x slower). `gpu-cpu` and `offload` use random weights of a real architecture's shape (bf16 on the GPU,
 the host's default on the CPU). Every layout runs Ferry's serving engine; aggregate decode tokens/s = batch x the
 median per-sequence rate. Per pipeline stage: its compute per micro-batch step and its host's waits.
 """
@@ -31,10 +31,12 @@ from ferry.parallel.launch import keep_multicast_off
 from ferry.parallel.placement import placement_from_json
 
 ONE = {"device": "cpu", "threads": 1}
-SLOWED = {"device": "cpu", "threads": 1, "slowdown": 2}
 
 
 def cpu_jobs(args, config, model: str) -> list[HeteroJob]:
+    # Matmuls run `slowdown` times; norms, rotary and attention once: 3 makes a layer about 2.3x slower (the
+    # measured per-layer times are in the pp-measured layout's speed_split).
+    SLOWED = {"device": "cpu", "threads": 1, "slowdown": args.slowdown}
     half = config.num_layers // 2
     layouts = {
         "pp even": {"stages": [{"ranks": [ONE], "layers": half}, {"ranks": [SLOWED], "layers": config.num_layers - half}]},
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has")
     ap.add_argument("--gpu-memory", default="12GiB")
+    ap.add_argument("--slowdown", type=int, default=3, help="cpu: the slow rank runs every matmul this many times")
     ap.add_argument("--batches", default=None, help="default: 1,8 on cpu, 1,16 on GPUs")
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
@@ -150,6 +153,8 @@ def main() -> None:
     meta = provenance(device) | {"case": args.case, "model": name, "num_layers": config.num_layers,
                                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                                  "repeats": args.repeats, "cpu_threads": os.cpu_count(), "layouts": details, **extra}
+    if args.case == "cpu":
+        meta["slowdown"] = args.slowdown
     stem = f"{meta['date']}_hetero_{args.case}_{name}_{device.type}"
     columns = ["layout", "batch", "aggregate_tokens_per_s", "tokens_per_s", "vs", "ratio", "stages"]
     notes = ("Aggregate decode tokens/s = batch x median per-sequence rate. `stages`: each rank's compute per "

@@ -148,11 +148,25 @@ def plan(
     device: DeviceOpt = None,
     top: Annotated[int, typer.Option(help="table rows at most (the JSON has every layout)")] = 20,
     json_path: JsonFileOpt = None,
+    stages: Annotated[str | None, typer.Option(
+        "--stages", help="plan a pipeline over these devices instead, e.g. cuda:0,cpu: every order and split, "
+        "from each device's measured speed (cuda:0=24,cpu=8 keeps that order)", show_default=False)] = None,
+    gpu_memory: Annotated[str | None, typer.Option(
+        help="with --stages: the GPU memory the model may use (e.g. 12GiB); also predicts streaming the layers "
+        "beyond it", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show each layout's cost terms and log to "
                                           "stderr")] = False,
 ) -> None:
-    """Predict prefill time, decode speed and memory per device of every TP x PP layout and recommend one."""
+    """Predict prefill time, decode speed and memory per device of every TP x PP layout and recommend one; with
+    --stages, of every order and layer split of a pipeline over devices of different kinds."""
     setup_logging(verbose)
+    if stages is not None:
+        run_guarded(lambda: _plan_stages(stages, gpu_memory, model, shape, batch, micro_batches, margin_gib, top,
+                                         json_path))
+        return
+    if gpu_memory is not None:
+        run_guarded(lambda: _refuse("--gpu-memory plans a GPU + host pipeline; give --stages too"))
+        return
 
     def run() -> None:
         from ferry.comm.topology import Topology
@@ -200,6 +214,87 @@ def plan(
             _print_plan(result, top, verbose)
 
     run_guarded(run)
+
+
+def _refuse(message: str) -> None:
+    from ferry.errors import FerryError
+
+    raise FerryError(message)
+
+
+def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batches, margin_gib: float, top: int,
+                 json_path) -> None:
+    """`ferry plan --stages`: measure each device kind of the placement (cached), predict every order and split."""
+    import os
+
+    import torch
+    from rich.table import Table
+
+    from ferry.device import resolve_dtype
+    from ferry.errors import FerryError
+    from ferry.parallel.device_speed import measure
+    from ferry.parallel.offload_plan import choose, measure_h2d_bandwidth, parse_size
+    from ferry.parallel.placement import parse_stages
+    from ferry.parallel.placement_plan import plan_placed
+    from ferry.parallel.planner import load_model_config
+
+    if batch < 1:
+        raise FerryError(f"--batch must be 1 or more, got {batch}")
+    placement = parse_stages(stages)
+    if placement.tp > 1:
+        raise FerryError("ferry plan --stages plans one rank per stage; give devices, e.g. cuda:0,cpu")
+    name, config = load_model_config(model, shape)
+    devices = [s.ranks[0].device for s in placement.stages]
+    accelerators = sum(d != "cpu" for d in devices)
+    speeds, dtype_bytes, limits = {}, {}, {}
+    margin = margin_gib * 2**30
+    for device in dict.fromkeys(devices):
+        dev = torch.device(device)
+        dtype = resolve_dtype(None, dev)
+        threads = torch.get_num_threads()
+        if dev.type == "cpu":  # what a CPU stage's rank gets beside the accelerator ranks (placement.py)
+            torch.set_num_threads(max(1, ((os.cpu_count() or 1) - accelerators) // max(1, devices.count("cpu"))))
+        err(f"ferry: measuring {device} ({dtype}, {torch.get_num_threads()} threads; cached after the first run)")
+        try:
+            speeds[device] = measure(config, dev, dtype)
+        finally:
+            torch.set_num_threads(threads)
+        dtype_bytes[device] = dtype.itemsize
+        if dev.type == "cpu":
+            limits[device] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - margin
+        else:
+            total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else float("inf")
+            limits[device] = parse_size(gpu_memory) if gpu_memory else total - margin
+    gpu = next((d for d in devices if d.startswith("cuda")), None)
+    h2d = measure_h2d_bandwidth(torch.device(gpu)) if gpu else None
+    predictions = plan_placed(config, devices, speeds, dtype_bytes, limits, batch, micro_batches, h2d,
+                              keep_order=not placement.measured_split)
+    doc = {"model": name, "batch": batch, "speeds": {d: vars(s) for d, s in speeds.items()},
+           "h2d_GBps": round(h2d / 1e9, 2) if h2d else None, "predictions": [p.to_json() for p in predictions]}
+    if gpu and gpu_memory and "cpu" in devices:
+        way = choose(config, dtype_bytes[gpu], parse_size(gpu_memory), batch, speeds[gpu], speeds["cpu"], h2d,
+                     micro_batches or 2)
+        doc["offload"] = way.to_json()
+    if json_path is not None:
+        _write_json(doc, json_path)
+        if str(json_path) == "-":
+            return
+    console = _console()
+    table = Table("", "--stages", "stage ms", "cycle ms", "decode tok/s", "GiB per stage", "fits",
+                  title=f"{name}, batch {batch}: pipelines over {', '.join(dict.fromkeys(devices))}, fastest first")
+    best = predictions[0] if predictions and predictions[0].fits else None
+    for p in predictions[:top]:
+        table.add_row("*" if p is best else "", p.stages, " / ".join(f"{t:.2f}" for t in p.stage_ms),
+                      f"{p.cycle_ms:.2f}", f"{p.decode_tok_s:.1f}", " / ".join(f"{m:.1f}" for m in p.memory_gib),
+                      "yes" if p.fits else "no", style="bold" if p is best else (None if p.fits else "dim"))
+    console.print(table)
+    if "offload" in doc:
+        o = doc["offload"]
+        err(f"ferry: with --gpu-memory {gpu_memory}: {o['why']} -> {o['way']}")
+    if best is None:
+        err("ferry: no order and split fits the devices' memory")
+    else:
+        err(f"ferry: recommended --stages {best.stages}: {best.decode_tok_s:.1f} tokens/s decode at batch {batch}")
 
 
 def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1):
