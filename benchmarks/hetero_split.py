@@ -56,6 +56,8 @@ def gpu_cpu_jobs(args, config) -> list[HeteroJob]:
         "gpu+cpu even": {"stages": [{"ranks": [{"device": "cuda:0"}], "layers": half},
                                     {"ranks": [{"device": "cpu"}], "layers": config.num_layers - half}]},
         "gpu+cpu measured": {"stages": [{"ranks": [{"device": "cuda:0"}]}, {"ranks": [{"device": "cpu"}]}]},
+        # The order `ferry plan --stages cuda:0,cpu` recommends: the host runs the first layers, the GPU the head.
+        "cpu+gpu measured": {"stages": [{"ranks": [{"device": "cpu"}]}, {"ranks": [{"device": "cuda:0"}]}]},
     }
     return [HeteroJob(label, config, None, None, placement_from_json(doc, label) if doc else None,
                       batches=args.batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -72,7 +74,7 @@ def offload_jobs(args, config) -> tuple[list[HeteroJob], dict]:
     # What `ferry generate --gpu-memory` would choose, per batch: measured here, in the same run.
     gpu = measure(config, torch.device("cuda"), torch.bfloat16)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 3) - 2))  # what the CPU stage's rank gets (placement.py)
     from ferry.device import resolve_dtype
 
     cpu = measure(config, torch.device("cpu"), resolve_dtype(None, torch.device("cpu")))
@@ -142,7 +144,8 @@ def main() -> None:
 
     by = {(r["layout"], r["batch"]): r["aggregate_tokens_per_s"] for r in rows}
     baseline = {"cpu": {"pp measured": "pp even", "tp measured": "tp even"},
-                "gpu-cpu": {"gpu+cpu measured": "gpu+cpu even", "one gpu": "gpu+cpu even"},
+                "gpu-cpu": {"gpu+cpu measured": "gpu+cpu even", "cpu+gpu measured": "gpu+cpu even",
+                            "one gpu": "gpu+cpu even"},
                 "offload": {j.label: jobs[1].label for j in jobs}}[args.case]
     for r in rows:
         if r["layout"] in baseline:

@@ -173,3 +173,43 @@ def test_stages_short_form_and_refusals(tmp_path):
     with pytest.raises(FerryError, match="no torch.distributed backend known for device type 'tpu'"):
         backend_for(["tpu"])
 
+
+
+GPU_LAYER = DeviceSpeed("cuda:0", 0.2e-3, 0.36e-3, 8)  # Llama-3-8B shape on an H200 (hetero_gpu-cpu result)
+CPU_LAYER = DeviceSpeed("cpu", 7.0e-3, 8.4e-3, 8)  # and on its host's 31 cores
+
+
+def test_the_layers_beyond_a_gpu_budget_stream_at_large_batches_and_run_on_the_cpu_at_small_ones():
+    from ferry.bench.shapes import SHAPES
+    from ferry.parallel.offload_plan import choose, gpu_layers_within, parse_size
+
+    config, budget = SHAPES["llama3-8b"], parse_size("12GiB")
+    assert gpu_layers_within(config, 2, budget) == 21
+    small = choose(config, 2, budget, 1, GPU_LAYER, CPU_LAYER, 55e9)
+    large = choose(config, 2, budget, 16, GPU_LAYER, CPU_LAYER, 55e9)
+    assert (small.way, large.way) == ("cpu-stage", "stream"), (small.why, large.why)
+    assert small.stages == "cpu=11,cuda:0=21"  # the host runs the first layers; the GPU keeps the LM head
+    assert choose(config, 2, parse_size("40GiB"), 1, None, None, None).way == "fits"
+    with pytest.raises(FerryError, match="does not hold the embedding and LM head"):
+        gpu_layers_within(config, 2, parse_size("2GiB"))
+    with pytest.raises(FerryError, match="give a size such as 24GiB"):
+        parse_size("lots")
+
+
+def test_plan_over_a_gpu_and_a_cpu_puts_the_lm_head_on_the_gpu_and_balances_for_throughput():
+    from ferry.bench.shapes import SHAPES
+    from ferry.parallel.placement_plan import plan_placed
+
+    config = SHAPES["llama3-8b"]
+    speeds = {"cuda:0": GPU_LAYER, "cpu": CPU_LAYER}
+    sizes, limits = {"cuda:0": 2, "cpu": 2}, {"cuda:0": 140 * 2**30, "cpu": 200 * 2**30}
+    plans = plan_placed(config, ["cuda:0", "cpu"], speeds, sizes, limits, batch=16, micro_batches=2, h2d_Bps=55e9)
+    best = plans[0]
+    assert best.devices == ("cpu", "cuda:0") and best.split[0] == 1, best
+    even = next(p for p in plans if p.split == (16, 16) and p.devices == ("cuda:0", "cpu"))
+    assert best.decode_tok_s > 5 * even.decode_tok_s
+    kept = plan_placed(config, ["cuda:0", "cpu"], speeds, sizes, limits, 16, 2, 55e9, keep_order=True)
+    assert {p.devices for p in kept} == {("cuda:0", "cpu")}
+    tight = {"cuda:0": 8 * 2**30, "cpu": 200 * 2**30}  # 17 layers (0.41 GiB each) beside the LM head's 0.98 GiB
+    fitting = plan_placed(config, ["cuda:0", "cpu"], speeds, sizes, tight, 1, 2, 55e9)[0]
+    assert fitting.fits and fitting.split[fitting.devices.index("cuda:0")] == 17, fitting

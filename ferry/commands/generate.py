@@ -207,7 +207,7 @@ def _offload_way(model, device, dtype, gpu_memory: str, offload: str, batch: int
         return choose(config, gpu_dtype.itemsize, budget, batch, None, None, None)
     gpu = measure(config, dev, gpu_dtype)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # what the CPU stage's rank gets (placement.py)
+    torch.set_num_threads(max(1, (os.cpu_count() or 3) - 2))  # what the CPU stage's rank gets (placement.py)
     cpu = measure(config, torch.device("cpu"), resolve_dtype(dtype, torch.device("cpu")))
     torch.set_num_threads(threads)
     way = choose(config, gpu_dtype.itemsize, budget, batch, gpu, cpu, measure_h2d_bandwidth(dev), force=offload)

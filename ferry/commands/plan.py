@@ -245,15 +245,14 @@ def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batche
         raise FerryError("ferry plan --stages plans one rank per stage; give devices, e.g. cuda:0,cpu")
     name, config = load_model_config(model, shape)
     devices = [s.ranks[0].device for s in placement.stages]
-    accelerators = sum(d != "cpu" for d in devices)
     speeds, dtype_bytes, limits = {}, {}, {}
     margin = margin_gib * 2**30
     for device in dict.fromkeys(devices):
         dev = torch.device(device)
-        dtype = resolve_dtype(None, dev)
+        dtype = resolve_dtype(None, dev, tp=1 if placement.mixed else placement.world)  # as --stages resolves it
         threads = torch.get_num_threads()
         if dev.type == "cpu":  # what a CPU stage's rank gets beside the accelerator ranks (placement.py)
-            torch.set_num_threads(max(1, ((os.cpu_count() or 1) - accelerators) // max(1, devices.count("cpu"))))
+            torch.set_num_threads(placement.threads(devices.index(device)))
         err(f"ferry: measuring {device} ({dtype}, {torch.get_num_threads()} threads; cached after the first run)")
         try:
             speeds[device] = measure(config, dev, dtype)

@@ -46,6 +46,11 @@ class PlacedPrediction:
         return asdict(self) | {"stages": self.stages}
 
 
+def _end_table(config: ModelConfig, dtype_bytes: int) -> int:
+    """The table an end stage holds: the embedding (first) or the LM head (last; a tied one is the same table)."""
+    return table_bytes(config, dtype_bytes) // (1 if config.tie_word_embeddings else 2)
+
+
 def _layer_s(speed: DeviceSpeed, rows: int) -> float:
     return speed.layer_s * max(1.0, rows / speed.rows)
 
@@ -75,7 +80,7 @@ def predict_placed(config: ModelConfig, devices: tuple[str, ...], split: tuple[i
         stage_s.append(t)
         weights = layers * layer_bytes(config, dtype_bytes[device])
         if s == 0 or last:
-            weights += table_bytes(config, dtype_bytes[device]) // (1 if config.tie_word_embeddings else 2)
+            weights += _end_table(config, dtype_bytes[device])
         memory.append(weights)
     cycle = max(active * max(stage_s), sum(stage_s))
     fits = all(m <= memory_limits[d] for m, d in zip(memory, devices, strict=True))
@@ -83,15 +88,22 @@ def predict_placed(config: ModelConfig, devices: tuple[str, ...], split: tuple[i
                             round(batch / cycle, 2), tuple(round(m / 2**30, 2) for m in memory), fits)
 
 
-def candidate_splits(config: ModelConfig, devices: tuple[str, ...], speeds: dict[str, DeviceSpeed],
-                     rows: int) -> list[tuple[int, ...]]:
-    """The even split, the split that balances the measured stage times, and that one with a layer moved to or
-    from each neighbour."""
+def candidate_splits(config: ModelConfig, devices: tuple[str, ...], speeds: dict[str, DeviceSpeed], rows: int,
+                     caps: list[int]) -> list[tuple[int, ...]]:
+    """The even split, the split that balances the measured stage times (within each stage's memory: `caps`
+    layers at most), and that one with a layer moved between any two stages."""
     from ferry.model.layers.shard import shard_sizes
 
     n, pp = config.num_layers, len(devices)
-    balanced = balance_layers([_layer_s(speeds[d], rows) for d in devices],
-                              [0.0] * (pp - 1) + [speeds[devices[-1]].fixed_s], n)
+    layer_s = [_layer_s(speeds[d], rows) for d in devices]
+    balanced = balance_layers(layer_s, [0.0] * (pp - 1) + [speeds[devices[-1]].fixed_s], n)
+    for s in range(pp):  # what a stage cannot hold goes to the fastest stages with room
+        while balanced[s] > max(1, caps[s]):
+            room = [i for i in range(pp) if balanced[i] < caps[i]]
+            if not room:
+                break
+            balanced[s] -= 1
+            balanced[min(room, key=lambda i: layer_s[i])] += 1
     splits = {tuple(shard_sizes(n, pp)), tuple(balanced)}
     for a, b in itertools.permutations(range(pp), 2):
         moved = list(balanced)
@@ -100,6 +112,16 @@ def candidate_splits(config: ModelConfig, devices: tuple[str, ...], speeds: dict
         if min(moved) >= 1:
             splits.add(tuple(moved))
     return sorted(splits)
+
+
+def layer_caps(config: ModelConfig, devices: tuple[str, ...], dtype_bytes: dict[str, int],
+               memory_limits: dict[str, float]) -> list[int]:
+    """Decoder layers each stage can hold beside its share of the tables."""
+    caps = []
+    for s, d in enumerate(devices):
+        tables = _end_table(config, dtype_bytes[d]) if s in (0, len(devices) - 1) else 0
+        caps.append(max(0, int((memory_limits[d] - tables) // layer_bytes(config, dtype_bytes[d]))))
+    return caps
 
 
 def plan_placed(config: ModelConfig, devices: list[str], speeds: dict[str, DeviceSpeed], dtype_bytes: dict[str, int],
@@ -115,5 +137,7 @@ def plan_placed(config: ModelConfig, devices: list[str], speeds: dict[str, Devic
     rows = math.ceil(batch / min(m, batch))
     orders = [tuple(devices)] if keep_order else sorted(set(itertools.permutations(devices)))
     predictions = [predict_placed(config, order, split, speeds, dtype_bytes, memory_limits, batch, m, h2d_Bps, params)
-                   for order in orders for split in candidate_splits(config, order, speeds, rows)]
+                   for order in orders
+                   for split in candidate_splits(config, order, speeds, rows,
+                                                 layer_caps(config, order, dtype_bytes, memory_limits))]
     return sorted(predictions, key=lambda p: (not p.fits, -p.decode_tok_s))
