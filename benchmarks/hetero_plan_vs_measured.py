@@ -39,10 +39,10 @@ def main() -> None:
         if "stages" not in layout:
             continue
         split = tuple(int(s.split("..")[1]) - int(s.split()[1].split("..")[0]) + 1 for s in layout["stages"])
+        order = ("cpu", "cuda:0") if label.startswith("cpu+gpu") else ("cuda:0", "cpu")
         for r in (r for r in measured["results"] if r["layout"] == label):
-            p = predict_placed(config, ("cuda:0", "cpu"), split, speeds, sizes, limits, r["batch"], 2, h2d,
-                               CostParams())
-            rows.append({"layout": label, "split": "/".join(map(str, split)), "batch": r["batch"],
+            p = predict_placed(config, order, split, speeds, sizes, limits, r["batch"], 2, h2d, CostParams())
+            rows.append({"layout": label, "stages": p.stages, "batch": r["batch"],
                          "measured_tok_s": r["aggregate_tokens_per_s"], "predicted_tok_s": p.decode_tok_s,
                          "predicted_over_measured": round(p.decode_tok_s / r["aggregate_tokens_per_s"], 3),
                          "measured_stage_ms": " / ".join(f"{t['compute_ms']:.1f}" for t in r["stage_times"]),
@@ -51,7 +51,7 @@ def main() -> None:
             "measured_commit": measured["git_commit"], "planner_commit": git_commit(),
             "h2d_GBps": h2d / 1e9, "command": " ".join(sys.argv)}
     stem = f"{measured['date']}_hetero_plan_vs_measured_{measured['model']}_cuda"
-    columns = ["layout", "split", "batch", "measured_tok_s", "predicted_tok_s", "predicted_over_measured",
+    columns = ["layout", "stages", "batch", "measured_tok_s", "predicted_tok_s", "predicted_over_measured",
                "measured_stage_ms", "predicted_stage_ms"]
     notes = ("Predicted: ferry/parallel/placement_plan.py's formula with the per-layer and fixed times the measured "
              "run's ranks timed (its speed_split), the host link from the offload run, 2 micro-batches. Measured "

@@ -233,7 +233,7 @@ def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batche
     from ferry.device import resolve_dtype
     from ferry.errors import FerryError
     from ferry.parallel.device_speed import measure
-    from ferry.parallel.offload_plan import choose, measure_h2d_bandwidth, parse_size
+    from ferry.parallel.offload_plan import KV_SHARE, choose, measure_h2d_bandwidth, parse_size
     from ferry.parallel.placement import parse_stages
     from ferry.parallel.placement_plan import plan_placed
     from ferry.parallel.planner import load_model_config
@@ -263,7 +263,8 @@ def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batche
             limits[device] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - margin
         else:
             total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else float("inf")
-            limits[device] = parse_size(gpu_memory) if gpu_memory else total - margin
+            # A budget keeps offload_plan's share of it for the KV cache, as --gpu-memory runs do.
+            limits[device] = parse_size(gpu_memory) * (1 - KV_SHARE) if gpu_memory else total - margin
     gpu = next((d for d in devices if d.startswith("cuda")), None)
     h2d = measure_h2d_bandwidth(torch.device(gpu)) if gpu else None
     predictions = plan_placed(config, devices, speeds, dtype_bytes, limits, batch, micro_batches, h2d,
