@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has")
     ap.add_argument("--gpu-memory", default="12GiB")
     ap.add_argument("--slowdown", type=int, default=3, help="cpu: the slow rank runs every matmul this many times")
+    ap.add_argument("--only", default=None, help="run only the layouts whose name starts with this (e.g. tp)")
+    ap.add_argument("--stem-suffix", default="", help="added to the result file's name")
     ap.add_argument("--batches", default=None, help="default: 1,8 on cpu, 1,16 on GPUs")
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
@@ -131,6 +133,8 @@ def main() -> None:
         else:
             jobs, extra = offload_jobs(args, config)
 
+    if args.only:
+        jobs = [j for j in jobs if j.label.startswith(args.only)]
     rows, details = [], {}
     for job in jobs:
         result = run_placed(job)
@@ -148,7 +152,7 @@ def main() -> None:
                             "one gpu": "gpu+cpu even"},
                 "offload": {j.label: jobs[1].label for j in jobs}}[args.case]
     for r in rows:
-        if r["layout"] in baseline:
+        if r["layout"] in baseline and (baseline[r["layout"]], r["batch"]) in by:
             r["vs"] = baseline[r["layout"]]
             r["ratio"] = round(r["aggregate_tokens_per_s"] / by[(baseline[r["layout"]], r["batch"])], 3)
         r["stages"] = " / ".join(f"{t['compute_ms']:.1f}" for t in r.get("stage_times", [])) or ""
@@ -158,7 +162,7 @@ def main() -> None:
                                  "repeats": args.repeats, "cpu_threads": os.cpu_count(), "layouts": details, **extra}
     if args.case == "cpu":
         meta["slowdown"] = args.slowdown
-    stem = f"{meta['date']}_hetero_{args.case}_{name}_{device.type}"
+    stem = f"{meta['date']}_hetero_{args.case}_{name}_{device.type}{args.stem_suffix}"
     columns = ["layout", "batch", "aggregate_tokens_per_s", "tokens_per_s", "vs", "ratio", "stages"]
     notes = ("Aggregate decode tokens/s = batch x median per-sequence rate. `stages`: each rank's compute per "
              "micro-batch step in ms (CUDA events on a GPU, wall time on a CPU). `ratio`: against the layout in "
