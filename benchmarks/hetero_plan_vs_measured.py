@@ -56,7 +56,7 @@ def main() -> None:
     notes = ("Predicted: ferry/parallel/placement_plan.py's formula with the per-layer and fixed times the measured "
              "run's ranks timed (its speed_split), the host link from the offload run, 2 micro-batches. Measured "
              "stage ms: compute per micro-batch step (CUDA events on the GPU, wall time on the CPU).")
-    json_path, md_path = write_results(args.out, stem, meta, rows, columns, notes)
+    _, md_path = write_results(args.out, stem, meta, rows, columns, notes)
     print(md_path.read_text())
 
 

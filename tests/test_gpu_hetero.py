@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import torch
+from tie_rule import worst_gap
 
 from ferry.engine.sampling import SamplingParams
 from ferry.parallel.launch import spawn
 from ferry.parallel.placement import parse_stages
 from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
-from tie_rule import worst_gap
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ("The oldest known map shows", "Three facts about octopuses:", "for i in range(10):")

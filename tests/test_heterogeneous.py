@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tie_rule import worst_gap
 
 from ferry.device import backend_for, present_devices
 from ferry.engine.engine import Engine
@@ -20,7 +21,6 @@ from ferry.parallel.launch import spawn
 from ferry.parallel.pipeline_stage import Hop
 from ferry.parallel.placement import parse_stages, placement_from_json, placement_from_options
 from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate
-from tie_rule import worst_gap
 
 # Held out: none of these appear in other tests' prompts.
 PROMPTS = ("Rivers carry sediment to", "My favourite board game is", "SELECT name FROM")

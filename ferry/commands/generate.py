@@ -96,9 +96,9 @@ def generate(
     def run() -> None:
         nonlocal offload_weights, kv_memory, stages, device  # --gpu-memory decides them
         from ferry.api import LLM
-        from ferry.errors import FerryError
         from ferry.device import dtype_name
         from ferry.engine.sampling import SamplingParams
+        from ferry.errors import FerryError
         from ferry.parallel.launch import under_torchrun
         from ferry.parallel.layout import check_parallel_options, check_pipeline_options
         from ferry.parallel.mesh import Mesh, check_mesh, mesh_under_torchrun, torchrun_layout
@@ -219,12 +219,12 @@ def _generate_tp(prompts, params, model, device, dtype, chat, as_json, mesh, com
                  allreduce, layer_split, micro_batches, timeout, placement=None) -> None:
     """`--tp N --pp M` (or `--stages`): spawn N x M ranks (or join torchrun's), each loading only its stage's
     shard; rank 0 prints."""
+    import torch
+
     from ferry.device import resolve_device
     from ferry.engine.engine import Completion
     from ferry.model.loader import open_checkpoint, resolve_model_path
     from ferry.parallel.launch import spawn, torchrun_group, under_torchrun
-    import torch
-
     from ferry.parallel.layout import check_launch
     from ferry.parallel.placement import check_fits
     from ferry.parallel.tp_generate import GenerateJob, PipelineSpec, run_generate

@@ -201,8 +201,8 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
     own dtype, its layers (and TP shares) as given or sized by every rank's measured speed. Returns (engine,
     tokenizer or None, TP group, stage spans, speed split or None)."""
     from ferry.device import BACKENDS, resolve_dtype
-    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
     from ferry.model.llama import LayerSpan
+    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
     from ferry.parallel.layout import check_tensor_parallel, stage_spans
     from ferry.parallel.mesh import Mesh, StagePeers, split_groups
     from ferry.parallel.pipeline_engine import PipelineEngine
