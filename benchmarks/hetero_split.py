@@ -65,21 +65,15 @@ def gpu_cpu_jobs(args, config) -> list[HeteroJob]:
 
 
 def offload_jobs(args, config) -> tuple[list[HeteroJob], dict]:
-    from ferry.parallel.device_speed import measure
-    from ferry.parallel.offload_plan import choose, gpu_layers_within, measure_h2d_bandwidth, parse_size
+    from ferry.device import resolve_dtype
+    from ferry.parallel.offload_plan import choose, gpu_layers_within, measure_devices, parse_size
 
     budget = parse_size(args.gpu_memory)
     on_gpu = gpu_layers_within(config, 2, budget)
     host = config.num_layers - on_gpu
     # What `ferry generate --gpu-memory` would choose, per batch: measured here, in the same run.
-    gpu = measure(config, torch.device("cuda"), torch.bfloat16)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 3) - 2))  # what the CPU stage's rank gets (placement.py)
-    from ferry.device import resolve_dtype
-
-    cpu = measure(config, torch.device("cpu"), resolve_dtype(None, torch.device("cpu")))
-    torch.set_num_threads(threads)
-    h2d = measure_h2d_bandwidth(torch.device("cuda"))
+    gpu, cpu, h2d = measure_devices(config, torch.device("cuda"), torch.bfloat16,
+                                    resolve_dtype(None, torch.device("cpu")))
     choices = {b: choose(config, 2, budget, b, gpu, cpu, h2d).to_json() for b in args.batches}
     stages = {"stages": [{"ranks": [{"device": "cpu"}], "layers": host},
                          {"ranks": [{"device": "cuda:0"}], "layers": on_gpu}]}

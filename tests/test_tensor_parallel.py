@@ -49,7 +49,7 @@ def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 3, 4])
+@pytest.mark.parametrize("tp", [2, 4])  # even KV heads, replicated KV heads (uneven ones: test_heterogeneous.py)
 def test_tp_greedy_tokens_match_tp1(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode(p) for p in PROMPTS]
     reference = [c.token_ids for c in Engine(ferry_smollm.model, ferry_smollm.tokenizer).generate(ids, GREEDY)]

@@ -180,15 +180,12 @@ def _kv_gib(gpu_memory: str) -> float:
 def _offload_way(model, device, dtype, gpu_memory: str, offload: str, batch: int, max_tokens: int, others: dict):
     """`--gpu-memory`: where the layers beyond the budget go (offload_plan.py), measured on this machine and said
     on stderr."""
-    import os
-
     import torch
 
     from ferry.device import resolve_device, resolve_dtype
     from ferry.errors import FerryError
     from ferry.model.loader import open_checkpoint, resolve_model_path
-    from ferry.parallel.device_speed import measure
-    from ferry.parallel.offload_plan import choose, gpu_layers_within, measure_h2d_bandwidth, parse_size
+    from ferry.parallel.offload_plan import choose, gpu_layers_within, measure_devices, parse_size
 
     if offload not in ("auto", "stream", "cpu"):
         raise FerryError(f"--offload {offload!r}: choose auto, stream or cpu")
@@ -205,12 +202,8 @@ def _offload_way(model, device, dtype, gpu_memory: str, offload: str, batch: int
     if gpu_layers_within(config, gpu_dtype.itemsize, budget) >= config.num_layers:
         err(f"ferry: --gpu-memory {gpu_memory}: all {config.num_layers} layers fit; nothing is offloaded")
         return choose(config, gpu_dtype.itemsize, budget, batch, None, None, None)
-    gpu = measure(config, dev, gpu_dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 3) - 2))  # what the CPU stage's rank gets (placement.py)
-    cpu = measure(config, torch.device("cpu"), resolve_dtype(dtype, torch.device("cpu")))
-    torch.set_num_threads(threads)
-    way = choose(config, gpu_dtype.itemsize, budget, batch, gpu, cpu, measure_h2d_bandwidth(dev), force=offload)
+    gpu, cpu, h2d = measure_devices(config, dev, gpu_dtype, resolve_dtype(dtype, torch.device("cpu")))
+    way = choose(config, gpu_dtype.itemsize, budget, batch, gpu, cpu, h2d, force=offload)
     err(f"ferry: {way.why}: {'streaming them' if way.way == 'stream' else 'a CPU stage, --stages ' + way.stages}")
     return way
 

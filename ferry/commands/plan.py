@@ -250,14 +250,11 @@ def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batche
     for device in dict.fromkeys(devices):
         dev = torch.device(device)
         dtype = resolve_dtype(None, dev, tp=1 if placement.mixed else placement.world)  # as --stages resolves it
-        threads = torch.get_num_threads()
-        if dev.type == "cpu":  # what a CPU stage's rank gets beside the accelerator ranks (placement.py)
-            torch.set_num_threads(placement.threads(devices.index(device)))
-        err(f"ferry: measuring {device} ({dtype}, {torch.get_num_threads()} threads; cached after the first run)")
-        try:
-            speeds[device] = measure(config, dev, dtype)
-        finally:
-            torch.set_num_threads(threads)
+        # A CPU stage's rank gets its share of the cores beside the accelerator ranks (placement.py).
+        threads = placement.threads(devices.index(device)) if dev.type == "cpu" else None
+        err(f"ferry: measuring {device} ({dtype}, {threads or torch.get_num_threads()} threads; cached after the "
+            "first run)")
+        speeds[device] = measure(config, dev, dtype, threads=threads)
         dtype_bytes[device] = dtype.itemsize
         if dev.type == "cpu":
             limits[device] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - margin

@@ -48,9 +48,17 @@ def describe_device(device: torch.device, dtype: torch.dtype, slowdown: int = 1)
 
 
 def measure(config: ModelConfig, device: torch.device, dtype: torch.dtype, slowdown: int = 1,
-            rows: int = CALIBRATION_ROWS, use_cache: bool = True) -> DeviceSpeed:
+            rows: int = CALIBRATION_ROWS, use_cache: bool = True, threads: int | None = None) -> DeviceSpeed:
     """This device's time per layer and fixed time per step for `config`'s shape, from the cache when it was
-    measured before on this machine."""
+    measured before on this machine. `threads`: time with this many CPU threads (a rank's share of the cores),
+    this process's setting restored after."""
+    if threads is not None and threads != torch.get_num_threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure(config, device, dtype, slowdown, rows, use_cache)
+        finally:
+            torch.set_num_threads(before)
     from ferry.parallel.cost_model import time_engine_steps
 
     name = describe_device(device, dtype, slowdown)

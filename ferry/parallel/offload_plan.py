@@ -109,6 +109,20 @@ def choose(config: ModelConfig, dtype_bytes: int, budget: int, batch: int, gpu: 
     return OffloadChoice(way, n, host, stream, cycle, why)
 
 
+def measure_devices(config: ModelConfig, gpu, gpu_dtype, cpu_dtype) -> tuple[DeviceSpeed, DeviceSpeed, float]:
+    """The GPU's and the CPU's measured speeds for `config` (the CPU with the cores a CPU stage beside one GPU
+    rank gets, placement.py) and the host-to-device bandwidth: what `choose` needs."""
+    import os
+
+    import torch
+
+    from ferry.parallel.device_speed import measure
+
+    cpu_threads = max(1, (os.cpu_count() or 3) - 2)
+    return (measure(config, gpu, gpu_dtype), measure(config, torch.device("cpu"), cpu_dtype, threads=cpu_threads),
+            measure_h2d_bandwidth(gpu))
+
+
 def measure_h2d_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Pinned host-to-device copy bandwidth, bytes/s (the best of `repeats`: the link's, not the noise's)."""
     import torch

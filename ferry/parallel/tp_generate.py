@@ -201,7 +201,6 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
     own dtype, its layers (and TP shares) as given or sized by every rank's measured speed. Returns (engine,
     tokenizer or None, TP group, stage spans, speed split or None)."""
     from ferry.device import BACKENDS, resolve_dtype
-    from ferry.model.llama import LayerSpan
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
     from ferry.parallel.layout import check_tensor_parallel, stage_spans
     from ferry.parallel.mesh import Mesh, StagePeers, split_groups
@@ -234,16 +233,13 @@ def pipeline_on_rank(world: ParallelGroup, spec: PipelineSpec, model: str | None
         config = open_checkpoint(path)[1]
     check_tensor_parallel(config, mesh.tp)
     tp_group, split = placed_group(tp_group, placement, config, device, dtype, links.tokens, torch.device("cpu"))
+    layer_split = spec.layer_split or (placement and placement.layer_split)
     if split is not None and split.layer_counts:
-        spans, start = [], 0
-        for count in split.layer_counts:
-            spans.append(LayerSpan(start, start + count, config.num_layers))
-            start += count
+        layer_split = ",".join(map(str, split.layer_counts))
         if world.rank == 0:
             log.info("stages sized by measured speed: %s layers (%s)", ",".join(map(str, split.layer_counts)),
                      "; ".join(f"{s['device']} {s['layer_ms']} ms/layer" for s in split.speeds))
-    else:
-        spans = stage_spans(config.num_layers, mesh.pp, spec.layer_split or (placement and placement.layer_split))
+    spans = stage_spans(config.num_layers, mesh.pp, layer_split)
     span = spans[links.peers.stage]
     tp_group = tp_group.with_allreduce(allreduce, device, dtype)
     if path is None:
