@@ -56,11 +56,12 @@ def _sums_through_the_engine(group, mode: str) -> dict:
 
 
 @pytest.mark.slow
-def test_gloo_sums_through_the_engine_are_exact():
+def test_cpu_sums_through_the_engine_are_exact_and_take_host_shared_memory():
     result = spawn(3, "cpu", _sums_through_the_engine, ("auto",))
     for numel, total in result["sums"].items():
         assert torch.equal(total, torch.arange(numel, dtype=torch.float32) * 6)  # 1 + 2 + 3
-    assert result["calls"] == {"process_group": 3}
+    assert result["calls"] == {"process_group": 0, "host_shm": 3}  # every size fits its 8 MiB slots
+    assert "host_shm" in result["plan"]
     assert "symm_one_shot: not available (symmetric memory needs CUDA devices)" in result["plan"]
 
 
@@ -110,7 +111,9 @@ def test_bench_allreduce_on_cpu_writes_its_table_and_says_what_it_could_not_meas
     assert "In-graph times, NCCL and symmetric memory need GPUs" in out.stderr
     [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert doc["backend"] == "gloo" and doc["ranks"] == 2
-    assert [r["bytes"] for r in doc["results"]] == [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
+    sizes = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
+    for path in ("process_group", "host_shm"):
+        assert [r["bytes"] for r in doc["results"] if r["path"] == path] == sizes
     assert all(r["us"] > 0 and r["busbw_GBps"] == r["algbw_GBps"] for r in doc["results"])  # 2 ranks: factor 1
     assert set(doc["skipped"]) == {"symm_one_shot", "symm_two_shot", "ferry_one_shot"}
 

@@ -2,8 +2,8 @@
 
 Per size and path: time per all-reduce (median of trials, max over ranks), algbw = bytes / time and
 busbw = algbw * 2 (n - 1) / n (the per-link traffic a ring would need, nccl-tests' convention), plus which path
-Ferry's calibrated engine picks and its ratio to NCCL in-graph. On CPU only the gloo process group runs; the
-table says what could not be measured and why.
+Ferry's calibrated engine picks and its ratio to NCCL in-graph. On CPU the gloo process group and host shared
+memory run (the latter up to its slot size); the table says what could not be measured and why.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], dtype_name: str, de
     for size in sizes:
         x = torch.ones(size // dtype.itemsize, dtype=dtype, device=device)
         for path in paths:
+            if not path.fits(x):  # a message larger than the path's buffer: the engine sends it elsewhere
+                continue
             for mode in modes:
                 if mode == "graph":
                     us = time_in_graph(path, x, repeats=20, trials=7)
@@ -42,7 +44,7 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], dtype_name: str, de
                     graph_times.setdefault(size, {})[path.name] = us
                 rows.append(_row(size, path.name, mode, us, group.world_size))
         # the sum must be right on every path, not only fast: 1 from each rank
-        for path in paths:
+        for path in (p for p in paths if p.fits(x)):
             y = path.reduce(torch.ones(size // dtype.itemsize, dtype=dtype, device=device))
             if not bool((y == group.world_size).all()):
                 raise RuntimeError(f"{path.name} summed {size} bytes wrongly on rank {group.rank}")

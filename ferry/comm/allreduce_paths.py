@@ -19,6 +19,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ferry.comm.host_shm import HostSharedMemoryPath
+
 log = logging.getLogger("ferry.allreduce")
 
 # What "this machine cannot run the path" looks like: torch raises RuntimeError (or OSError) when the driver, the
@@ -26,6 +28,9 @@ log = logging.getLogger("ferry.allreduce")
 # TypeError, Triton's CompilationError) is a bug in the path: logged as one too, and raised where
 # FERRY_STRICT_PATHS=1 (the test suite sets it) so it fails a test instead of hiding behind "not available".
 MACHINE_CANNOT = (RuntimeError, OSError)
+# CPU ranks' shared-memory slots: a message up to this size (a prefill chunk of ~1800 SmolLM2 tokens in fp32) takes
+# host shared memory; larger ones gloo. Each rank maps 2 x ranks slots of it.
+HOST_SHM_BYTES = 8 << 20
 
 
 class PathUnavailable(RuntimeError):
@@ -174,6 +179,8 @@ def available_paths(process_group: dist.ProcessGroup | None, device: torch.devic
                           lambda: SymmetricMemoryPath("two_shot", process_group, device, dtype, max_bytes)),
         FerryOneShotPath.name: (FerryOneShotPath.unavailable_reason,
                                 lambda: FerryOneShotPath(process_group, device, dtype, max_bytes)),
+        HostSharedMemoryPath.name: (HostSharedMemoryPath.unavailable_reason,
+                                    lambda: HostSharedMemoryPath(process_group, min(max_bytes, HOST_SHM_BYTES))),
     }
     paths: list = [ProcessGroupPath(process_group)]
     skipped: dict[str, str] = {}

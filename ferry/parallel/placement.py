@@ -247,8 +247,8 @@ def placement_from_options(stages: str | None, tp_shares: str | None, device: st
     if stages is None and tp_shares is None:
         return None
     if stages is not None:
-        for flag, given in (("--device", device), ("--tp", tp), ("--pp", pp), ("--layer-split", layer_split),
-                            ("--tp-shares", tp_shares)):
+        for flag, given in (("--tp", tp), ("--pp", pp), ("--layer-split", layer_split), ("--tp-shares", tp_shares),
+                            ("--device", device)):
             if given is not None:
                 raise FerryError(f"--stages places every rank itself; drop {flag} (a placement file's stages take "
                                  "\"shares\" for tensor-parallel ranks)")
