@@ -98,8 +98,9 @@ def run_allreduce_bench(device_type: str, ranks: int, max_size_mb: int, dtype_na
     result = spawn(ranks, device_type, measure_on_ranks, (sizes, dtype_name, device_type))
     notes = []
     if device_type != "cuda":
-        notes.append("No CUDA devices: only the gloo process group was measured, eagerly. In-graph times, NCCL and "
-                     "symmetric memory need GPUs.")
+        notes.append("No CUDA devices: the gloo process group and host shared memory (messages up to its slot "
+                     "size; Ferry sends those that way, larger ones over gloo) were measured, eagerly. In-graph "
+                     "times, NCCL and symmetric memory need GPUs.")
     notes += [f"{name}: not measured ({why})" for name, why in result["skipped"].items()]
     if result["plan"]:
         notes.append("Ferry's calibrated choice per size:\n\n```\n" + result["plan"] + "\n```")
