@@ -35,6 +35,9 @@ class DeviceSpeed:
     layer_s: float  # one decoder layer of a decode step of `rows` rows
     fixed_s: float  # what the step adds beyond its layers: embedding, LM head, sampling, the host's work
     rows: int
+    # The layer's MLP matmuls alone (gate/up and down) at `rows` rows: the work tensor parallelism divides. Shares
+    # follow it, not the whole layer, whose norms and residual adds every rank runs in full whatever its share.
+    matmul_s: float = 0.0
 
 
 def describe_device(device: torch.device, dtype: torch.dtype, slowdown: int = 1) -> str:
@@ -63,7 +66,7 @@ def measure(config: ModelConfig, device: torch.device, dtype: torch.dtype, slowd
 
     name = describe_device(device, dtype, slowdown)
     key = f"{name}|{config.hidden_size}x{config.intermediate_size}|{config.num_heads}/{config.num_kv_heads}" \
-          f"|{config.vocab_size}|rows{rows}"
+          f"|{config.vocab_size}|rows{rows}|v2"
     path = cache_root() / "device_speed.json"
     cached = _read(path)
     if use_cache and key in cached:
@@ -71,9 +74,10 @@ def measure(config: ModelConfig, device: torch.device, dtype: torch.dtype, slowd
     calibration = time_engine_steps(config, device, dtype, token_counts=(rows,), new_tokens=8, repeats=2,
                                     slowdown=slowdown)
     layer_s = max(calibration.layer_seconds(rows), 1e-7)
-    speed = DeviceSpeed(name, layer_s, calibration.fixed_seconds(rows) or 0.0, rows)
-    log.info("measured %s: %.3f ms per layer, %.3f ms fixed per step (%d rows)", name, speed.layer_s * 1e3,
-             speed.fixed_s * 1e3, rows)
+    speed = DeviceSpeed(name, layer_s, calibration.fixed_seconds(rows) or 0.0, rows,
+                        time_mlp_matmuls(config, device, dtype, rows, slowdown))
+    log.info("measured %s: %.3f ms per layer (%.3f ms of MLP matmuls), %.3f ms fixed per step (%d rows)", name,
+             speed.layer_s * 1e3, speed.matmul_s * 1e3, speed.fixed_s * 1e3, rows)
     if use_cache:
         cached = _read(path)  # another rank may have written meanwhile
         cached[key] = asdict(speed)
@@ -82,6 +86,37 @@ def measure(config: ModelConfig, device: torch.device, dtype: torch.dtype, slowd
         tmp.write_text(json.dumps(cached, indent=1))
         tmp.replace(path)
     return speed
+
+
+def time_mlp_matmuls(config: ModelConfig, device: torch.device, dtype: torch.dtype, rows: int,
+                     slowdown: int = 1, repeats: int = 20) -> float:
+    """Seconds of one layer's gate/up and down matmuls at `rows` rows (the median of `repeats`, after a warm-up),
+    through the layers Ferry runs (an emulated slowdown included)."""
+    import statistics
+    import time
+
+    from ferry.comm.group import ParallelGroup
+    from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    h, f = config.hidden_size, config.intermediate_size
+    single = ParallelGroup.single()
+    gate_up = ColumnParallelLinear(h, [f, f], single).to(device, dtype)
+    down = RowParallelLinear(f, h, single).to(device, dtype)
+    for m in (gate_up, down):
+        m.weight.data.normal_(0.0, 0.02)
+        m.slowdown = slowdown
+    x = torch.randn(rows, h, device=device, dtype=dtype)
+    sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
+    samples = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            sync()
+            started = time.perf_counter()
+            down(gate_up(x)[:, :f])
+            sync()
+            if i >= 2:
+                samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
 
 
 def _read(path) -> dict:
@@ -128,7 +163,8 @@ def balance_layers(layer_s: list[float], fixed_s: list[float], num_layers: int) 
 
 
 def tp_shares(rank_layer_s: list[float]) -> tuple[float, ...]:
-    """Each rank's weight in an uneven tensor-parallel split: its speed, normalised to the fastest."""
+    """Each rank's weight in an uneven tensor-parallel split: its speed (from the time of the work the split
+    divides), normalised to the fastest."""
     fastest = min(rank_layer_s)
     # Tenths: timing noise of a few percent is no speed difference, and equal shares keep the even split.
     return tuple(max(0.1, round(fastest / t, 1)) for t in rank_layer_s)
@@ -158,7 +194,8 @@ def split_by_speed(placement, num_layers: int, speeds: list[DeviceSpeed] | None)
     shares = []
     for s, stage in enumerate(placement.stages):
         if stage.shares == "auto":
-            shares.append(tp_shares([speeds[s * tp + t].layer_s for t in range(tp)]))
+            ranks = [speeds[s * tp + t] for t in range(tp)]
+            shares.append(tp_shares([r.matmul_s or r.layer_s for r in ranks]))
         else:
             shares.append(stage.shares)
     counts = None
@@ -168,6 +205,6 @@ def split_by_speed(placement, num_layers: int, speeds: list[DeviceSpeed] | None)
         # The last stage also runs the LM head: the step's measured fixed part, most of which is the head.
         fixed_s = [0.0] * (placement.pp - 1) + [max(speeds[-1 - t].fixed_s for t in range(tp))]
         counts = tuple(balance_layers(layer_s, fixed_s, num_layers))
-    report = tuple({"device": sp.device, "layer_ms": round(sp.layer_s * 1e3, 4), "fixed_ms": round(sp.fixed_s * 1e3, 4)}
-                   for sp in speeds or ())
+    report = tuple({"device": sp.device, "layer_ms": round(sp.layer_s * 1e3, 4), "fixed_ms": round(sp.fixed_s * 1e3, 4),
+                    "mlp_matmul_ms": round(sp.matmul_s * 1e3, 4)} for sp in speeds or ())
     return SpeedSplit(counts, tuple(shares), report)

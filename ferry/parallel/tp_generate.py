@@ -91,10 +91,11 @@ def gather_speeds(group, placement: Placement, config: ModelConfig, device: torc
         if turn == rank:
             mine = measure(config, device, dtype, placement.rank(rank).slowdown)
         torch.distributed.barrier(group=group)
-    t = torch.tensor([mine.layer_s, mine.fixed_s], dtype=torch.float64, device=gather_device)
+    t = torch.tensor([mine.layer_s, mine.fixed_s, mine.matmul_s], dtype=torch.float64, device=gather_device)
     parts = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, t, group=group)
-    return [DeviceSpeed(placement.rank(r).device, float(p[0]), float(p[1]), mine.rows) for r, p in enumerate(parts)]
+    return [DeviceSpeed(placement.rank(r).device, float(p[0]), float(p[1]), mine.rows, float(p[2]))
+            for r, p in enumerate(parts)]
 
 
 def placed_group(group: ParallelGroup, placement: Placement | None, config: ModelConfig, device: torch.device,
