@@ -80,3 +80,18 @@ def test_a_gpu_memory_budget_streams_or_runs_a_cpu_stage_as_asked(ferry_smollm, 
     said = "streaming them" if way == "stream" else "a CPU stage, --stages cpu="
     assert said in out.stderr and f"{way} forced" in out.stderr
     _check_ties(ferry_smollm, json.loads(out.stdout)["completions"], BF16_TIE_LOGITS)
+
+
+@pytest.mark.parametrize("shares", ["2,1", "auto"])
+def test_weighted_tensor_parallelism_on_two_gpus(ferry_smollm, smollm_path, shares):
+    """Uneven shards (heads, FFN columns, vocabulary) under CUDA graphs and the all-reduce engine; two GPUs of one
+    kind measure alike, so `auto` keeps the even split."""
+    from ferry.parallel.placement import placement_from_options
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    placement = placement_from_options(None, shares, "cuda", 2, None, None)
+    job = GenerateJob(str(smollm_path), "cuda", "fp32", PROMPTS, GREEDY, placement=placement)
+    result = spawn(2, "cuda", run_generate, (job,), timeout_s=300, placement=placement)
+    assert result["tp_shares"] == ([2.0, 1.0] if shares == "2,1" else [1.0, 1.0]), result["tp_shares"]
+    _check_ties(ferry_smollm, result["completions"], FP32_TIE_LOGITS)

@@ -3,6 +3,9 @@ every rank, call after call (the double-buffered slots), and a rank that never c
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -64,3 +67,24 @@ def _one_rank_stays_away(group) -> str:
 def test_a_rank_that_never_comes_is_named_at_the_timeout():
     message = spawn(2, "cpu", _one_rank_stays_away, (), timeout_s=60)
     assert "rank(s) [1] did not reach the all-reduce within 2 s" in message
+
+
+def _one_rank_dies(group) -> str:
+    from ferry.comm.host_shm import HostSharedMemoryPath
+
+    path = HostSharedMemoryPath(group.process_group, max_bytes=1 << 12, timeout_s=60)
+    if group.rank == 1:
+        os._exit(0)  # gone without a word, like a killed rank
+    started = time.monotonic()
+    try:
+        path.reduce(torch.ones(4))
+    except FerryError as exc:
+        return f"{exc} after {time.monotonic() - started:.1f} s"
+    return "no error"
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_is_named_at_once_not_at_the_timeout():
+    message = spawn(2, "cpu", _one_rank_dies, (), timeout_s=60)
+    assert "rank(s) [1] died before they could reach the all-reduce" in message
+    assert float(message.rsplit("after ", 1)[1].split()[0]) < 5  # the timeout is 60 s

@@ -31,7 +31,7 @@ GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 3, 4])  # 4 > SmolLM2's 3 KV heads: KV heads replicated
+@pytest.mark.parametrize("tp", [2, 4])  # 4 > SmolLM2's 3 KV heads: KV heads replicated
 def test_tp_logits_match_tp1_within_fp32_tolerance(ferry_smollm, smollm_path, tp):
     ids = [ferry_smollm.tokenizer.encode("Tensor parallel ranks each hold a slice of every layer.")]
     x = torch.tensor(ids)

@@ -41,10 +41,12 @@ class HostSharedMemoryPath:
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
         self.max_bytes, self.timeout_s = max_bytes, timeout_s
-        hosts: list = [None] * self.world
-        dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
-        if len(set(hosts)) > 1:
-            raise RuntimeError(f"the group's ranks are on {len(set(hosts))} hosts; shared memory joins one host's")
+        where: list = [None] * self.world
+        dist.all_gather_object(where, (socket.gethostname(), os.getpid()), group=process_group)
+        hosts = {host for host, _ in where}
+        if len(hosts) > 1:
+            raise RuntimeError(f"the group's ranks are on {len(hosts)} hosts; shared memory joins one host's")
+        self._pids = [pid for _, pid in where]  # a rank that died is named at once, not at the timeout
         flags = 2 * self.world * FLAG_STRIDE * 8
         size = flags + 2 * self.world * max_bytes
         # A file in the host's RAM-backed folder, mapped shared by every rank: no resource tracker involved (the
@@ -105,15 +107,39 @@ class HostSharedMemoryPath:
     def _wait_all(self, flags: torch.Tensor, value: int, what: str) -> None:
         if value <= 0 or int(flags.min()) >= value:
             return
-        deadline = time.monotonic() + self.timeout_s
-        spins = 0
+        started = time.monotonic()
+        checked, spins = started, 0
         while int(flags.min()) < value:
             spins += 1
-            if spins % 64 == 0:
-                os.sched_yield()  # another process may need this core (ranks can outnumber cores)
-                if time.monotonic() > deadline:
-                    late = [r for r in range(self.world) if int(flags[r]) < value]
-                    raise FerryError(f"all-reduce over host shared memory: rank(s) {late} did not {what} within "
-                                     f"{self.timeout_s:.0f} s; they died or are stuck")
+            if spins % 64:
+                continue
+            os.sched_yield()  # another process may need this core (ranks can outnumber cores)
+            now = time.monotonic()
+            if now - checked < 0.2:
+                continue
+            checked = now
+            late = [r for r in range(self.world) if int(flags[r]) < value]
+            dead = [r for r in late if not _alive(self._pids[r])]
+            if dead:
+                raise FerryError(f"all-reduce over host shared memory: rank(s) {dead} died before they could "
+                                 f"{what}")
+            if now - started > self.timeout_s:
+                raise FerryError(f"all-reduce over host shared memory: rank(s) {late} did not {what} within "
+                                 f"{self.timeout_s:.0f} s; they are stuck")
 
 
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process still runs: a killed rank its parent has not reaped yet is a zombie, and counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
