@@ -95,3 +95,12 @@ def test_weighted_tensor_parallelism_on_two_gpus(ferry_smollm, smollm_path, shar
     result = spawn(2, "cuda", run_generate, (job,), timeout_s=300, placement=placement)
     assert result["tp_shares"] == ([2.0, 1.0] if shares == "2,1" else [1.0, 1.0]), result["tp_shares"]
     _check_ties(ferry_smollm, result["completions"], FP32_TIE_LOGITS)
+
+
+def test_two_gpu_stages_and_a_cpu_stage_mix_nccl_and_the_host(ferry_smollm, smollm_path):
+    """cuda:0 -> cuda:1 over a pair group of NCCL inside a gloo world, then cuda:1 -> cpu through the host."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    result = _run(smollm_path, "cuda:0=12,cuda:1=12,cpu=6", "fp32")
+    assert result["stages"] == ["layers 0..11", "layers 12..23", "layers 24..29"]
+    _check_ties(ferry_smollm, result["completions"], FP32_TIE_LOGITS)
