@@ -58,7 +58,9 @@ def test_a_pipeline_sized_by_measured_speed_gives_the_slowed_stage_fewer_layers(
     assert [c["token_ids"] for c in result["completions"]] == reference_tokens
     split = result["speed_split"]
     fast, slow = split["speeds"]
-    assert slow["layer_ms"] > 1.2 * fast["layer_ms"], split  # the emulated slow device measures slower
+    # The emulated slow device measures slower: its matmuls (timed alone, a median) and its LM head. (A layer's time
+    # is a difference of two short timings: on a busy machine too noisy to assert a ratio on.)
+    assert slow["mlp_matmul_ms"] > 1.2 * fast["mlp_matmul_ms"] and slow["fixed_ms"] > 1.2 * fast["fixed_ms"], split
     first, last = split["layer_counts"]
     # The slowed last stage, which also runs the LM head, gets fewer layers than an even split's 15.
     assert first + last == 30 and last < 15, split
