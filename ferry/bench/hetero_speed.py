@@ -38,7 +38,7 @@ class HeteroJob:
 
 def measure_placed(world: ParallelGroup, job: HeteroJob) -> dict:
     """Spawn target (or called directly with a one-rank group): decode rows and stage times of this layout."""
-    from ferry.parallel.tp_generate import group_device
+    from ferry.parallel.tp_generate import gather_floats, group_device
 
     started = time.perf_counter()
     engine, extra = _build(world, job)
@@ -55,21 +55,12 @@ def measure_placed(world: ParallelGroup, job: HeteroJob) -> dict:
                "aggregate_tokens_per_s": round(rate * batch, 1)}
         if stage is not None:
             times = stage.timing.per_step_ms()
-            gathered = {k: _gather(world, v, on) for k, v in times.items()}
+            gathered = {k: gather_floats(world, v, on, digits=3) for k, v in times.items()}
             row["stage_times"] = [{k: gathered[k][r] for k in times} for r in range(world.world_size)]
         rows.append(row)
     if stage is not None:
         engine.close()
     return {"rows": rows, "decode_path": engine.decode_path, "build_s": round(build_s, 1)} | extra
-
-
-def _gather(world: ParallelGroup, value: float, device) -> list[float]:
-    if world.world_size == 1:
-        return [round(value, 3)]
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    parts = [torch.zeros_like(t) for _ in range(world.world_size)]
-    torch.distributed.all_gather(parts, t, group=world.process_group)
-    return [round(float(p), 3) for p in parts]
 
 
 def _build(world: ParallelGroup, job: HeteroJob):

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from ferry.errors import FerryError
 from ferry.model.config import ModelConfig
+from ferry.parallel.cost_model import RankShape
 from ferry.parallel.device_speed import DeviceSpeed
 
 GiB = 1 << 30
@@ -40,9 +41,8 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
 
 
 def layer_bytes(config: ModelConfig, dtype_bytes: int) -> int:
-    h, hd = config.hidden_size, config.head_dim
-    attn = h * (config.num_heads + 2 * config.num_kv_heads) * hd + config.num_heads * hd * h
-    return (attn + 3 * h * config.intermediate_size + 2 * h) * dtype_bytes
+    """One decoder layer's weights (matmuls and norms), whole: the cost model's one-rank shape."""
+    return RankShape.of(config, 1).layer_params * dtype_bytes
 
 
 def table_bytes(config: ModelConfig, dtype_bytes: int) -> int:

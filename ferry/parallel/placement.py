@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ferry.device import BACKENDS, DTYPES, present_devices
@@ -37,6 +37,11 @@ class RankPlace:
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
+
+    @property
+    def indexed(self) -> str:
+        """The device as ranks set it: an accelerator with its index (cuda -> cuda:0)."""
+        return self.device if self.device_type == "cpu" or ":" in self.device else f"{self.device}:0"
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def check_placement(placement: Placement, where: str) -> Placement:
             raise FerryError(f"--stages {where}: stage {s} mixes {', '.join(r.device for r in stage.ranks)}; a "
                              "tensor-parallel stage's ranks must be devices of one kind (put others in their own stage)")
         for rank in stage.ranks:
-            name = rank.device if rank.device_type == "cpu" or ":" in rank.device else f"{rank.device}:0"
+            name = rank.indexed
             if rank.device_type not in BACKENDS:
                 raise FerryError(f"--stages {where}: unknown device {rank.device!r} (known kinds: "
                                  f"{', '.join(BACKENDS)}; present here: {', '.join(present)})")
@@ -230,12 +235,7 @@ def check_placement(placement: Placement, where: str) -> Placement:
 
 def _with_indices(placement: Placement) -> Placement:
     """Accelerator devices spelled with their index (cuda -> cuda:0), as ranks set them."""
-    def fix(r: RankPlace) -> RankPlace:
-        if r.device_type == "cpu" or ":" in r.device:
-            return r
-        return RankPlace(f"{r.device}:0", r.threads, r.slowdown)
-
-    return Placement(tuple(StagePlace(tuple(fix(r) for r in s.ranks), s.layers, s.shares, s.dtype)
+    return Placement(tuple(replace(s, ranks=tuple(replace(r, device=r.indexed) for r in s.ranks))
                            for s in placement.stages))
 
 

@@ -47,12 +47,12 @@ class GenerateJob:
     placement: Placement | None = None  # each rank's device, threads and share (placement.py); None: alike
 
 
-def gather_floats(group: ParallelGroup, value: float, device: torch.device) -> list[float]:
-    """Every rank's `value`, in rank order (on the device: NCCL moves no host tensors)."""
+def gather_floats(group: ParallelGroup, value: float, device: torch.device, digits: int = 1) -> list[float]:
+    """Every rank's `value`, in rank order, rounded to `digits` (on the device: NCCL moves no host tensors)."""
     mine = torch.tensor([value], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(mine) for _ in range(group.world_size)]
     torch.distributed.all_gather(gathered, mine, group=group.process_group)
-    return [round(float(g), 1) for g in gathered]
+    return [round(float(g), digits) for g in gathered]
 
 
 def check_ranks_agree(group: ParallelGroup, completions: list, device: torch.device) -> None:
