@@ -262,39 +262,30 @@ class PipelineStage:
             self.timing.hidden_wait_s += time.perf_counter() - started
 
     def _receive_hidden_now(self, buf: torch.Tensor) -> None:
+        """The message lands in this rank's part of `buf` (all of it, or its 1/tp piece, all-gathered after), or,
+        where it travels in another dtype or reaches an accelerator through the host, in a staging buffer that is
+        then converted (and uploaded) into that part."""
         hop = self.recv_hop
-        if hop.via_host and self.device.type != "cpu" or buf.dtype != hop.wire_dtype:
-            self._receive_converted(buf, hop)
-            return
-        if not self.split:
-            self._wait_hidden(dist.irecv(buf, src=self.peers.previous, group=hop.group))
-            return
-        pieces = list(buf.view(-1).chunk(self.tp.world_size))
-        mine = pieces[self.tp.rank]
-        self._wait_hidden(dist.irecv(mine, src=self.peers.previous, group=hop.group))
-        dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
-
-    def _receive_converted(self, buf: torch.Tensor, hop: Hop) -> None:
-        """The message arrives in another dtype or on the host: receive it as it travels, then convert and (for an
-        accelerator from a CPU) upload it."""
-        numel = buf.numel() // self.tp.world_size if self.split else buf.numel()
-        nbytes = numel * hop.wire_dtype.itemsize
+        pieces = list(buf.view(-1).chunk(self.tp.world_size)) if self.split else [buf.view(-1)]
+        mine = pieces[self.tp.rank] if self.split else pieces[0]
         on_host = hop.via_host and self.device.type != "cpu"
-        pinned = self.pool.acquire(nbytes) if on_host else None
-        wire = pinned.view(nbytes, hop.wire_dtype, (numel,)) if pinned is not None else \
-            torch.empty(numel, dtype=hop.wire_dtype, device=self.device)
-        work = dist.irecv(wire, src=self.peers.previous, group=hop.group)
-        self._wait(work, f"hidden states from rank {self.peers.previous}") if on_host else self._wait_hidden(work)
-        flat = buf.view(-1)
-        if self.split:
-            pieces = list(flat.chunk(self.tp.world_size))
-            mine = pieces[self.tp.rank]
-            fence = self.copies.copy_in_order(mine, wire, host_pinned=True) if on_host else mine.copy_(wire)
-            dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
+        pinned = wire = None
+        if on_host:
+            nbytes = mine.numel() * hop.wire_dtype.itemsize
+            pinned = self.pool.acquire(nbytes)
+            wire = pinned.view(nbytes, hop.wire_dtype, (mine.numel(),))
+        elif mine.dtype != hop.wire_dtype:
+            wire = torch.empty(mine.numel(), dtype=hop.wire_dtype, device=self.device)
+        work = dist.irecv(mine if wire is None else wire, src=self.peers.previous, group=hop.group)
+        if on_host:
+            self._wait(work, f"hidden states from rank {self.peers.previous}")
+            self.pool.release(pinned, self.copies.copy_in_order(mine, wire, host_pinned=True))
         else:
-            fence = self.copies.copy_in_order(flat, wire, host_pinned=True) if on_host else flat.copy_(wire)
-        if pinned is not None:
-            self.pool.release(pinned, fence)
+            self._wait_hidden(work)
+            if wire is not None:
+                mine.copy_(wire)
+        if self.split:
+            dist.all_gather(pieces, mine.clone(), group=self.tp.process_group)
 
     def receive_tokens(self, rows: int) -> ReceivedTokens:
         """Post the receive of the last stage's sampled tokens for a step of `rows` sampled rows (a step of
