@@ -169,6 +169,94 @@ class FerryOneShotPath(_SymmetricBuffer):
                 raise PathUnavailable(f"self-test failed (error word {int(self.error.item())})")
 
 
+class LamportFusedNormPath:
+    """All-reduce + residual add + RMSNorm in one Triton kernel (ferry/comm/fused_norm_kernel.py), for the sums
+    a decoder layer adds to its residual stream. Not a plain all-reduce path: the engine offers it per size
+    beside "the chosen path, then one add+RMSNorm kernel" (allreduce_engine.py)."""
+
+    name = "ferry_fused_norm"
+    label = "ferry all-reduce+add+RMSNorm (Lamport one-shot, Triton)"
+    MAX_COLS = 16384  # one row per program, held in registers
+
+    def __init__(self, process_group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from ferry.comm.fused_norm_kernel import GENERATIONS, SENTINEL, STATE_WORDS
+
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise PathUnavailable(f"the fused kernel takes 16-bit activations, not {dtype}")
+        self.dtype, self.max_bytes = dtype, max_bytes
+        self.slot_elems = max_bytes // dtype.itemsize
+        group_name = process_group.group_name
+        symm_mem.enable_symm_mem_for_group(group_name)
+        # Every generation x every source rank's slot, as 16-bit words filled with the sentinel (-0.0).
+        self.buffer = symm_mem.empty(GENERATIONS * dist.get_world_size(process_group) * self.slot_elems,
+                                     dtype=torch.int16, device=device)
+        self.buffer.fill_(SENTINEL.value)
+        self.handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.rank, self.world = self.handle.rank, self.handle.world_size
+        self.buffer_ptrs = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.state = torch.zeros(STATE_WORDS, dtype=torch.int64, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=process_group)  # no peer pushes into a buffer before its owner has filled it
+        self._self_test(device)
+
+    unavailable_reason = staticmethod(lambda process_group, device: FerryOneShotPath.unavailable_reason(
+        process_group, device))
+
+    def fits(self, partial: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (partial.dtype == self.dtype and residual.dtype == self.dtype and partial.is_contiguous()
+                and residual.is_contiguous() and partial.numel() * partial.element_size() <= self.max_bytes
+                and partial.shape[-1] <= self.MAX_COLS)
+
+    def reduce_add_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                        eps: float) -> torch.Tensor | None:
+        import triton
+
+        from ferry.comm.fused_norm_kernel import lamport_allreduce_norm_kernel
+
+        n = partial.shape[-1]
+        rows = partial.numel() // n
+        out = torch.empty_like(partial) if weight is not None else None
+        if rows == 0:
+            return out
+        block = triton.next_power_of_2(n)
+        lamport_allreduce_norm_kernel[(rows,)](
+            partial, residual, weight if weight is not None else partial, out if out is not None else partial,
+            self.buffer_ptrs, self.state, self.error, n, self.slot_elems, eps, self.rank,
+            world=self.world, BLOCK=block, HAS_NORM=weight is not None, num_warps=max(4, min(16, block // 512)))
+        return out
+
+    def _self_test(self, device: torch.device) -> None:
+        """Calls of changing row counts (every generation used, cleared and reused at a shorter and a longer
+        length), inputs with -0.0 in them: each rank's result must equal the unfused sum, add and norm."""
+        from ferry.model.layers.fused import rmsnorm_reference
+
+        cols = 1000  # not a power of two: the masked tail runs too
+        weight = torch.linspace(0.5, 1.5, cols, device=device).to(self.dtype)
+        for call, rows in enumerate((1, 3, 2, 1, 4, 2, 1)):
+            parts = []
+            for r in range(self.world):
+                gen = torch.Generator(device=device).manual_seed(call * 100 + r)
+                part = torch.randn(rows, cols, generator=gen, device=device).to(self.dtype)
+                part[:, ::7] = -0.0
+                parts.append(part)
+            residual = torch.full((rows, cols), 0.25, dtype=self.dtype, device=device)
+            expected_sum = torch.stack([p.float() for p in parts]).sum(0).to(self.dtype)
+            expected_residual = residual + expected_sum
+            expected = rmsnorm_reference(expected_residual, weight, 1e-5)
+            out = self.reduce_add_norm(parts[self.rank].clone(), residual, weight if call % 3 else None, 1e-5)
+            torch.cuda.synchronize(device)
+            if int(self.error.item()):
+                raise PathUnavailable("self-test: a peer's data never arrived (error word set)")
+            if not torch.equal(residual, expected_residual):
+                raise PathUnavailable(f"self-test: call {call} ({rows} rows) summed wrong")
+            if out is not None and not torch.allclose(out.float(), expected.float(), rtol=2 ** -7, atol=1e-6):
+                raise PathUnavailable(f"self-test: call {call} ({rows} rows) normed wrong")
+
+
 def available_paths(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
                     max_bytes: int) -> tuple[list, dict[str, str]]:
     """Every path this group can run here, and for the others the reason they cannot."""
@@ -215,3 +303,26 @@ def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_grou
             skipped[p.name] = "not available on every rank"
             log.warning("all-reduce path %s is not offered: another rank could not start it", p.name)
     return [p for p in paths if p.name in everywhere]
+
+
+def fused_norm_path(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
+                    max_bytes: int) -> tuple[LamportFusedNormPath | None, str | None]:
+    """The fused all-reduce + add + RMSNorm path where every rank could start it; else None and the reason."""
+    reason = LamportFusedNormPath.unavailable_reason(process_group, device)
+    if reason is not None:
+        log.info("all-reduce path %s not available: %s", LamportFusedNormPath.name, reason)
+        return None, reason
+    path = None
+    try:
+        path = LamportFusedNormPath(process_group, device, dtype, max_bytes)
+    except Exception as exc:
+        if os.environ.get("FERRY_STRICT_PATHS") == "1" and not isinstance(exc, MACHINE_CANNOT):
+            raise
+        reason = error_chain(exc)
+        log.warning("all-reduce path %s failed to start and is not offered: %s", LamportFusedNormPath.name, reason)
+    everywhere = torch.tensor([1 if path is not None else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=process_group)
+    if path is not None and not int(everywhere.item()):
+        log.warning("all-reduce path %s is not offered: another rank could not start it", LamportFusedNormPath.name)
+        return None, "not available on every rank"
+    return path, reason

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ferry.comm.allreduce_engine import AllReduceEngine, PendingSum
+from ferry.model.layers import fused
 from ferry.model.layers.shard import shard_range, shard_sizes
 
 
@@ -59,6 +60,18 @@ class ParallelGroup:
             return self.allreduce.reduce(tensor)
         dist.all_reduce(tensor, group=self.process_group)
         return tensor
+
+    def reduce_add_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm) -> torch.Tensor | None:
+        """residual += the sum of `partial` over the group (a row-parallel layer's output; in place); returns
+        norm(residual) for the next matmul, or None where `norm` is None. Where the all-reduce engine picks its
+        fused path for this size, the sum, the add and the norm are one kernel; else the sum runs on its own path
+        and the add and the norm are one kernel after it (on GPUs; fused.py)."""
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        if self.world_size > 1:
+            if self.allreduce is not None and self.compression is None:
+                return self.allreduce.reduce_add_norm(partial, residual, weight, eps)
+            partial = self.all_reduce(partial, compressible=True)
+        return fused.add_rmsnorm(partial, residual, weight, eps)
 
     def all_reduce_async(self, tensor: torch.Tensor) -> PendingSum:
         """Start an exact sum of `tensor` over the group; `.wait()` returns it. Work issued before the wait

@@ -126,7 +126,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds any collec
                                            "stay silent before the run stops with the rank named")]
 AllReduceOpt = Annotated[str, typer.Option(help="TP all-reduce path: auto (fastest per size, calibrated once per "
                                            "machine) or process_group / symm_one_shot / symm_two_shot / "
-                                           "ferry_one_shot")]
+                                           "ferry_one_shot; add ,fused or ,unfused to force the one-kernel "
+                                           "all-reduce + residual add + RMSNorm on or off (auto: where faster)")]
 CompressedAllReduceOpt = Annotated[Optional[str], typer.Option(help="'int8': lossy all-reduce of the TP layer "
                                                                "outputs (per-token scales); off by default")]
 

@@ -62,11 +62,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, group)
 
-    def forward(
-        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, batch: AttentionBatch,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], next_norm: RMSNorm | None) -> torch.Tensor | None:
+        """The residual stream in pre-norm form: `h` is input_layernorm(residual), already computed by the layer
+        before (its last add and this norm are one step). Adds this layer's attention and MLP outputs to `residual`
+        in place; returns next_norm(residual) for the next layer (None without one).
+
+        Each add is fused with the all-reduce of the row-parallel output before it and with the norm after it
+        (ParallelGroup.reduce_add_norm): one kernel on GPUs where the all-reduce engine picks that path."""
+        group = self.self_attn.o_proj.group
+        h = group.reduce_add_norm(self.self_attn(h, batch, kv_cache, reduce=False), residual,
+                                  self.post_attention_layernorm)
+        return group.reduce_add_norm(self.mlp(h, reduce=False), residual, next_norm)
 
     # The two halves of forward() without their all-reduces, for the micro-batch overlap schedule.
     def attention_partial(self, x, batch: AttentionBatch, kv_cache) -> torch.Tensor:
@@ -126,9 +133,14 @@ class LlamaForCausalLM(nn.Module):
         if (self.overlap_micro_batches and self.group.world_size > 1 and self.group.compression is None
                 and x.shape[0] >= 2 and x.shape[1] > 1):
             return self._run_layers_overlapped(x, batch, kv_caches, layers)
-        for index, kv_cache in zip(layers, kv_caches, strict=True):
-            x = self.layers[index](x, batch, kv_cache)
-        return x
+        if not layers:
+            return x
+        residual = x.clone()  # updated in place layer by layer; the caller's tensor (a graph's input) stays as is
+        h = self.layers[layers[0]].input_layernorm(residual)
+        for i, (index, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
+            following = self.layers[layers[i + 1]].input_layernorm if i + 1 < len(layers) else None
+            h = self.layers[index](h, residual, batch, kv_cache, following)
+        return residual
 
     def _run_layers_overlapped(self, x, batch: AttentionBatch, kv_caches, layers: range) -> torch.Tensor:
         """Rows split in two micro-batches A and B; every all-reduce is started asynchronously and waited for

@@ -31,6 +31,9 @@ def check_parallel_options(tp: int, weights: str = "auto", offload_fraction: flo
     starts (CLI and API alike): an option that only a tensor-parallel run uses is refused on one rank rather
     than dropped, and single-rank options are refused with several."""
     check_rank_count(tp)
+    from ferry.comm.allreduce_engine import parse_mode
+
+    parse_mode(allreduce)  # a malformed ",fused" suffix is named before anything starts
     if compression not in (None, "int8"):
         raise FerryError(f"unknown --compressed-allreduce {compression!r} (only 'int8')")
     if tp == 1:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ferry.comm.group import ParallelGroup
 from ferry.errors import FerryError
+from ferry.model.layers import fused
 from ferry.model.layers.heads import HeadShard
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ferry.model.layers.paged_attention import paged_decode_attention, paged_prefill_attention
@@ -71,9 +72,11 @@ class AttentionBatch:
     positions: torch.Tensor
     mask: torch.Tensor | None
     kv_len: int
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
     paged: PagedBatch | None = None
+    # A paged step on the fused kernels reads the whole fp32 tables by position itself (cos, sin stay None).
+    rotary: RotaryEmbedding | None = None
 
     def rows(self, start: int, stop: int) -> AttentionBatch:
         """The same step for batch rows [start, stop) (a micro-batch)."""
@@ -84,6 +87,8 @@ class AttentionBatch:
     def build(cls, positions: torch.Tensor, kv_len: int, rotary: RotaryEmbedding, dtype: torch.dtype,
               paged: PagedBatch | None = None) -> AttentionBatch:
         if paged is not None:
+            if fused.runs_kernels(positions):
+                return cls(positions=positions, mask=None, kv_len=0, cos=None, sin=None, paged=paged, rotary=rotary)
             cos, sin = rotary.tables_for(positions, dtype)
             return cls(positions=positions, mask=None, kv_len=0, cos=cos, sin=sin, paged=paged)
         keys = torch.arange(kv_len, device=positions.device)
@@ -126,6 +131,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         bsz, tokens, _ = x.shape
         hd, n_kv, group = self.head_dim, self.num_kv_heads, self.group_size
+        if batch.rotary is not None:  # a paged step on the fused kernels
+            return self.o_proj(self._paged_fused(x[0], batch, kv_cache).reshape(1, tokens, -1), reduce=reduce)
         qkv = self.qkv_proj(x)
         qk_width = (self.num_heads + n_kv) * hd
         q, k = apply_rotary_joint(qkv[..., :qk_width].view(bsz, tokens, self.num_heads + n_kv, hd), self.num_heads,
@@ -155,17 +162,40 @@ class Attention(nn.Module):
         out = out.view(bsz, n_kv, group, tokens, hd).permute(0, 3, 1, 2, 4).reshape(bsz, tokens, -1)
         return self.o_proj(out, reduce=reduce)
 
-    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: PagedBatch,
-               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """q [tokens, heads, hd], k/v [tokens, kv_heads, hd] of one packed step -> attention output like q."""
+    def _paged_fused(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+                     ) -> torch.Tensor:
+        """x [tokens, hidden] of one packed step: the projection, then one kernel for its bias, rotary and the K/V
+        writes into the pool, then attention."""
+        from ferry.model.layers.fused_kernels import launch_rotary_kv_write
+
+        self._check_paged()
+        paged, rotary = batch.paged, batch.rotary
+        k_pool, v_pool = kv_cache
+        qkv = self.qkv_proj.matmul(x)
+        q = launch_rotary_kv_write(qkv, self.qkv_proj.bias, batch.positions.reshape(-1), rotary.cos, rotary.sin,
+                                   paged.slots, k_pool, v_pool, self.num_heads, self.num_kv_heads, self.head_dim)
+        return self._paged_attend(q, paged, kv_cache)
+
+    def _check_paged(self) -> None:
         if self.group_size is None:
             raise FerryError("this tensor-parallel layout gives a rank an uneven number of query heads per KV "
                              "head, which the paged KV cache does not run; choose a --tp that divides the KV heads")
+
+    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: PagedBatch,
+               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q [tokens, heads, hd], k/v [tokens, kv_heads, hd] of one packed step -> attention output like q."""
+        self._check_paged()
         k_pool, v_pool = kv_cache
         n_kv, hd = self.num_kv_heads, self.head_dim
         k_pool.view(-1, n_kv, hd)[paged.slots] = k
         v_pool.view(-1, n_kv, hd)[paged.slots] = v
-        scale = hd**-0.5
+        return self._paged_attend(q, paged, kv_cache)
+
+    def _paged_attend(self, q: torch.Tensor, paged: PagedBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+                      ) -> torch.Tensor:
+        """Attention of a packed step whose K/V are already in the pool."""
+        k_pool, v_pool = kv_cache
+        scale = self.head_dim**-0.5
         rows = paged.decode_rows
         if not paged.prefills:  # a decode-only step (what CUDA graphs capture)
             return paged_decode_attention(q, k_pool, v_pool, paged.block_tables, paged.context_lens, scale)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
+from ferry.model.layers import fused
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ferry.model.weights.source import WeightSource
 
@@ -18,8 +18,7 @@ class SwiGLU(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, reduce=reduce)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)), reduce=reduce)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.gate_up_proj.load(source, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])

@@ -1,10 +1,12 @@
-"""RMSNorm computed in fp32 and cast back, as the Llama reference does (keeps bf16 outputs comparable)."""
+"""RMSNorm computed in fp32 and cast back, as the Llama reference does (keeps bf16 outputs comparable); one Triton
+kernel on GPUs (fused.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ferry.model.layers import fused
 from ferry.model.weights.source import WeightSource
 
 
@@ -15,10 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return fused.rmsnorm(x, self.weight, self.eps)
 
     def load(self, source: WeightSource, name: str) -> None:
         self.weight.data.copy_(source.get(f"{name}.weight"))
