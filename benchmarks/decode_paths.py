@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -35,40 +34,15 @@ PATHS = {  # name -> (compile, torch.compile mode, extra environment)
 }
 
 
-def kernel_family(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("gemv", "gemm", "sm90", "cutlass", "nvjet", "triton_tem", "splitk")):
-        return "matmul"
-    if any(k in n for k in ("fmha", "attention", "flash", "sdpa")):
-        return "attention"
-    if "triton" in n:
-        return "fused elementwise (triton)"
-    if "memset" in n or "memcpy" in n:
-        return "memset/memcpy"
-    return "other eager kernels"
-
-
-def step_profile(graph, replays: int = 10) -> dict:
-    """Per-step GPU microseconds and kernel counts by family, over `replays` replays of a captured step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    us: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
-            us[kernel_family(event.key)] += event.self_device_time_total / replays
-            count[kernel_family(event.key)] += event.count // replays
-    return {"kernels_per_step": sum(count.values()), "busy_us": round(sum(us.values()), 1),
-            "families": {k: {"us": round(v, 1), "kernels": count[k]} for k, v in sorted(us.items(), key=lambda kv: -kv[1])}}
-
-
 def one_path(name: str, shape: str, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
     """Runs in its own process (fresh compile state): every batch of one path."""
-    from ferry.bench.decode_timing import captured_step, copy_bandwidth, ferry_decode, graph_step_ms
+    from ferry.bench.decode_timing import (
+        captured_step,
+        copy_bandwidth,
+        ferry_decode,
+        graph_step_ms,
+        step_profile,
+    )
     from ferry.bench.shapes import SHAPES, random_model, weight_bytes_per_token
     from ferry.engine.engine import Engine
 

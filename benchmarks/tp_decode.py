@@ -3,6 +3,13 @@
     python benchmarks/tp_decode.py --device cuda --shape llama3-8b --tp 1,2            # 2 GPUs: issue targets
     python benchmarks/tp_decode.py --device cuda --shape llama3-70b --tp 4 --batches 1,16
     python benchmarks/tp_decode.py --device cpu --shape tiny --tp 1,2 --prefill 4x128  # smoke run, gloo
+    python benchmarks/tp_decode.py --shape llama3-70b --tp 2 --prefill 0x0 --variants fused   # 140 GB: 2 GPUs
+
+Variants (--variants, side by side in one run): `fused` is Ferry's default on GPUs (Triton kernels for the
+elementwise steps; all-reduce + add + RMSNorm fused where calibration finds it faster); `fused-ar-unfused` keeps the
+elementwise kernels but never fuses the all-reduce; `torch` runs the elementwise steps as torch ops with no fusion
+(Ferry before the fused kernels). Per decode row: the profile of one captured step (kernels, GPU-busy share and
+microseconds per kernel family).
 
 Random weights of a real architecture's shape (weights do not change the speed). Per batch: tokens/s per sequence
 (after the first token), the all-reduce latency on the path Ferry picked, the TP roofline and the share of it.
@@ -22,9 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.report import provenance, write_results  # noqa: E402
-from ferry.parallel.launch import keep_multicast_off  # noqa: E402
 from ferry.bench.shapes import SHAPES, TINY  # noqa: E402
-from ferry.bench.tp_speed import SpeedJob, run_tp_speed  # noqa: E402
+from ferry.bench.tp_speed import SpeedJob, add_scaling, run_tp_speed  # noqa: E402
+from ferry.parallel.launch import keep_multicast_off  # noqa: E402
+
+VARIANTS = {  # name -> (elementwise kernels, all-reduce mode)
+    "fused": ("fused", "auto"),
+    "fused-ar-unfused": ("fused", "auto,unfused"),
+    "torch": ("torch", "auto,unfused"),
+}
 
 
 def main() -> None:
@@ -40,6 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill", default="8x1024", help="SEQSxTOKENS, or 0x0 to skip")
     ap.add_argument("--allreduce", default="auto")
+    ap.add_argument("--variants", default="fused,torch", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -55,19 +69,29 @@ def main() -> None:
     tp_sizes = [int(t) for t in args.tp.split(",")]
     if args.device == "cuda" and max(tp_sizes) > torch.cuda.device_count():
         sys.exit(f"--tp {max(tp_sizes)} needs that many GPUs; {torch.cuda.device_count()} present")
-    results = run_tp_speed(job, tp_sizes, args.device)
+    results = []
+    for variant in args.variants.split(","):
+        kernels, allreduce = VARIANTS[variant]
+        sizes = [t for t in tp_sizes if t > 1] if variant == "fused-ar-unfused" else tp_sizes  # TP=1: as `fused`
+        allreduce = args.allreduce if allreduce == "auto" else allreduce
+        for res in run_tp_speed(replace(job, kernels=kernels, allreduce=allreduce), sizes, args.device):
+            for row in res["rows"]:
+                row["variant"] = variant
+            results.append(res | {"variant": variant})
+    add_scaling(results)
 
     rows = [r for res in results for r in res["rows"]]
     meta = provenance(torch.device(args.device)) | {
         "shape": args.shape, "layers": config.num_layers, "dtype": dtype, "job": asdict(job),
         "NCCL_NVLS_ENABLE": os.environ["NCCL_NVLS_ENABLE"],
-        "per_tp": {res["tp"]: {k: v for k, v in res.items() if k != "rows"} for res in results},
+        "per_run": [{k: v for k, v in res.items() if k != "rows"} for res in results],
     }
     stem = f"{meta['date']}_tp_decode_{args.shape}_{args.device}_tp{'-'.join(map(str, tp_sizes))}"
-    cols = ["test", "tp", "batch", "tokens_per_s", "aggregate_tokens_per_s", "vs_tp1", "graph_step_ms",
-            "allreduce_us", "comm_share_profiled", "roofline_tokens_per_s", "of_roofline", "prefill_tokens", "prefill_ms",
-            "prefill_overlap_ms", "overlap_speedup"]
-    notes = "\n\n".join(f"tp={res['tp']}: decode path {res['decode_path']}, copy bandwidth "
+    cols = ["test", "variant", "tp", "batch", "tokens_per_s", "aggregate_tokens_per_s", "vs_tp1", "graph_step_ms",
+            "weight_roofline_tokens_per_s", "of_weight_roofline", "kernels_per_step", "gpu_busy_share", "matmul_us",
+            "all-reduce_us", "attention_us", "ferry_fused_elementwise_us", "other_eager_kernels_us", "allreduce_us",
+            "prefill_tokens", "prefill_ms", "prefill_overlap_ms", "overlap_speedup"]
+    notes = "\n\n".join(f"{res['variant']}, tp={res['tp']}: decode path {res['decode_path']}, copy bandwidth "
                         f"{res['copy_bandwidth_GBps']} GB/s, all-reduce calls {res['allreduce_calls']}\n\n```\n"
                         f"{res['allreduce_plan']}\n```" for res in results)
     json_path, md_path = write_results(args.out, stem, meta, rows, cols, notes=notes)

@@ -77,7 +77,8 @@ def test_bf16_full_prompt_logits_match_transformers_on_gpu(ferry_bf16, hf_bf16):
 
 def test_bf16_greedy_tokens_are_fp32_reference_choices_up_to_ties(ferry_bf16, hf_fp32):
     engine = Engine(ferry_bf16.model, ferry_bf16.tokenizer)
-    assert engine.decode_path == "cuda-graph, attention triton-split-k"
+    assert engine.decode_path == ("cuda-graph, attention triton-split-k, elementwise fused Triton kernels (add+RMSNorm, "
+                                  "SiLU*mul, rotary+KV write)")
     prompts = _prompt_ids(ferry_bf16)
     completions = engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     exact = total = 0

@@ -58,12 +58,12 @@ def test_every_allreduce_path_sums_exactly_eager_and_in_graph(world):
     assert result["wrong"] == []
 
 
-def _tp_greedy(group, path: str, prompts: tuple[str, ...], new_tokens: int) -> dict:
+def _tp_greedy(group, path: str, prompts: tuple[str, ...], new_tokens: int, allreduce: str = "auto") -> dict:
     from ferry.engine.engine import Engine
     from ferry.model.loader import load_model
 
     device = torch.device(f"cuda:{group.rank}")
-    group = group.with_allreduce("auto", device, torch.bfloat16)
+    group = group.with_allreduce(allreduce, device, torch.bfloat16)
     loaded = load_model(path, device, torch.bfloat16, group=group, show_progress=False)
     engine = Engine(loaded.model, loaded.tokenizer)
     ids = [loaded.tokenizer.encode(p) for p in prompts]
@@ -71,14 +71,19 @@ def _tp_greedy(group, path: str, prompts: tuple[str, ...], new_tokens: int) -> d
     return {"tokens": [c.token_ids for c in out], "path": engine.decode_path, "calls": group.allreduce.calls}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_bf16_greedy_under_cuda_graphs_follows_tp1(smollm_path, tp):
+@pytest.mark.parametrize("tp,allreduce", [(2, "auto,fused"), (2, "auto,unfused"), (4, "auto")])
+def test_tp_bf16_greedy_under_cuda_graphs_follows_tp1(smollm_path, tp, allreduce):
+    """With the one-kernel all-reduce + add + RMSNorm forced on, off, and as calibrated."""
     _needs(tp)
     from ferry.engine.kv_cache import KVCache
     from ferry.model.loader import load_model
 
-    result = spawn(tp, "cuda", _tp_greedy, (str(smollm_path), PROMPTS, 24))
+    result = spawn(tp, "cuda", _tp_greedy, (str(smollm_path), PROMPTS, 24, allreduce))
     assert result["path"].startswith("cuda-graph")
+    if allreduce == "auto,fused":  # two per layer (after o_proj and down_proj), in the prefill and the capture
+        assert result["calls"]["ferry_fused_norm"] >= 2 * 30
+    if allreduce == "auto,unfused":
+        assert "ferry_fused_norm" not in result["calls"]
     one = load_model(smollm_path, torch.device("cuda"), torch.bfloat16, show_progress=False)
     exact = steps = 0
     for prompt, tokens in zip(PROMPTS, result["tokens"], strict=True):

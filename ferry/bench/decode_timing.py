@@ -79,6 +79,45 @@ def graph_step_ms(engine: Engine, batch: int, context: int) -> float | None:
 
 
 COMMUNICATION_KERNELS = ("nccl", "all_reduce", "allreduce", "one_shot", "two_shot", "symm")
+FERRY_FUSED_KERNELS = ("add_rmsnorm", "silu_mul", "rotary_kv_write")
+
+
+def kernel_family(name: str) -> str:
+    """The kind of work a GPU kernel of a decode step does, from its name."""
+    n = name.lower()
+    if any(k in n for k in COMMUNICATION_KERNELS):
+        return "all-reduce"  # the fused all-reduce + add + RMSNorm counts here: its time is mostly the link
+    if any(k in n for k in ("gemv", "gemm", "sm90", "cutlass", "nvjet", "triton_tem", "splitk")):
+        return "matmul"
+    if any(k in n for k in ("fmha", "attention", "flash", "sdpa", "paged_decode")):
+        return "attention"
+    if any(k in n for k in FERRY_FUSED_KERNELS):
+        return "ferry fused elementwise"
+    if "triton" in n:
+        return "fused elementwise (triton)"
+    if "memset" in n or "memcpy" in n:
+        return "memset/memcpy"
+    return "other eager kernels"
+
+
+def step_profile(graph, replays: int = 10) -> dict:
+    """Per-step GPU microseconds and kernel counts by family, over `replays` replays of a captured step."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+            us[kernel_family(event.key)] += event.self_device_time_total / replays
+            count[kernel_family(event.key)] += event.count // replays
+    return {"kernels_per_step": sum(count.values()), "busy_us": round(sum(us.values()), 1),
+            "families": {k: {"us": round(v, 1), "kernels": count[k]} for k, v in sorted(us.items(), key=lambda kv: -kv[1])}}
 
 
 def communication_share(engine: Engine, batch: int, context: int, replays: int = 5) -> float | None:

@@ -38,6 +38,7 @@ class SpeedJob:
     prefill: tuple[int, int] = (8, 1024)  # sequences x tokens; (0, 0) skips it
     allreduce: str = "auto"
     compile: bool = False
+    kernels: str = "fused"  # "fused": Ferry's Triton kernels for the elementwise steps on GPUs; "torch": torch ops
 
 
 def allreduce_latency_us(group: ParallelGroup, nbytes: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -80,9 +81,13 @@ def prefill_ms(model, batch: int, tokens: int, overlap: bool, device: torch.devi
 
 def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
     """Spawn target (or called directly with a one-rank group)."""
+    from ferry.bench.decode_timing import captured_step, step_profile
     from ferry.bench.shapes import random_model, weight_bytes_per_token
     from ferry.engine.engine import Engine
+    from ferry.model.layers import fused
     from ferry.parallel.launch import rank_device
+
+    fused.set_enabled(job.kernels == "fused")
 
     # Spawned ranks already share the host's cores (init_group); a one-rank run keeps torch's default, all of them.
     device = rank_device(group.rank, "cuda" if torch.cuda.is_available() else "cpu")
@@ -100,9 +105,21 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
         comm_share = communication_share(engine, batch, job.prompt_len + job.new_tokens)
         message = batch * job.config.hidden_size * dtype.itemsize
         ar_us = allreduce_latency_us(group, message, dtype, device)
-        roofline_ms = group.max_over_ranks(weight_bytes, device) / bandwidth * 1000 + 2 * job.config.num_layers * ar_us / 1000
+        weight_ms = group.max_over_ranks(weight_bytes, device) / bandwidth * 1000
+        roofline_ms = weight_ms + 2 * job.config.num_layers * ar_us / 1000
+        step = captured_step(engine, batch, job.prompt_len + job.new_tokens)
+        profile = step_profile(step.graph) if step is not None else None
+        families = profile["families"] if profile else {}
         rows.append({
-            "test": "decode", "tp": group.world_size, "batch": batch, "tokens_per_s": round(tok_s, 1),
+            "test": "decode", "tp": group.world_size, "kernels": job.kernels, "allreduce": job.allreduce,
+            "batch": batch, "tokens_per_s": round(tok_s, 1),
+            # The TP weight roofline: this rank's weight bytes over the copy bandwidth, no link term.
+            "weight_roofline_tokens_per_s": round(1000 / weight_ms, 1),
+            "of_weight_roofline": round(tok_s / (1000 / weight_ms), 3),
+            "kernels_per_step": profile["kernels_per_step"] if profile else None,
+            "gpu_busy_share": round(profile["busy_us"] / 1000 / step_ms, 3) if profile and step_ms else None,
+            **{f"{family.replace(' ', '_')}_us": f["us"] for family, f in families.items()},
+            "profile": profile,
             "aggregate_tokens_per_s": round(tok_s * batch, 1),
             "graph_step_ms": round(group.max_over_ranks(step_ms, device), 3) if step_ms else None,
             "allreduce_bytes": message, "allreduce_us": round(ar_us, 2),
@@ -140,10 +157,17 @@ def run_tp_speed(job: SpeedJob, tp_sizes: list[int], device_type: str) -> list[d
         else:
             result = spawn(tp, device_type, measure_on_ranks, (job,), timeout_s=600)
         results.append({"tp": tp} | result)
-    base = {r["batch"]: r["tokens_per_s"] for res in results if res["tp"] == 1 for r in res["rows"]
-            if r["test"] == "decode"}
+    add_scaling(results)
+    return results
+
+
+def add_scaling(results: list[dict]) -> None:
+    """Each decode row's tokens/s over TP=1's at the same batch with the same kernels (TP=1 has no all-reduce, so
+    its row stands for every all-reduce mode)."""
+    base = {(r["batch"], r.get("kernels")): r["tokens_per_s"] for res in results if res["tp"] == 1
+            for r in res["rows"] if r["test"] == "decode"}
     for res in results:
         for r in res["rows"]:
-            if r["test"] == "decode" and r["batch"] in base:
-                r["vs_tp1"] = round(r["tokens_per_s"] / base[r["batch"]], 3)
-    return results
+            key = (r["batch"], r.get("kernels"))
+            if r["test"] == "decode" and key in base:
+                r["vs_tp1"] = round(r["tokens_per_s"] / base[key], 3)

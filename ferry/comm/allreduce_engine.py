@@ -24,7 +24,12 @@ import torch
 import torch.distributed as dist
 
 from ferry.cache import cache_root
-from ferry.comm.allreduce_paths import LamportFusedNormPath, ProcessGroupPath, available_paths, fused_norm_path
+from ferry.comm.allreduce_paths import (
+    LamportFusedNormPath,
+    ProcessGroupPath,
+    available_paths,
+    fused_norm_path,
+)
 from ferry.comm.host_shm import HostSharedMemoryPath
 from ferry.model.layers import fused as fused_ops
 

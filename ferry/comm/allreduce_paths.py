@@ -216,6 +216,7 @@ class LamportFusedNormPath:
         import triton
 
         from ferry.comm.fused_norm_kernel import lamport_allreduce_norm_kernel
+        from ferry.model.layers.fused_kernels import norm_warps
 
         n = partial.shape[-1]
         rows = partial.numel() // n
@@ -226,7 +227,7 @@ class LamportFusedNormPath:
         lamport_allreduce_norm_kernel[(rows,)](
             partial, residual, weight if weight is not None else partial, out if out is not None else partial,
             self.buffer_ptrs, self.state, self.error, n, self.slot_elems, eps, self.rank,
-            world=self.world, BLOCK=block, HAS_NORM=weight is not None, num_warps=max(4, min(16, block // 512)))
+            world=self.world, BLOCK=block, HAS_NORM=weight is not None, num_warps=norm_warps(block))
         return out
 
     def _self_test(self, device: torch.device) -> None:

@@ -35,11 +35,17 @@ class LayerStreamer:
         self._fences: dict[int, object] = {}
         self._host: dict[int, torch.Tensor] = {}
         self._params: dict[int, list[tuple[nn.Parameter, int, int, torch.Size]]] = {}
+        self._resident: dict[int, list[nn.Parameter]] = {}  # a streamed layer's norms: on the device once active
         if not self.streamed:
             return
         shapes = None
         for i in self.streamed:
-            params = list(layers[i].parameters())
+            # The norms stay resident: a layer's input norm runs at the end of the layer before it (the residual
+            # stream carries each add fused with the next norm; ferry/model/llama.py), before this layer's copy
+            # is waited for. A few KiB per layer.
+            named = list(layers[i].named_parameters())
+            params = [p for name, p in named if not name.endswith("layernorm.weight")]
+            self._resident[i] = [p for name, p in named if name.endswith("layernorm.weight")]
             sizes = [p.numel() for p in params]
             dtype = params[0].dtype
             if any(p.dtype != dtype for p in params):
@@ -71,6 +77,8 @@ class LayerStreamer:
             slot = self.slots[self._slot_of(i)]
             for p, at, n, shape in self._params[i]:
                 p.data = slot[at : at + n].view(shape)  # the device copy of the weights is gone: only the slot holds it
+            for p in self._resident[i]:
+                p.data = p.data.to(device)
             layers[i].register_forward_pre_hook(self._before_layer(i))
         log.info("streaming %d layers (%.1f MB each) from %s host memory", len(self.streamed),
                  self.bytes_per_layer / 1e6, "pinned" if self.pin else "pageable")

@@ -33,6 +33,7 @@ from ferry.engine.scheduler import ScheduledStep, Scheduler, SchedulerLimits
 from ferry.engine.sequence import Sequence, stop_token_ids
 from ferry.engine.step_inputs import StepInputs
 from ferry.errors import FerryError, InvalidRequestError, UnsupportedModelError
+from ferry.model.layers import fused
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
 from ferry.model.layers.paged_attention import decode_attention_path
 from ferry.model.llama import LlamaForCausalLM
@@ -156,7 +157,8 @@ class Engine(BatchAPI):
 
             self.graphs = PagedDecodeGraphs(model, self.cache, self.width, compile=compile, compile_mode=compile_mode,
                                             stage=stage is not None)
-        self.decode_path = f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
+        self.decode_path = (f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
+                            f", elementwise {fused.path(self.device)}")
         self.sync_output = sync_output
         self.stats = EngineStats()
         hidden_bytes = self.config.hidden_size * self.dtype.itemsize

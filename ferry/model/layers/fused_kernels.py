@@ -122,7 +122,7 @@ def launch_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     assert x2.stride(-1) == 1 and r2.stride(-1) == 1 and out.is_contiguous() and weight.numel() == n
     block = triton.next_power_of_2(n)
     add_rmsnorm_kernel[(rows,)](x2, r2, weight, out, n, eps, x2.stride(0), r2.stride(0), n,
-                                HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block))
+                                HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_warps(block))
     return out
 
 
@@ -158,5 +158,8 @@ def launch_rotary_kv_write(qkv: torch.Tensor, bias: torch.Tensor | None, positio
     return q
 
 
-def _warps(block: int) -> int:
-    return max(1, min(16, block // 256))
+def norm_warps(block: int) -> int:
+    """Warps of a program that normalises one row of `block` columns. Every kernel that norms a row uses this, so
+    the fused all-reduce + add + RMSNorm sums a row's squares in the same order as the add+RMSNorm kernel and both
+    paths give the same bits."""
+    return max(4, min(16, block // 256))
