@@ -37,7 +37,7 @@ def measure_on_ranks(group: ParallelGroup, sizes: list[int], width: int) -> dict
     fused, why = fused_norm_path(group.process_group, device, dtype, FUSION_MAX_BYTES)
     if fused is None:
         raise RuntimeError(f"the fused all-reduce + add + RMSNorm cannot run here: {why}")
-    weight = torch.rand(width, device=device, dtype=dtype) + 0.5
+    weight = torch.rand(width, device=device, generator=torch.Generator(device=device).manual_seed(5)).to(dtype) + 0.5
     rows_out, wrong = [], []
 
     def torch_ops(partial, residual):

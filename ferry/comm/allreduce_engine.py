@@ -164,6 +164,12 @@ class AllReduceEngine:
                                             "fusion": [asdict(r) for r in fusion_table]}, indent=1))
         else:
             table, fusion_table = cached
+            if fused is not None and not fusion_table:  # cached by a run that had the fusion off: time it now
+                fusion_table = choose_fusion({size: measure_fusion(fused, cls(paths, table), size, dtype, device,
+                                                                   process_group) for size in FUSION_SIZES})
+                if dist.get_rank(process_group) == 0:
+                    file.write_text(json.dumps({"fingerprint": key, "table": [asdict(r) for r in table],
+                                                "fusion": [asdict(r) for r in fusion_table]}, indent=1))
         engine = cls(paths, table, skipped, fused, fusion_table if fusion == "auto" else fusion)
         log.info("all-reduce plan (%s):\n%s", key, engine.describe())
         return engine
