@@ -15,7 +15,7 @@ case "${2:-bench}" in
         --variants fused,fused-ar-unfused,torch --out "$OUT"
     ;;
   tests)
-    run timeout 560 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_fused.py tests/test_gpu_multi.py \
+    run timeout 560 python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_fused.py tests/test_gpu_multi.py \
         tests/test_gpu.py tests/test_gpu_paged_attention.py tests/test_gpu_hetero.py
     ;;
   70b)

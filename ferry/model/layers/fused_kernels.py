@@ -23,14 +23,25 @@ import triton.language as tl
 
 
 @triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """fp32 `x` rounded to `dtype` (nearest even) and widened back, where torch rounds an intermediate result. The
+    round trip goes through the raw bits: a plain truncate-then-extend pair may be folded away by the compiler,
+    which would keep the fp32 value (GPU results one bf16 step off the torch ops' in a few elements)."""
+    if dtype == tl.float32:
+        return x
+    else:
+        return x.to(dtype).to(tl.int16, bitcast=True).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def rmsnorm_row(h, w_ptr, cols, mask, n_cols, eps):
     """weight * rmsnorm(h) for one row held in registers, rounded as RMSNorm.forward rounds (ferry/model/layers/norm.py):
     the normalised row in h's dtype, then the product with the weight in the weight's dtype."""
     h32 = h.to(tl.float32)
     mean_square = tl.sum(h32 * h32, axis=0) / n_cols
-    normed = (h32 * tl.math.rsqrt(mean_square + eps)).to(h.dtype)
+    normed = rounded(h32 * tl.math.rsqrt(mean_square + eps), h.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    return (w.to(tl.float32) * normed.to(tl.float32)).to(w.dtype)
+    return (w.to(tl.float32) * normed).to(w.dtype)
 
 
 @triton.jit
@@ -55,13 +66,8 @@ def silu_mul_kernel(in_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.co
     gate = tl.load(in_ptr + row * stride_in + cols, mask=mask, other=0.0)
     up = tl.load(in_ptr + row * stride_in + n_cols + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # F.silu's result, rounded to the activations' dtype
-    tl.store(out_ptr + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
-
-
-@triton.jit
-def _rounded(x, dtype: tl.constexpr):
-    return x.to(dtype).to(tl.float32)
+    act = rounded(g / (1.0 + tl.exp(-g)), gate.dtype)  # F.silu's result, rounded to the activations' dtype
+    tl.store(out_ptr + row * stride_out + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
 @triton.jit
@@ -86,16 +92,16 @@ def rotary_kv_write_kernel(qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, slot_pt
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if head < Q_HEADS + KV_HEADS:
         # x * cos + rotate_half(x) * sin, with the fp32 tables rounded to the activations' dtype first and each
-        # product rounded, as the torch ops do (rotary.py); the explicit roundings also keep the compiler from
-        # contracting a product and the sum into one FMA.
+        # product rounded, as the torch ops do (rotary.py); the roundings also keep the compiler from contracting
+        # a product and the sum into one FMA.
         pos = tl.load(pos_ptr + token).to(tl.int64)
-        c1 = _rounded(tl.load(cos_ptr + pos * stride_table + d, mask=mask, other=0.0), dtype)
-        c2 = _rounded(tl.load(cos_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
-        s1 = _rounded(tl.load(sin_ptr + pos * stride_table + d, mask=mask, other=0.0), dtype)
-        s2 = _rounded(tl.load(sin_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
+        c1 = rounded(tl.load(cos_ptr + pos * stride_table + d, mask=mask, other=0.0), dtype)
+        c2 = rounded(tl.load(cos_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
+        s1 = rounded(tl.load(sin_ptr + pos * stride_table + d, mask=mask, other=0.0), dtype)
+        s2 = rounded(tl.load(sin_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        r1 = (_rounded(a1 * c1, dtype) - _rounded(a2 * s1, dtype)).to(dtype)
-        r2 = (_rounded(a2 * c2, dtype) + _rounded(a1 * s2, dtype)).to(dtype)
+        r1 = (rounded(a1 * c1, dtype) - rounded(a2 * s1, dtype)).to(dtype)
+        r2 = (rounded(a2 * c2, dtype) + rounded(a1 * s2, dtype)).to(dtype)
         if head < Q_HEADS:
             dst = q_out_ptr + (token * Q_HEADS + head) * HEAD_DIM
         else:
