@@ -85,10 +85,10 @@ def rotary_kv_write_kernel(qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, slot_pt
     x1 = tl.load(src + d, mask=mask, other=0.0)
     x2 = tl.load(src + half + d, mask=mask, other=0.0)
     dtype = x1.dtype
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_BIAS:  # the projection's bias, added (and rounded) before rotary as ColumnParallelLinear adds it
-        x1 = (x1.to(tl.float32) + tl.load(bias_ptr + head * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        x2 = (x2.to(tl.float32)
-              + tl.load(bias_ptr + head * HEAD_DIM + half + d, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        a1 = rounded(a1 + tl.load(bias_ptr + head * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32), dtype)
+        a2 = rounded(a2 + tl.load(bias_ptr + head * HEAD_DIM + half + d, mask=mask, other=0.0).to(tl.float32), dtype)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if head < Q_HEADS + KV_HEADS:
         # x * cos + rotate_half(x) * sin, with the fp32 tables rounded to the activations' dtype first and each
@@ -99,7 +99,6 @@ def rotary_kv_write_kernel(qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, slot_pt
         c2 = rounded(tl.load(cos_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
         s1 = rounded(tl.load(sin_ptr + pos * stride_table + d, mask=mask, other=0.0), dtype)
         s2 = rounded(tl.load(sin_ptr + pos * stride_table + half + d, mask=mask, other=0.0), dtype)
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
         r1 = (rounded(a1 * c1, dtype) - rounded(a2 * s1, dtype)).to(dtype)
         r2 = (rounded(a2 * c2, dtype) + rounded(a1 * s2, dtype)).to(dtype)
         if head < Q_HEADS:
@@ -110,8 +109,8 @@ def rotary_kv_write_kernel(qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, slot_pt
         tl.store(dst + half + d, r2, mask=mask)
     else:
         dst = v_pool_ptr + slot * stride_slot + (head - Q_HEADS - KV_HEADS) * HEAD_DIM
-        tl.store(dst + d, x1, mask=mask)
-        tl.store(dst + half + d, x2, mask=mask)
+        tl.store(dst + d, a1.to(dtype), mask=mask)  # exact: a1 holds a value of `dtype`
+        tl.store(dst + half + d, a2.to(dtype), mask=mask)
 
 
 # -- launchers: shapes checked here, so a kernel never reads out of bounds --------------------------------------
