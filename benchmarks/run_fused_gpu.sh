@@ -12,7 +12,7 @@ case "${2:-bench}" in
     run timeout 150 python benchmarks/fused_allreduce_norm.py --ranks 2 --width 4096 --out "$OUT"
     run timeout 150 python benchmarks/fused_allreduce_norm.py --ranks 2 --width 8192 --out "$OUT"
     run timeout 400 python benchmarks/tp_decode.py --shape llama3-8b --tp 1,2 --batches 1,16 --prefill 0x0 \
-        --variants fused,fused-ar-unfused,torch --out "$OUT"
+        --variants fused,fused-ar-unfused,torch --stem-suffix _fused --out "$OUT"
     ;;
   tests)
     run timeout 560 python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_fused.py tests/test_gpu_multi.py \

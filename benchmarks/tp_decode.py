@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--stem-suffix", default="", help="appended to the result files' names (e.g. _fused)")
     args = ap.parse_args()
 
     config = TINY if args.shape == "tiny" else SHAPES[args.shape]
@@ -86,7 +87,7 @@ def main() -> None:
         "NCCL_NVLS_ENABLE": os.environ["NCCL_NVLS_ENABLE"],
         "per_run": [{k: v for k, v in res.items() if k != "rows"} for res in results],
     }
-    stem = f"{meta['date']}_tp_decode_{args.shape}_{args.device}_tp{'-'.join(map(str, tp_sizes))}"
+    stem = f"{meta['date']}_tp_decode_{args.shape}_{args.device}_tp{'-'.join(map(str, tp_sizes))}{args.stem_suffix}"
     cols = ["test", "variant", "tp", "batch", "tokens_per_s", "aggregate_tokens_per_s", "vs_tp1", "graph_step_ms",
             "weight_roofline_tokens_per_s", "of_weight_roofline", "kernels_per_step", "gpu_busy_share", "matmul_us",
             "all-reduce_us", "attention_us", "ferry_fused_elementwise_us", "other_eager_kernels_us", "allreduce_us",
