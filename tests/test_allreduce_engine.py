@@ -96,7 +96,7 @@ def _cached_plan(group, cache: str) -> list:
 @pytest.mark.slow
 def test_rank_zeros_cached_plan_reaches_every_rank_and_a_stale_one_is_ignored(tmp_path):
     for found, stale in spawn(2, "cpu", _cached_plan, (str(tmp_path),)):
-        assert found == [SizeChoice(4096, ProcessGroupPath.name, {"process_group": 1.5})] and stale is None
+        assert found == ([SizeChoice(4096, ProcessGroupPath.name, {"process_group": 1.5})], []) and stale is None
 
 
 @pytest.mark.slow

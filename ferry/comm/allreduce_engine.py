@@ -312,7 +312,7 @@ def _load_cached(file: Path, key: str, process_group) -> tuple[list[SizeChoice],
         try:
             doc = json.loads(file.read_text())
             if doc.get("fingerprint") == key:
-                found = [(doc["table"], doc["fusion"])]
+                found = [(doc["table"], doc.get("fusion", []))]  # no fusion rows: timed at start if it can run
         except (OSError, ValueError, KeyError):
             log.warning("ignoring an unreadable all-reduce cache %s", file)
     dist.broadcast_object_list(found, src=dist.get_global_rank(process_group, 0) if process_group else 0,
