@@ -40,7 +40,7 @@ def inputs(world: int, call: int) -> tuple[list[torch.Tensor], torch.Tensor, tor
     return partials, residual, weight
 
 
-def child(folder: Path, world: int, rank: int) -> None:
+def child(folder: Path, world: int, rank: int, spins: int) -> None:
     import triton.language as tl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +49,9 @@ def child(folder: Path, world: int, rank: int) -> None:
     from ferry.comm import fused_norm_kernel
 
     round_bf16_as_on_gpus()
-    fused_norm_kernel.MAX_SPINS = tl.constexpr(3_000)  # the interpreter polls slowly; a missing peer must end it soon
+    # The interpreter polls slowly: enough polls to cover a peer process that starts late on a busy machine, few
+    # where a peer is missing by design, so that run ends soon.
+    fused_norm_kernel.MAX_SPINS = tl.constexpr(spins)
     slot_elems = SLOT_ROWS * COLS
     buffers = [_mapped(folder, f"buf{r}", GENERATIONS * world * slot_elems, torch.int16) for r in range(world)]
     buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
@@ -76,7 +78,8 @@ def main(world: int, absent: int) -> dict:
         for r in range(world):
             _mapped(folder, f"buf{r}", GENERATIONS * world * SLOT_ROWS * COLS, torch.int16).fill_(-32768)
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        procs = [subprocess.Popen([sys.executable, __file__, "--child", tmp, str(world), str(r)], env=env)
+        spins = 300 if absent >= 0 else 20_000
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", tmp, str(world), str(r), str(spins)], env=env)
                  for r in range(world) if r != absent]
         codes = [p.wait(timeout=300) for p in procs]
         present = [r for r in range(world) if r != absent]
@@ -112,6 +115,6 @@ def main(world: int, absent: int) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        child(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else -1)))

@@ -162,11 +162,10 @@ def test_the_fused_kernels_run_only_on_cuda_and_the_cpu_path_is_the_torch_ops():
 
 
 def test_forcing_the_fused_kernel_where_it_cannot_run_is_refused_by_name():
-    from ferry.parallel.launch import spawn
+    from ferry.comm.allreduce_engine import _fused_path
 
+    skipped: dict[str, str] = {}
     with pytest.raises(FerryError, match="kernel cannot run here: symmetric memory needs CUDA devices"):
-        spawn(2, "cpu", _force_fused, ())
-
-
-def _force_fused(group):
-    return group.with_allreduce("auto,fused", torch.device("cpu"), torch.float32)
+        _fused_path("fused", None, torch.device("cpu"), torch.float32, skipped)
+    assert _fused_path("auto", None, torch.device("cpu"), torch.float32, skipped) is None  # auto: skipped, named
+    assert skipped == {"ferry_fused_norm": "symmetric memory needs CUDA devices"}
