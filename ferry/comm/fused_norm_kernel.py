@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ferry.model.layers.fused_kernels import rmsnorm_row
+from ferry.model.layers.fused_kernels import rmsnorm_row, rounded
 
 MAX_SPINS = tl.constexpr(1 << 26)  # ~ seconds of polling: far above any healthy wait, far below a hang
 GENERATIONS = 3
@@ -71,13 +71,13 @@ def lamport_allreduce_norm_kernel(partial_ptr, residual_ptr, w_ptr, out_ptr, buf
         if spins >= MAX_SPINS:
             tl.atomic_xchg(error_ptr, 1)
         acc += v.to(tl.float32)
-    total = acc.to(x.dtype)  # the all-reduce's result, rounded as the unfused one is
+    total = rounded(acc, x.dtype)  # the all-reduce's result, rounded as the unfused one is
 
     r = tl.load(residual_ptr + offset, mask=mask, other=0.0)
-    h = (r.to(tl.float32) + total.to(tl.float32)).to(r.dtype)
-    tl.store(residual_ptr + offset, h, mask=mask)
+    h32 = rounded(r.to(tl.float32) + total, x.dtype)
+    tl.store(residual_ptr + offset, h32.to(x.dtype), mask=mask)
     if HAS_NORM:
-        tl.store(out_ptr + offset, rmsnorm_row(h, w_ptr, cols, mask, n_cols, eps), mask=mask)
+        tl.store(out_ptr + offset, rmsnorm_row(h32, x.dtype, w_ptr, cols, mask, n_cols, eps), mask=mask)
 
     # Back to the sentinel: what the previous call wrote into generation (call + 2) % 3, every source's slot.
     clear = (call + 2) % 3

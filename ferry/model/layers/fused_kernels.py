@@ -39,12 +39,12 @@ def rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def rmsnorm_row(h, w_ptr, cols, mask, n_cols, eps):
-    """weight * rmsnorm(h) for one row held in registers, rounded as RMSNorm.forward rounds (ferry/model/layers/norm.py):
-    the normalised row in h's dtype, then the product with the weight in the weight's dtype."""
-    h32 = h.to(tl.float32)
+def rmsnorm_row(h32, dtype: tl.constexpr, w_ptr, cols, mask, n_cols, eps):
+    """weight * rmsnorm(h) for one row held in registers as fp32 values of `dtype`, rounded as RMSNorm.forward
+    rounds (ferry/model/layers/norm.py): the normalised row in `dtype`, then the product with the weight in the
+    weight's dtype."""
     mean_square = tl.sum(h32 * h32, axis=0) / n_cols
-    normed = rounded(h32 * tl.math.rsqrt(mean_square + eps), h.dtype)
+    normed = rounded(h32 * tl.math.rsqrt(mean_square + eps), dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     return (w.to(tl.float32) * normed).to(w.dtype)
 
@@ -55,12 +55,13 @@ def add_rmsnorm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, n_cols, eps, stride_
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    h32 = x.to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (r.to(tl.float32) + h.to(tl.float32)).to(r.dtype)
-        tl.store(residual_ptr + row * stride_r + cols, h, mask=mask)
-    tl.store(out_ptr + row * stride_o + cols, rmsnorm_row(h, w_ptr, cols, mask, n_cols, eps), mask=mask)
+        h32 = rounded(r.to(tl.float32) + h32, x.dtype)  # the residual add, rounded as torch's add rounds
+        tl.store(residual_ptr + row * stride_r + cols, h32.to(x.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, rmsnorm_row(h32, x.dtype, w_ptr, cols, mask, n_cols, eps), mask=mask)
 
 
 @triton.jit
