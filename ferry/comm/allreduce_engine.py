@@ -201,7 +201,9 @@ class AllReduceEngine:
     def reduce_add_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                         eps: float) -> torch.Tensor | None:
         """residual += sum over ranks of `partial`; returns weight * rmsnorm(residual) (None without a weight)."""
-        if self.fuses(partial.numel() * partial.element_size()) and self.fused.fits(partial, residual):
+        # Inside torch.compile the sum stays on the traced paths: the kernel's pointer tables are not traceable.
+        if (self.fuses(partial.numel() * partial.element_size()) and self.fused.fits(partial, residual)
+                and not torch.compiler.is_compiling()):
             self.calls[self.fused.name] += 1
             return self.fused.reduce_add_norm(partial, residual, weight, eps)
         return fused_ops.add_rmsnorm(self.reduce(partial), residual, weight, eps)
