@@ -152,24 +152,20 @@ class AllReduceEngine:
         key = fingerprint(device, dist.get_world_size(process_group), dtype)
         file = cache_dir() / (key.replace("|", "_").replace(" ", "-").replace("/", "-") + ".json")
         cached = _load_cached(file, key, process_group) if use_cache else None
-        if cached is None:
+        measured = cached is None
+        if measured:
             times = {size: measure_in_graph_or_eager(paths, size, dtype, device, process_group) for size in sizes}
-            table = choose(times)
-            fusion_table = (choose_fusion({size: measure_fusion(fused, cls(paths, table), size, dtype, device,
-                                                                process_group) for size in FUSION_SIZES})
-                            if fused is not None else [])
-            if dist.get_rank(process_group) == 0 and use_cache:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                file.write_text(json.dumps({"fingerprint": key, "table": [asdict(r) for r in table],
-                                            "fusion": [asdict(r) for r in fusion_table]}, indent=1))
+            table, fusion_table = choose(times), []
         else:
             table, fusion_table = cached
-            if fused is not None and not fusion_table:  # cached by a run that had the fusion off: time it now
-                fusion_table = choose_fusion({size: measure_fusion(fused, cls(paths, table), size, dtype, device,
-                                                                   process_group) for size in FUSION_SIZES})
-                if dist.get_rank(process_group) == 0:
-                    file.write_text(json.dumps({"fingerprint": key, "table": [asdict(r) for r in table],
-                                                "fusion": [asdict(r) for r in fusion_table]}, indent=1))
+        if fused is not None and not fusion_table:  # not timed yet, or cached by a run that had the fusion off
+            fusion_table = choose_fusion({size: measure_fusion(fused, cls(paths, table), size, dtype, device,
+                                                               process_group) for size in FUSION_SIZES})
+            measured = True
+        if measured and use_cache and dist.get_rank(process_group) == 0:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({"fingerprint": key, "table": [asdict(r) for r in table],
+                                        "fusion": [asdict(r) for r in fusion_table]}, indent=1))
         engine = cls(paths, table, skipped, fused, fusion_table if fusion == "auto" else fusion)
         log.info("all-reduce plan (%s):\n%s", key, engine.describe())
         return engine
@@ -231,18 +227,15 @@ class AllReduceEngine:
         return PendingSum(out, _StreamWait(done, current))
 
     def describe(self) -> str:
-        lines = [f"{'size':>10}  {'path':<14}  times (us)"]
-        for row in self.table:
-            times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.times_us.items()))
-            lines.append(f"{_human(row.max_bytes):>10}  {row.path:<14}  {times}")
+        lines = [_plan_line("size", "path", "times (us)")]
+        lines += [_plan_line(_human(row.max_bytes), row.path, row.times_us) for row in self.table]
         if self.fused is not None:
             if isinstance(self.fusion, str):
                 lines.append(f"all-reduce + add + RMSNorm: {self.fusion} (forced) up to {_human(self.fused.max_bytes)}")
             else:
-                lines.append(f"{'size':>10}  {'add+RMSNorm':<14}  times (us)")
-                for row in self.fusion:
-                    times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.times_us.items()))
-                    lines.append(f"{_human(row.max_bytes):>10}  {'fused' if row.fused else 'unfused':<14}  {times}")
+                lines.append(_plan_line("size", "add+RMSNorm", "times (us)"))
+                lines += [_plan_line(_human(row.max_bytes), "fused" if row.fused else "unfused", row.times_us)
+                          for row in self.fusion]
         lines += [f"  {name}: not available ({why})" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -386,6 +379,12 @@ def time_fn_in_graph(fn, repeats: int, trials: int) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1000 / repeats)
     return statistics.median(samples)
+
+
+def _plan_line(size: str, choice: str, times: dict[str, float] | str) -> str:
+    if isinstance(times, dict):
+        times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items()))
+    return f"{size:>10}  {choice:<14}  {times}"
 
 
 def _human(nbytes: int) -> str:
