@@ -203,8 +203,7 @@ class LamportFusedNormPath:
         dist.barrier(group=process_group)  # no peer pushes into a buffer before its owner has filled it
         self._self_test(device)
 
-    unavailable_reason = staticmethod(lambda process_group, device: FerryOneShotPath.unavailable_reason(
-        process_group, device))
+    unavailable_reason = staticmethod(FerryOneShotPath.unavailable_reason)  # symmetric memory and Triton
 
     def fits(self, partial: torch.Tensor, residual: torch.Tensor) -> bool:
         return (partial.dtype == self.dtype and residual.dtype == self.dtype and partial.is_contiguous()
@@ -271,7 +270,14 @@ def available_paths(process_group: dist.ProcessGroup | None, device: torch.devic
         HostSharedMemoryPath.name: (HostSharedMemoryPath.unavailable_reason,
                                     lambda: HostSharedMemoryPath(process_group, min(max_bytes, HOST_SHM_BYTES))),
     }
-    paths: list = [ProcessGroupPath(process_group)]
+    started, skipped = _start(candidates, process_group, device)
+    paths = [ProcessGroupPath(process_group), *started]
+    return _agreed(paths, skipped, [ProcessGroupPath.name, *candidates], process_group, device), skipped
+
+
+def _start(candidates: dict, process_group, device: torch.device) -> tuple[list, dict[str, str]]:
+    """Build each candidate {name: (unavailable_reason, build)} this rank can run; the others' reasons."""
+    paths: list = []
     skipped: dict[str, str] = {}
     strict = os.environ.get("FERRY_STRICT_PATHS") == "1"
     for name, (unavailable_reason, build) in candidates.items():
@@ -287,7 +293,7 @@ def available_paths(process_group: dist.ProcessGroup | None, device: torch.devic
                 raise
             skipped[name] = error_chain(exc)
             log.warning("all-reduce path %s failed to start and is not offered: %s", name, skipped[name])
-    return _agreed(paths, skipped, [ProcessGroupPath.name, *candidates], process_group, device), skipped
+    return paths, skipped
 
 
 def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_group, device: torch.device) -> list:
@@ -309,21 +315,9 @@ def _agreed(paths: list, skipped: dict[str, str], names: list[str], process_grou
 def fused_norm_path(process_group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
                     max_bytes: int) -> tuple[LamportFusedNormPath | None, str | None]:
     """The fused all-reduce + add + RMSNorm path where every rank could start it; else None and the reason."""
-    reason = LamportFusedNormPath.unavailable_reason(process_group, device)
-    if reason is not None:
-        log.info("all-reduce path %s not available: %s", LamportFusedNormPath.name, reason)
-        return None, reason
-    path = None
-    try:
-        path = LamportFusedNormPath(process_group, device, dtype, max_bytes)
-    except Exception as exc:
-        if os.environ.get("FERRY_STRICT_PATHS") == "1" and not isinstance(exc, MACHINE_CANNOT):
-            raise
-        reason = error_chain(exc)
-        log.warning("all-reduce path %s failed to start and is not offered: %s", LamportFusedNormPath.name, reason)
-    everywhere = torch.tensor([1 if path is not None else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=process_group)
-    if path is not None and not int(everywhere.item()):
-        log.warning("all-reduce path %s is not offered: another rank could not start it", LamportFusedNormPath.name)
-        return None, "not available on every rank"
-    return path, reason
+    name = LamportFusedNormPath.name
+    started, skipped = _start({name: (LamportFusedNormPath.unavailable_reason,
+                                      lambda: LamportFusedNormPath(process_group, device, dtype, max_bytes))},
+                              process_group, device)
+    agreed = _agreed(started, skipped, [name], process_group, device)
+    return (agreed[0] if agreed else None), skipped.get(name)
