@@ -19,6 +19,16 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why Triton (the GPU kernels' compiler) cannot be imported here, or None where it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The CLI's spelling of a dtype (`fp32`, `bf16`, `fp16`), as reports and JSON write it."""
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ferry.comm.host_shm import HostSharedMemoryPath
+from ferry.device import triton_import_error
 
 log = logging.getLogger("ferry.allreduce")
 
@@ -141,11 +142,7 @@ class FerryOneShotPath(_SymmetricBuffer):
     def unavailable_reason(process_group, device: torch.device) -> str | None:
         if (reason := _SymmetricBuffer.unavailable_reason(process_group, device)) is not None:
             return reason
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "Triton is not installed"
-        return None
+        return "Triton is not installed" if triton_import_error() is not None else None
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         from ferry.comm.one_shot_kernel import one_shot_all_reduce_kernel

@@ -9,11 +9,12 @@ names which one runs, for logs and benchmarks.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
+
+from ferry.device import triton_import_error
 
 TRITON_PATH = "fused Triton kernels (add+RMSNorm, SiLU*mul, rotary+KV write)"
 TORCH_PATH = "torch ops"
@@ -26,21 +27,16 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _kernels_on(device: torch.device) -> bool:
+    return device.type == "cuda" and _enabled and triton_import_error() is None
 
 
 def runs_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda and _enabled and _triton_importable() and not torch.compiler.is_compiling()
+    return _kernels_on(t.device) and not torch.compiler.is_compiling()
 
 
 def path(device: torch.device) -> str:
-    return TRITON_PATH if device.type == "cuda" and _enabled and _triton_importable() else TORCH_PATH
+    return TRITON_PATH if _kernels_on(device) else TORCH_PATH
 
 
 def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

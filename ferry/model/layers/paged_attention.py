@@ -21,11 +21,10 @@ before SDPA (a masked score of NaN * 0 would still be NaN), and the kernel never
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from ferry.device import triton_import_error
 from ferry.errors import FerryError
 
 
@@ -37,20 +36,11 @@ TRITON_PATH = "triton-split-k"
 REFERENCE_PATH = "gather-sdpa"
 
 
-@functools.cache
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return str(exc)
-    return None
-
-
 def decode_attention_path(device: torch.device | str) -> str:
     """Which implementation `paged_decode_attention` runs on `device`, as logs and benchmarks name it."""
     device = torch.device(device)
     if device.type == "cuda":
-        error = _triton_import_error()
+        error = triton_import_error()
         return TRITON_PATH if error is None else f"{REFERENCE_PATH} (triton not importable: {error})"
     return REFERENCE_PATH
 
