@@ -120,22 +120,7 @@ def step_profile(graph, replays: int = 10) -> dict:
             "families": {k: {"us": round(v, 1), "kernels": count[k]} for k, v in sorted(us.items(), key=lambda kv: -kv[1])}}
 
 
-def communication_share(engine: Engine, batch: int, context: int, replays: int = 5) -> float | None:
-    """Share of a captured decode step's GPU kernel time spent in all-reduce kernels (torch.profiler)."""
-    step = captured_step(engine, batch, context)
-    if step is None:
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            step.graph.replay()
-        torch.cuda.synchronize()
-    total = comm = 0.0
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
-            continue
-        total += event.self_device_time_total
-        if any(k in event.key.lower() for k in COMMUNICATION_KERNELS):
-            comm += event.self_device_time_total
-    return comm / total if total else None
+def communication_share(profile: dict) -> float | None:
+    """Share of a profiled step's GPU kernel time (step_profile) spent in all-reduce kernels."""
+    all_reduce = profile["families"].get("all-reduce", {"us": 0.0})["us"]
+    return all_reduce / profile["busy_us"] if profile["busy_us"] else None

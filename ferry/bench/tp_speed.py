@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from ferry.bench.decode_timing import (
+    captured_step,
     communication_share,
     copy_bandwidth,
     ferry_decode,
     graph_step_ms,
     random_prompts,
+    step_profile,
     sync,
 )
 from ferry.comm.group import ParallelGroup
@@ -81,7 +83,6 @@ def prefill_ms(model, batch: int, tokens: int, overlap: bool, device: torch.devi
 
 def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
     """Spawn target (or called directly with a one-rank group)."""
-    from ferry.bench.decode_timing import captured_step, step_profile
     from ferry.bench.shapes import random_model, weight_bytes_per_token
     from ferry.engine.engine import Engine
     from ferry.model.layers import fused
@@ -102,14 +103,14 @@ def measure_on_ranks(group: ParallelGroup, job: SpeedJob) -> dict:
         tok_s = ferry_decode(engine, batch, job.prompt_len, job.new_tokens, job.config.vocab_size, job.repeats)
         tok_s = group.min_over_ranks(tok_s, device)
         step_ms = graph_step_ms(engine, batch, job.prompt_len + job.new_tokens)
-        comm_share = communication_share(engine, batch, job.prompt_len + job.new_tokens)
         message = batch * job.config.hidden_size * dtype.itemsize
         ar_us = allreduce_latency_us(group, message, dtype, device)
         weight_ms = group.max_over_ranks(weight_bytes, device) / bandwidth * 1000
         roofline_ms = weight_ms + 2 * job.config.num_layers * ar_us / 1000
         step = captured_step(engine, batch, job.prompt_len + job.new_tokens)
-        profile = step_profile(step.graph) if step is not None else None
+        profile = step_profile(step.graph) if step is not None else None  # one profiled run serves every column
         families = profile["families"] if profile else {}
+        comm_share = communication_share(profile) if profile else None
         rows.append({
             "test": "decode", "tp": group.world_size, "kernels": job.kernels, "allreduce": job.allreduce,
             "batch": batch, "tokens_per_s": round(tok_s, 1),

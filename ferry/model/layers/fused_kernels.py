@@ -122,15 +122,15 @@ def rotary_kv_write_kernel(qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, slot_pt
 # -- launchers: shapes checked here, so a kernel never reads out of bounds --------------------------------------
 
 
-def launch_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def launch_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                       ) -> torch.Tensor:
     """x (and residual) [..., n]; residual updated in place to residual + x; returns weight * rmsnorm(that)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     rows = x2.shape[0]
-    out = torch.empty(x.shape, dtype=weight.dtype, device=x.device) if out is None else out
+    out = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
     r2 = residual.view(-1, n) if residual is not None else x2
-    assert x2.stride(-1) == 1 and r2.stride(-1) == 1 and out.is_contiguous() and weight.numel() == n
+    assert x2.stride(-1) == 1 and r2.stride(-1) == 1 and weight.numel() == n
     block = triton.next_power_of_2(n)
     add_rmsnorm_kernel[(rows,)](x2, r2, weight, out, n, eps, x2.stride(0), r2.stride(0), n,
                                 HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_warps(block))
