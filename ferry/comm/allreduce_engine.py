@@ -284,16 +284,15 @@ def choose_fusion(times_by_size: dict[int, dict[str, float]]) -> list[FusionChoi
 
 def measure_fusion(fused, plain: AllReduceEngine, nbytes: int, dtype: torch.dtype, device: torch.device,
                    process_group, repeats: int = 20, trials: int = 5) -> dict[str, float]:
-    """Microseconds per sum + add + RMSNorm of `nbytes` (rows of FUSION_WIDTH), fused and unfused (the plain
-    table's path, then the add+RMSNorm kernel), in a CUDA graph; max over ranks."""
+    """Microseconds per sum + add + RMSNorm of `nbytes` (rows of FUSION_WIDTH), fused and unfused (`plain`, an
+    engine without the fusion: its table's path, then the add+RMSNorm kernel), in a CUDA graph; max over ranks."""
     rows = max(1, nbytes // (FUSION_WIDTH * dtype.itemsize))
     partial = torch.full((rows, FUSION_WIDTH), 0.01, dtype=dtype, device=device)
     residual = torch.zeros_like(partial)
     weight = torch.ones(FUSION_WIDTH, dtype=dtype, device=device)
     times = {
         "fused": time_fn_in_graph(lambda: fused.reduce_add_norm(partial, residual, weight, 1e-5), repeats, trials),
-        "unfused": time_fn_in_graph(
-            lambda: fused_ops.add_rmsnorm(plain.reduce(partial), residual, weight, 1e-5), repeats, trials),
+        "unfused": time_fn_in_graph(lambda: plain.reduce_add_norm(partial, residual, weight, 1e-5), repeats, trials),
     }
     local = torch.tensor([times["fused"], times["unfused"]], dtype=torch.float64, device=device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
