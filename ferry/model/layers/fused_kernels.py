@@ -26,8 +26,9 @@ import triton.language as tl
 def rounded(x, dtype: tl.constexpr):
     """fp32 `x` rounded to `dtype` and widened back, where torch rounds an intermediate result. For bf16 the rounding
     (to nearest, ties to even) is done on the raw bits: Triton's compiler folds a truncate-then-extend pair (and a
-    round trip through a bitcast) back to the fp32 value, which left 17% of the rotary kernel's outputs one bf16
-    step off the torch ops on an H200; with integer rounding all were equal. fp16 keeps the plain casts."""
+    round trip through a bitcast) back to the fp32 value, which left some of the rotary kernel's outputs one bf16
+    step off the torch ops on an H200; with integer rounding all were equal (tests/test_gpu_fused.py). fp16 keeps
+    the plain casts."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
