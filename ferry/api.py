@@ -61,8 +61,9 @@ class LLM:
         self.tp, self.pp = tp, pp
         self.workers = None
         self.engine: Engine | None = None
-        # The serving engine decodes under CUDA graphs; compiling its paged step is refused (engine.py says why).
-        compile = bool(compile) or compile_mode is not None
+        # compile None: the engine's default (CPU: the compiled decode step where it can run, FERRY_COMPILE=0 turns
+        # it off; GPU: CUDA graphs, compiling refused: engine.py says why).
+        compile = True if compile_mode is not None else compile
         engine_options = dict(cuda_graphs=cuda_graphs, compile=compile, compile_mode=compile_mode,
                               sync_output=sync_output, overlap_prefill=overlap_prefill, kv_memory=kv_memory)
         if mesh.world > 1:
@@ -81,7 +82,7 @@ class LLM:
         self.model_path = self.loaded.path
         self.tokenizer = self.loaded.tokenizer
         self.engine = build_engine(self.loaded.model, self.tokenizer, **engine_options)
-        if compile:
+        if compile or getattr(self.engine, "compiled_decode", None) is not None:
             self.engine.warm_up()  # the compile is paid here, where the log says so, not inside the first request
 
     def _start_workers(self, model, dtype, engine_options, compression, allreduce, pipeline, timeout_s) -> None:

@@ -18,6 +18,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A communication path that fails to start from a bug (not from what the machine lacks) fails the test using it.
 os.environ.setdefault("FERRY_STRICT_PATHS", "1")
+# Long-lived CPU engines compile their decode step by default (seconds per engine even with a warm cache); tests
+# run eager unless they ask for compile=True (tests/test_cpu_compiled.py does).
+os.environ.setdefault("FERRY_COMPILE", "0")
 
 CPU = torch.device("cpu")
 

@@ -110,6 +110,7 @@ def test_bad_shapes_and_dtypes_are_refused_by_name(change, message):
 
 def test_decode_path_is_named_per_device():
     assert decode_attention_path("cpu") == "gather-sdpa"
+    assert decode_attention_path("cpu", compiled=True) == "inductor-loops"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -217,4 +218,38 @@ def test_the_batched_gather_path_that_gpus_without_triton_take_is_exact_and_nan_
     case = make_case(CONTEXTS, 8, 2, 32, BS, seed=5)
     out = _decode_batched(case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens, case.scale)
     assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), dense_decode(case), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (9, 3)], ids=["group1", "group3"])
+def test_attention_as_loops_equals_dense_with_nan_slots_junk_entries_and_padding_rows(num_q_heads, num_kv_heads):
+    """What a compiled CPU decode step runs, here eagerly: the same answer as dense attention; free blocks and
+    stale slots hold NaN, junk table entries point out of the pool, rows of context 0 are zeros."""
+    from ferry.model.layers.paged_attention import decode_as_loops
+
+    case = make_case(CONTEXTS, num_q_heads, num_kv_heads, 32, BS, seed=13)
+    tables = case.block_tables.clone()
+    tables[0, 1:] = 1 << 30  # context 1: everything past its one block is junk, far out of the pool
+    tables[5, :] = -7  # the padding row's whole table is junk
+    assert torch.isnan(case.k_pool).any()
+    out = decode_as_loops(case.q, case.k_pool, case.v_pool, tables, case.context_lens, case.scale)
+    assert out.dtype == case.q.dtype and torch.equal(out[5], torch.zeros_like(out[5]))
+    torch.testing.assert_close(out.double(), dense_decode(case), atol=2e-6, rtol=1e-5)
+
+
+def test_inside_torch_compile_the_cpu_decode_runs_as_fused_loops_and_still_equals_dense(monkeypatch):
+    from ferry.model.layers import paged_attention
+
+    case = make_case([5, 40, 0, 17], 6, 2, 32, BS, seed=14)
+    traced = []
+    loops = paged_attention.decode_as_loops
+    monkeypatch.setattr(paged_attention, "decode_as_loops", lambda *args: traced.append(1) or loops(*args))
+
+    def step(q, k_pool, v_pool, tables, lens):
+        return paged_decode_attention(q, k_pool, v_pool, tables, lens, case.scale) * 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)  # fullgraph: no opaque call, no graph break
+    out = compiled(case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens)
+    assert traced, "the compiled step did not trace the loops"
     torch.testing.assert_close(out.double(), dense_decode(case), atol=2e-6, rtol=1e-5)

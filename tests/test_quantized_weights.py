@@ -15,7 +15,14 @@ from ferry.errors import FerryError
 from ferry.model.layers.quant import int4_linear
 from ferry.model.loader import choose_weights, load_model
 from ferry.model.weights.dequant import dequantize
-from ferry.model.weights.repack import QuantBlocks, _nibbles_and_scales, can_pack_int4, pack_int4
+from ferry.model.weights.repack import (
+    QuantBlocks,
+    _nibbles_and_scales,
+    can_pack_int4,
+    can_pack_q8_0,
+    pack_int4,
+    pack_q8_0,
+)
 
 CPU = torch.device("cpu")
 
@@ -50,8 +57,23 @@ def test_int4_matmul_of_fused_row_blocks_matches_the_dequantized_weights(qtype):
     assert ((out - ref).norm() / ref.norm()) < 1e-2  # bf16 activations and scales
 
 
+def test_q8_0_as_int4_pairs_is_the_checkpoints_8_bit_matrix_exactly():
+    """The hi/lo split loses nothing: in fp32 the pair's matmul equals the dequantized Q8_0 matmul to rounding, the
+    input repeated for the two halves; in bf16 it stays at bf16's error."""
+    part = _blocks(Q.Q8_0, rows=48, cols=96, seed=4)
+    assert can_pack_q8_0(part) and not can_pack_q8_0(_blocks(Q.Q8_0, rows=40))
+    dense = dequantize(part.data, Q.Q8_0)
+    x = torch.randn(2, 3, 96)
+    exact = pack_q8_0(part, torch.float32)
+    assert exact.input_copies == 2 and exact.out_features == 48 and exact.scale_zero.shape == (6, 48, 2)
+    torch.testing.assert_close(int4_linear(x, exact), x @ dense.T, rtol=1e-5, atol=1e-4)
+    out = int4_linear(x.bfloat16(), pack_q8_0(part, torch.bfloat16)).float()
+    ref = x @ dense.T
+    assert ((out - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_blocks_torch_cannot_take_stay_out_of_int4():
-    assert not can_pack_int4([_blocks(Q.Q8_0)])  # 8-bit: int8 rows instead
+    assert not can_pack_int4([_blocks(Q.Q8_0)])  # 8-bit: int4 pairs (pack_q8_0) where it is one whole matrix
     assert not can_pack_int4([_blocks(Q.Q4_1, rows=40)])  # 40 rows do not fill the kernel's tiles of 16
     assert not can_pack_int4([_blocks(Q.Q4_1, cols=64), _blocks(Q.Q4_1, cols=96)])
 
@@ -64,7 +86,8 @@ def test_quantized_model_keeps_every_layer_matmul_int4_and_agrees_with_fp32(ferr
 
     quantized = load_model(None, CPU, torch.bfloat16, show_progress=False, weights="quantized")
     cfg = ferry_smollm.config
-    assert quantized.model.weight_formats() == f"{4 * cfg.num_layers} int4, 1 int8"  # the tied head: int8 rows
+    # The tied head keeps the table's Q8_0 blocks as int4 pairs.
+    assert quantized.model.weight_formats() == f"{4 * cfg.num_layers} int4, 1 q8_0 as int4 pairs"
     text = files("ferry.data").joinpath("eval_text.txt").read_text()
     ids = [ferry_smollm.tokenizer.encode(text)[:200]]
     logits = [teacher_forced_logits(loaded.model, ids) for loaded in (ferry_smollm, quantized)]

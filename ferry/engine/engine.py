@@ -22,7 +22,7 @@ import torch
 from ferry.comm.copy_stream import CopyStream
 from ferry.comm.pinned_pool import PinnedBufferPool
 from ferry.engine.batch_api import BatchAPI
-from ferry.engine.block_manager import BlockManager
+from ferry.engine.block_manager import NULL_BLOCK, BlockManager
 from ferry.engine.kv_swap import KVSwap
 from ferry.engine.outputs import Completion, TokenEvent
 from ferry.engine.paged_cache import BLOCK_SIZE, KVMemory, PagedKVCache
@@ -56,6 +56,7 @@ class _InFlight:
 class EngineStats:
     steps: int = 0
     graph_steps: int = 0  # decode-only steps replayed from a CUDA graph
+    compiled_steps: int = 0  # decode-only steps run by the compiled CPU step
     decode_tokens: int = 0
     prefill_tokens: int = 0
     wasted_tokens: int = 0  # tokens run for a sequence that had stopped one step earlier (async readback)
@@ -75,7 +76,7 @@ class Engine(BatchAPI):
         model: LlamaForCausalLM,
         tokenizer: FerryTokenizer | None,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = False,
         compile_mode: str | None = None,
         sync_output: bool = False,
         pinned_pool: PinnedBufferPool | None = None,
@@ -93,10 +94,11 @@ class Engine(BatchAPI):
         """`stage`: this rank's pipeline stage (ferry/parallel/pipeline_stage.py), whose layers alone this engine
         runs and caches; the pipeline engine (pipeline_engine.py) drives several such engines, one per
         micro-batch."""
-        if compile or compile_mode is not None:
+        cuda = model.norm.weight.device.type == "cuda"
+        if cuda and (compile or compile_mode is not None):
             raise FerryError(
-                "--compile is not offered for the serving engine yet: torch.compile turns each layer's in-place K/V "
-                "write into a copy of its whole pool view (Llama-3-8B shape, batch 64, H200: 68.4 ms per decode "
+                "--compile is not offered for the serving engine on GPUs yet: torch.compile turns each layer's in-place "
+                "K/V write into a copy of its whole pool view (Llama-3-8B shape, batch 64, H200: 68.4 ms per decode "
                 "step compiled vs 8.65 ms with CUDA graphs alone); decode runs CUDA graphs with the Triton paged "
                 "kernel")
         if overlap_prefill:
@@ -111,7 +113,6 @@ class Engine(BatchAPI):
         self.group = model.group
         self.stage = stage
         stage_layers = len(model.span.layers)
-        cuda = self.device.type == "cuda"
         use_graphs = cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and getattr(model, "weight_streamer", None) is not None:
             log.info("weight streaming: decode runs eager (the cross-stream layer copies are not captured)")
@@ -155,10 +156,14 @@ class Engine(BatchAPI):
         if use_graphs:
             from ferry.engine.paged_graphs import PagedDecodeGraphs
 
-            self.graphs = PagedDecodeGraphs(model, self.cache, self.width, compile=compile, compile_mode=compile_mode,
-                                            stage=stage is not None)
-        self.decode_path = (f"{self.graphs.path if self.graphs else 'eager'}, attention {decode_attention_path(self.device)}"
-                            f", elementwise {fused.path(self.device)}")
+            self.graphs = PagedDecodeGraphs(model, self.cache, self.width, stage=stage is not None)
+        self.compiled_decode = None
+        step_path = self.graphs.path if self.graphs else "eager"
+        if not cuda:
+            step_path = self._compile_cpu_decode(compile, compile_mode, getattr(model, "weight_streamer", None))
+        compiled = self.compiled_decode is not None
+        self.decode_path = (f"{step_path}, attention {decode_attention_path(self.device, compiled)}, elementwise "
+                            f"{'fused by inductor' if compiled else fused.path(self.device)}")
         self.sync_output = sync_output
         self.stats = EngineStats()
         hidden_bytes = self.config.hidden_size * self.dtype.itemsize
@@ -182,6 +187,24 @@ class Engine(BatchAPI):
                  self.limits.max_running)
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
+
+    def _compile_cpu_decode(self, compile: bool | None, mode: str | None, streamer) -> str:
+        """Set up the compiled CPU decode step where asked (compile True), or by default (None) where it can run;
+        returns the step's path for logs. Asked for where it cannot run: an error naming why."""
+        from ferry.engine import cpu_compiled
+
+        wanted = compile or mode is not None or (compile is None and cpu_compiled.compile_default())
+        if not wanted:
+            return "eager"
+        reason = cpu_compiled.ineligible(self.model, self.stage, streamer is not None)
+        if reason is not None:
+            if compile or mode is not None:
+                cpu_compiled.check_compile_request(self.device, reason)
+            log.info("decode step: eager (%s)", reason)
+            return f"eager ({reason})"
+        self.compiled_decode = cpu_compiled.CompiledCPUDecode(self.model, self.cache, mode)
+        self.inputs.min_width = 2
+        return cpu_compiled.PATH
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -296,6 +319,11 @@ class Engine(BatchAPI):
             n = len(step.decodes)
             logits = stage.run_captured(graph, n) if stage else graph.replay(n)
             self.stats.graph_steps += 1
+        elif self.compiled_decode is not None and not step.prefills:
+            t = self.inputs.build(step, row_of)
+            self._feed_in_flight(t.ids, t, previous)
+            logits = self.compiled_decode.run(t.ids, t.positions, t.paged, t.logits_index)
+            self.stats.compiled_steps += 1
         else:
             t = self.inputs.build(step, row_of)
             self._feed_in_flight(t.ids, t, previous)
@@ -361,6 +389,9 @@ class Engine(BatchAPI):
         """Capture (compiling first where compile is on) the decode step most requests start in, before the first
         request; `every_bucket`: every batch bucket up to `batch` (what a server does at start, so no capture
         lands inside a request). `reserve_tokens` is kept for callers of the static engine's signature."""
+        if self.compiled_decode is not None:
+            self.compiled_decode.warm_up(NULL_BLOCK, self.blocks.block_size, batch)
+            return
         if self.graphs is None:
             return
         from ferry.engine.cuda_graphs import BATCH_BUCKETS

@@ -48,6 +48,9 @@ class StepInputs:
                  narrow_tables: bool = False) -> None:
         self.device, self.copy, self.block_size, self.width = device, copy, block_size, width
         self.narrow_tables = narrow_tables
+        # A compiled step takes the narrowed width as a dynamic size; torch specialises a size of 1, so a compiled
+        # CPU step sets 2 here (one graph for every width instead of a second compile for contexts of one block).
+        self.min_width = 1
         pin = device.type == "cuda"
         capacity = 3 * max_tokens + 2 * max_rows * (width + 2) + 3 * max_rows + 64
         self._host = [torch.zeros(capacity, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
@@ -76,7 +79,7 @@ class StepInputs:
         bs = self.block_size
         width = self.width
         if self.narrow_tables and not bucket:
-            width = max((len(c.request.table.blocks) for c in decodes), default=1)
+            width = max(max((len(c.request.table.blocks) for c in decodes), default=1), self.min_width)
         d = len(decodes)
         rows = bucket or d
         tokens = rows if bucket else step.num_tokens

@@ -271,7 +271,9 @@ class LlamaForCausalLM(nn.Module):
             if progress:
                 progress(done, len(span.layers))
         self.norm.load(source, "model.norm")
-        if span.last and not self.config.tie_word_embeddings:
+        if span.last and self.config.tie_word_embeddings:
+            self.lm_head.load_quantized(source, "model.embed_tokens")
+        elif span.last and not self.lm_head.load_quantized(source, "lm_head"):
             self.lm_head.load(source, "lm_head")
         self.load_rotary(source)
 

@@ -212,9 +212,11 @@ def load_layers(loaded: LoadedModel, count: int | None) -> None:
         model.embed_tokens = embedding
         if config.tie_word_embeddings:
             model.lm_head.tie_to(embedding)
+            model.lm_head.load_quantized(source, "model.embed_tokens")
         else:
             allocate(model.lm_head, device)
-            model.lm_head.load(source, "lm_head")
+            if not model.lm_head.load_quantized(source, "lm_head"):
+                model.lm_head.load(source, "lm_head")
     for i in range(first, stop):
         allocate(model.layers[i], device)
         model.layers[i].load(source, f"model.layers.{i}")

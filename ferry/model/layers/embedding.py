@@ -45,7 +45,14 @@ class ParallelLMHead(VocabParallelEmbedding, QuantizableMatmul):
         self.weight = embedding.weight
         self.tied = True
 
+    def load_quantized(self, source: WeightSource, name: str) -> bool:
+        """Keep the checkpoint's blocks of this rank's vocabulary rows for the int4 kernel (Q4_0/Q4_1, or Q8_0 as
+        int4 pairs) when the model keeps quantized weights; a tied table stays dense for the embedding lookup."""
+        return self.load_int4(source, [(f"{name}.weight", 0, self.vocab_start, self.vocab_stop)])
+
     def quantize_int8(self) -> None:
+        if self.int4 is not None:
+            return
         if self.tied:  # the shared table stays dense for the embedding lookup; the head gets an int8 copy
             self.int8 = quantize_rows_int8(self.weight.data)
         else:

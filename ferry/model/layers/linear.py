@@ -11,7 +11,7 @@ from torch import nn
 
 from ferry.comm.group import ParallelGroup
 from ferry.model.layers.quant import Int4Weight, Int8Weight, int4_linear, int8_linear, quantize_rows_int8
-from ferry.model.weights.repack import can_pack_int4, pack_int4
+from ferry.model.weights.repack import can_pack_int4, can_pack_q8_0, pack_int4, pack_q8_0
 from ferry.model.weights.source import WeightSource
 
 
@@ -41,7 +41,9 @@ class QuantizableMatmul(nn.Module):
 
     @property
     def weight_format(self) -> str:
-        return "int4" if self.int4 is not None else "int8" if self.int8 is not None else str(self.weight.dtype)
+        if self.int4 is not None:
+            return "int4" if self.int4.input_copies == 1 else "q8_0 as int4 pairs"
+        return "int8" if self.int8 is not None else str(self.weight.dtype)
 
     def quantize_int8(self) -> None:
         if self.int4 is not None:
@@ -50,15 +52,21 @@ class QuantizableMatmul(nn.Module):
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)  # free the dense copy
 
     def load_int4(self, source: WeightSource, slices: list[tuple[str, int, int, int | None]]) -> bool:
-        """Keep this matmul's GGUF 4-bit blocks as int4 when every slice (name, dim, start, stop) of it is Q4_0/Q4_1
-        that torch's kernel can take; False (nothing loaded) otherwise."""
+        """Keep this matmul's GGUF blocks for torch's int4 kernel when every slice (name, dim, start, stop) of it is
+        Q4_0/Q4_1 it can take, or it is one Q8_0 slice (as int4 pairs); False (nothing loaded) otherwise."""
         get_blocks = getattr(source, "get_blocks", None)
         if not self.keep_quantized or get_blocks is None:
             return False
         parts = [get_blocks(name, dim, start, stop) for name, dim, start, stop in slices]
-        if any(p is None for p in parts) or not can_pack_int4(parts):
+        if any(p is None for p in parts):
             return False
-        self.int4 = pack_int4(parts, self.weight.dtype)  # on the CPU, the only device --weights quantized takes
+        # On the CPU, the only device --weights quantized takes.
+        if can_pack_int4(parts):
+            self.int4 = pack_int4(parts, self.weight.dtype)
+        elif len(parts) == 1 and can_pack_q8_0(parts[0]):
+            self.int4 = pack_q8_0(parts[0], self.weight.dtype)
+        else:
+            return False
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
         return True
 

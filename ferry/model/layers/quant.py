@@ -25,14 +25,19 @@ class Int8Weight(NamedTuple):
 
 
 class Int4Weight(NamedTuple):
-    packed: torch.Tensor  # uint8, torch's CPU int4 tile layout of [out, in]
-    scale_zero: torch.Tensor  # [in / group, out, 2], activation dtype: w = (q - 8) * scale + zero
+    packed: torch.Tensor  # uint8, torch's CPU int4 tile layout of [out, in * input_copies]
+    scale_zero: torch.Tensor  # [in * input_copies / group, out, 2], activation dtype: w = (q - 8) * scale + zero
     group_size: int
     out_features: int
+    # 2 for an 8-bit weight held as two 4-bit halves side by side (repack.pack_q8_0): the input, repeated, meets
+    # both in one matmul.
+    input_copies: int = 1
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
+    if weight.input_copies > 1:
+        rows = rows.repeat(1, weight.input_copies)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scale_zero)
     return out.view(*x.shape[:-1], weight.out_features)
 

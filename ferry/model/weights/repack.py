@@ -20,6 +20,7 @@ from ferry.model.layers.quant import Int4Weight
 
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1)  # the GGUF types that become int4 groups of 32 as they are
+INT8_TYPES = (Q.Q8_0,)  # 8-bit groups of 32, held as two int4 halves (pack_q8_0)
 GROUP_SIZE = 32
 # torch's packer lays rows out in tiles of 16; a matmul whose output rows do not fill whole tiles stays int8.
 ROW_TILE = 16
@@ -64,3 +65,25 @@ def pack_int4(parts: list[QuantBlocks], dtype: torch.dtype) -> Int4Weight:
     scale_zero = torch.cat([p[1] for p in pieces], dim=1) if len(pieces) > 1 else pieces[0][1]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     return Int4Weight(packed, scale_zero.contiguous(), GROUP_SIZE, q.shape[0])
+
+
+def can_pack_q8_0(part: QuantBlocks) -> bool:
+    return part.qtype in INT8_TYPES and part.cols % GROUP_SIZE == 0 and part.data.shape[0] % ROW_TILE == 0
+
+
+def pack_q8_0(part: QuantBlocks, dtype: torch.dtype) -> Int4Weight:
+    """A Q8_0 matrix (blocks of an fp16 scale d and 32 int8 values q; w = d * q) for torch's int4 kernel, exactly:
+    q = 16 * hi + lo with hi = q >> 4 in -8..7 and lo = q & 15 in 0..15. The packed matrix holds the hi nibbles
+    (stored hi + 8, group scale 16d, zero 0) beside the lo nibbles (scale d, zero 8d), [out, 2 * in], and the
+    input meets both halves repeated: x W^T = [x, x] [W_hi, W_lo]^T. One int4 matmul reads the same bytes as
+    int8 would, keeps the checkpoint's group scales (int8 rows would requantize them per row), and on the 2-core
+    CPU SmolLM2's 49152 x 576 head took MEASURED_PAIR_MS ms where torch's int8-row kernel took MEASURED_ROWS_MS."""
+    rows, groups = part.data.shape[0], part.cols // GROUP_SIZE
+    blocks = torch.from_numpy(np.array(part.data, copy=True)).view(rows, groups, 2 + GROUP_SIZE)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # [rows, groups]
+    q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int32).reshape(rows, part.cols)
+    halves = torch.cat(((q >> 4) + 8, q & 0x0F), dim=1)
+    zero = torch.zeros_like(d)
+    scale_zero = torch.cat((torch.stack((16.0 * d, zero), dim=-1), torch.stack((d, 8.0 * d), dim=-1)), dim=1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 1)
+    return Int4Weight(packed, scale_zero.transpose(0, 1).to(dtype).contiguous(), GROUP_SIZE, rows, input_copies=2)
