@@ -18,25 +18,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.cpu_peers import FerryRunner, LlamaCppRunner, TransformersRunner  # noqa: E402
+from ferry.bench.decode_quality import decode_forced_logits  # noqa: E402
 from ferry.bench.edge_codecs import eval_text  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
 from ferry.bench.tp_quality import compare, teacher_forced_logits  # noqa: E402
-from ferry.device import resolve_dtype  # noqa: E402
 from ferry.model.default_model import default_model_path  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
 
-FERRY_MODES = {  # name -> (dtype, weights); "default" is what `ferry generate` does with no flags here
-    "ferry default": (None, "auto"),
-    "ferry bf16 int8": ("bf16", "int8"),
-    "ferry fp32": ("fp32", "native"),
+# name -> (dtype, weights, compile). "default" is what a long-lived process (the Python API, chat, serve) does
+# with no flags here: bf16, the GGUF's own blocks, the compiled decode step; "default eager" is the same without
+# the compiled step (what a one-shot `ferry generate` runs).
+FERRY_MODES = {
+    "ferry default": (None, "auto", None),
+    "ferry default eager": (None, "auto", False),
+    "ferry bf16 int8": ("bf16", "int8", None),
+    "ferry fp32": ("fp32", "native", None),
 }
-
-
-def quality(dtype: str | None, weights: str, ids: list[int], exact_logits: torch.Tensor) -> dict:
-    """Teacher-forced agreement over `ids` with the fp32 model (whose logits are `exact_logits`)."""
-    cpu = torch.device("cpu")
-    loaded = load_model(None, cpu, resolve_dtype(dtype, cpu), show_progress=False, weights=weights)
-    return compare(exact_logits, teacher_forced_logits(loaded.model, [ids]), [ids])
 
 
 def main() -> None:
@@ -52,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf = default_model_path()
 
-    runners = [FerryRunner(name, dtype, weights) for name, (dtype, weights) in FERRY_MODES.items()]
+    runners = [FerryRunner(name, dtype, weights, compile) for name, (dtype, weights, compile) in FERRY_MODES.items()]
     runners.append(TransformersRunner(gguf))
     try:
         import llama_cpp  # noqa: F401
@@ -100,19 +97,22 @@ def main() -> None:
                "decode_tok_s": round(statistics.median(decode[r.name]), 1),
                "prefill_tok_s": round(statistics.median(prefill[r.name]), 1),
                "load_s": round(statistics.median(loads[r.name]), 3),
+               "compile_s": round(statistics.median(r.compile_seconds), 1) if getattr(r, "compile_seconds", None)
+               else None,
                "decode_tok_s_rounds": [round(x, 1) for x in decode[r.name]]}
         if peer:
             row["decode_vs_llama_cpp"] = round(row["decode_tok_s"] / statistics.median(decode[peer]), 3)
             row["prefill_vs_llama_cpp"] = round(row["prefill_tok_s"] / statistics.median(prefill[peer]), 3)
-        if isinstance(r, FerryRunner) and r.weights != "native":
-            row |= quality(r.dtype, r.weights, quality_ids, exact_logits)
+        if isinstance(r, FerryRunner):  # through the decode step this mode runs, one token at a time
+            row |= compare(exact_logits, decode_forced_logits(r.llm.engine, quality_ids), [quality_ids])
         rows.append(row)
         r.close()
     meta = provenance(torch.device("cpu")) | {
         "model": gguf.name, "threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
-        "prompt_tokens": args.prompt_tokens, "batch": 1, "quality_text": "ferry/data/eval_text.txt, 256 tokens"}
-    cols = ["engine", "decode_tok_s", "prefill_tok_s", "load_s", "decode_vs_llama_cpp", "prefill_vs_llama_cpp",
-            "top1_agreement", "perplexity_exact", "perplexity_variant"]
+        "prompt_tokens": args.prompt_tokens, "batch": 1, "quality_text": "ferry/data/eval_text.txt, 256 tokens, teacher-forced one token per decode step against "
+        "the fp32 model's prefill"}
+    cols = ["engine", "decode_tok_s", "prefill_tok_s", "load_s", "compile_s", "decode_vs_llama_cpp",
+            "prefill_vs_llama_cpp", "top1_agreement", "perplexity_exact", "perplexity_variant"]
     _, md = write_results(args.out, f"{meta['date']}_cpu_decode", meta, rows, cols,
                           notes="\n".join(f"- {r['engine']}: {r['path']}" for r in rows))
     print(md.read_text())

@@ -4,16 +4,18 @@ An eager CPU decode step is made of per-op costs: SmolLM2-135M (30 layers, bf16,
 layer, each a few microseconds of dispatch for a few hundred values of work. Compiled, a layer is four fused C++
 loops (norm, rotary + K/V write + attention, norm, SiLU*mul) around its four int4 matmuls, and the whole step is
 one call. Measured on 2 cores at 300 tokens of context (2026-11-30): 15.3 ms a step eager, 12.9 ms compiled with
-gather + SDPA attention, 9.0 ms with attention as fused loops (paged_attention.decode_as_loops), 8.2 ms with
-inductor's C++ wrapper and no guards on module attributes (below).
+gather + SDPA attention, 9.0 ms with attention as fused loops (paged_attention.decode_as_loops), 8.1 ms with
+inductor's C++ wrapper and fewer guards (below).
 
 What makes it compile well:
 - every K and V pool is its own tensor (paged_cache.py): views of one storage are aliased inputs, and each
   in-place K/V write then copies a whole pool;
 - the block table's width is a dynamic size (StepInputs narrows it to the longest sequence's blocks, at least 2),
   so one graph serves every context length; a batch of several sequences gets a second, batch-dynamic graph;
-- `guard_filter_fn` drops the guards on module attributes (~0.5 ms a step for 370 parameters): the engine owns
-  the model and changes no attribute of it while it runs;
+- `guard_filter_fn` drops the guards that check each module's instance dictionary and hook dictionaries (~400 of
+  them for SmolLM2, ~0.5 ms a step): the engine owns the model and adds neither attributes nor hooks while it
+  runs. The type, constant and tensor guards stay, so another model in the same process (another dtype, other
+  weight formats) gets its own graph instead of this one;
 - `cpp_wrapper`: the step's ~250 kernel calls are made from C++ (0.5-0.7 ms a step less than Python's wrapper).
 
 The first compile on a 2-core machine takes about 1.5 minutes; inductor's caches live in Ferry's cache folder
@@ -36,6 +38,15 @@ from ferry.errors import FerryError
 log = logging.getLogger("ferry.compile")
 
 PATH = "compiled (inductor C++)"
+# Guards on a module's instance and hook dictionaries, which the engine never changes (see above).
+UNCHECKED_MODULE_GUARDS = frozenset({"NOT_PRESENT_IN_GENERIC_DICT", "EMPTY_NN_MODULE_HOOKS_DICT", "DICT_NOT_CONTAINS",
+                                     "DICT_KEYS_MATCH"})
+
+
+def keep_guard(entries) -> list[bool]:
+    """torch.compile's guard_filter_fn: every guard but the module-dictionary ones."""
+    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in UNCHECKED_MODULE_GUARDS)
+            for e in entries]
 
 
 def compile_default() -> bool:
@@ -67,9 +78,9 @@ class CompiledCPUDecode:
         self.cache = cache
         folder = inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {"cpp_wrapper": True, "guard_filter_fn": keep_guard}
         self.forward = torch.compile(model, mode=mode, options=options)
-        self.compiled_rows: set[int] = set()  # 1, and 2 for the batch-dynamic graph
+        self.compile_seconds: dict[int, float] = {}  # 1, and 2 for the batch-dynamic graph -> its first call's time
         log.info("CPU decode step: torch.compile (inductor C++%s), compile cache %s",
                  f", mode {mode}" if mode else "", folder)
 
@@ -77,14 +88,18 @@ class CompiledCPUDecode:
         """Logits of a decode-only step ([rows] token ids and positions, its PagedBatch, rows to sample)."""
         torch._dynamo.maybe_mark_dynamic(paged.block_tables, 1)
         rows = min(paged.decode_rows, 2)
-        started = time.perf_counter() if rows not in self.compiled_rows else None
+        started = time.perf_counter() if rows not in self.compile_seconds else None
         logits = self.forward(ids.view(1, -1), positions.view(1, -1), self.cache.layers, 0,
                               logits_index=logits_index, paged=paged)
         if started is not None:
-            self.compiled_rows.add(rows)
+            self.compile_seconds[rows] = time.perf_counter() - started
             log.warning("CPU decode step for %s compiled in %.1f s", "one sequence" if rows == 1 else "batches",
-                        time.perf_counter() - started)
+                        self.compile_seconds[rows])
         return logits
+
+    @property
+    def compiled_rows(self) -> set[int]:
+        return set(self.compile_seconds)
 
     def warm_up(self, padding_block: int, block_size: int, batch: int = 1) -> None:
         """Compile before the first request: a step of `batch` rows (1, or several: the batch-dynamic graph) that
@@ -92,7 +107,7 @@ class CompiledCPUDecode:
         from ferry.model.layers.attention import PagedBatch
 
         for rows in sorted({1, min(batch, 2)}):
-            if rows in self.compiled_rows:
+            if rows in self.compile_seconds:
                 continue
             ids = torch.zeros(rows, dtype=torch.int32)
             slots = torch.full((rows,), padding_block * block_size, dtype=torch.int32)
