@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ferry.bench.shapes import TINY, random_model
-from ferry.engine.cpu_compiled import PATH, compiler_missing, ineligible, keep_guard
+from ferry.engine.cpu_compiled import PATH, compiler_missing, ineligible
 from ferry.engine.engine import Engine
 from ferry.engine.paged_cache import PagedKVCache
 from ferry.engine.sampling import SamplingParams
@@ -74,6 +74,10 @@ def test_compiled_cpu_decode_gives_the_eager_engines_tokens_alone_and_in_batches
     assert compiled.compiled_decode.compiled_rows == {1, 2}  # the batch-dynamic graph, compiled on first use
     assert compiled.stats.compiled_steps > 0
     assert (tmp_path / "inductor").is_dir()  # the compile cache lives in Ferry's cache folder
+    # The step runs without guards on the model's modules: another engine's step (another model, maybe another
+    # dtype) must never reach these graphs, so each engine compiles a code object of its own.
+    other = Engine(random_model(TINY, CPU, torch.bfloat16, seed=4), None, compile=True)
+    assert other.compiled_decode.code is not compiled.compiled_decode.code
 
 
 def test_every_k_and_v_pool_is_its_own_tensor_and_block_copies_still_cover_every_layer():
@@ -116,21 +120,3 @@ def test_tensor_parallel_ranks_pipeline_stages_and_streamed_layers_are_named_as_
     assert "--offload-weights" in ineligible(tiny, None, True)
     assert ineligible(tiny, None, False) == compiler_missing()
 
-
-def test_only_module_dictionary_guards_are_dropped_so_another_models_dtype_or_formats_still_recompile():
-    class Source:
-        def __init__(self, in_module: bool) -> None:
-            self.in_module = in_module
-
-        def is_unspecialized_nn_module(self) -> bool:
-            return self.in_module
-
-    class Entry:
-        def __init__(self, guard_type: str, in_module: bool) -> None:
-            self.guard_type = guard_type
-            self.orig_guard = type("Guard", (), {"source": Source(in_module)})()
-
-    entries = [Entry(kind, in_module) for in_module in (True, False)
-               for kind in ("NOT_PRESENT_IN_GENERIC_DICT", "EMPTY_NN_MODULE_HOOKS_DICT", "TENSOR_MATCH", "TYPE_MATCH",
-                            "CONSTANT_MATCH")]
-    assert keep_guard(entries) == [False, False, True, True, True] + [True] * 5

@@ -97,8 +97,9 @@ ChatOpt = Annotated[bool, typer.Option("--chat", help="wrap each prompt in the m
 StreamOpt = Annotated[bool, typer.Option("--stream", help="print tokens as they are produced")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print exactly one JSON object on stdout")]
 CompileOpt = Annotated[Optional[bool], typer.Option(
-    "--compile/--no-compile", help="CUDA: torch.compile the decode step. Refused by the serving engine for now (its "
-    "compiled paged step measured 8x slower than CUDA graphs alone; the error says why) \\[default: off]",
+    "--compile/--no-compile", help="CPU: run decode through one torch.compile'd step (inductor C++; compiled once per "
+    "machine, cached; on by default in chat and serve, off for one-shot generate). CUDA: refused by the serving "
+    "engine for now (its compiled paged step measured 8x slower than CUDA graphs alone; the error says why)",
     show_default=False)]
 KvMemoryOpt = Annotated[Optional[str], typer.Option(
     "--kv-memory", help="KV cache: a fraction of the GPU memory free after loading (0.85) or a size (6GiB) "

@@ -108,7 +108,9 @@ def serve(
         bind(host, port).close()  # a taken port is an error now, not after the model has loaded
         pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches) if mesh.pp > 1 else None
         spec = WorkerSpec(str(path) if path else "", dev.type, dtype,
-                          {"kv_memory": kv_memory, "max_waiting": max_waiting}, allreduce, shape=shape,
+                          # compile None: the engine's default, the compiled decode step on one CPU rank
+                          {"kv_memory": kv_memory, "max_waiting": max_waiting, "compile": None}, allreduce,
+                          shape=shape,
                           pipeline=pipeline, placement=placement)
         engine = AsyncEngine(spec, mesh.tp, compression=compressed_allreduce)
         try:

@@ -12,10 +12,10 @@ What makes it compile well:
   in-place K/V write then copies a whole pool;
 - the block table's width is a dynamic size (StepInputs narrows it to the longest sequence's blocks, at least 2),
   so one graph serves every context length; a batch of several sequences gets a second, batch-dynamic graph;
-- `guard_filter_fn` drops the guards that check each module's instance dictionary and hook dictionaries (~400 of
-  them for SmolLM2, ~0.5 ms a step): the engine owns the model and adds neither attributes nor hooks while it
-  runs. The type, constant and tensor guards stay, so another model in the same process (another dtype, other
-  weight formats) gets its own graph instead of this one;
+- no guards on the model's modules (~700 for SmolLM2: with them dynamo's cache lookup took 0.8 ms a step):
+  the engine owns the model and changes none of its attributes while it runs, and each engine compiles a step
+  function with a code object of its own, so another model in the process (another dtype, other weight formats),
+  whose engine has its own code object, never meets this one's graphs (dynamo keeps graphs per code object);
 - `cpp_wrapper`: the step's ~250 kernel calls are made from C++ (0.5-0.7 ms a step less than Python's wrapper).
 
 The first compile on a 2-core machine takes about 1.5 minutes; inductor's caches live in Ferry's cache folder
@@ -25,6 +25,7 @@ API, chat, serve) compile by default, a one-shot `ferry generate` does not (FERR
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -38,15 +39,7 @@ from ferry.errors import FerryError
 log = logging.getLogger("ferry.compile")
 
 PATH = "compiled (inductor C++)"
-# Guards on a module's instance and hook dictionaries, which the engine never changes (see above).
-UNCHECKED_MODULE_GUARDS = frozenset({"NOT_PRESENT_IN_GENERIC_DICT", "EMPTY_NN_MODULE_HOOKS_DICT", "DICT_NOT_CONTAINS",
-                                     "DICT_KEYS_MATCH"})
-
-
-def keep_guard(entries) -> list[bool]:
-    """torch.compile's guard_filter_fn: every guard but the module-dictionary ones."""
-    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in UNCHECKED_MODULE_GUARDS)
-            for e in entries]
+_engine_ids = itertools.count()
 
 
 def compile_default() -> bool:
@@ -78,8 +71,13 @@ class CompiledCPUDecode:
         self.cache = cache
         folder = inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        options = {"cpp_wrapper": True, "guard_filter_fn": keep_guard}
-        self.forward = torch.compile(model, mode=mode, options=options)
+        def step(ids, positions, layers, paged, logits_index):
+            return model(ids, positions, layers, 0, logits_index=logits_index, paged=paged)
+
+        step.__code__ = step.__code__.replace(co_name=f"ferry_cpu_decode_{next(_engine_ids)}")  # this engine's own
+        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.forward = torch.compile(step, mode=mode, options=options)
+        self.code = step.__code__
         self.compile_seconds: dict[int, float] = {}  # 1, and 2 for the batch-dynamic graph -> its first call's time
         log.info("CPU decode step: torch.compile (inductor C++%s), compile cache %s",
                  f", mode {mode}" if mode else "", folder)
@@ -89,8 +87,7 @@ class CompiledCPUDecode:
         torch._dynamo.maybe_mark_dynamic(paged.block_tables, 1)
         rows = min(paged.decode_rows, 2)
         started = time.perf_counter() if rows not in self.compile_seconds else None
-        logits = self.forward(ids.view(1, -1), positions.view(1, -1), self.cache.layers, 0,
-                              logits_index=logits_index, paged=paged)
+        logits = self.forward(ids.view(1, -1), positions.view(1, -1), self.cache.layers, paged, logits_index)
         if started is not None:
             self.compile_seconds[rows] = time.perf_counter() - started
             log.warning("CPU decode step for %s compiled in %.1f s", "one sequence" if rows == 1 else "batches",
