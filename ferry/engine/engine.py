@@ -195,6 +195,8 @@ class Engine(BatchAPI):
 
         wanted = compile or mode is not None or (compile is None and cpu_compiled.compile_default())
         if not wanted:
+            log.info("decode step: eager; --compile compiles it (about 2x the decode speed of SmolLM2 on 2 cores, "
+                     "benchmarks/results/2026-11-30_cpu_decode.md; compiled once per machine, then ~7 s a process)")
             return "eager"
         reason = cpu_compiled.ineligible(self.model, self.stage, streamer is not None)
         if reason is not None:
