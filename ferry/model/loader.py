@@ -18,6 +18,7 @@ from ferry.model.layers.embedding import VocabParallelEmbedding
 from ferry.model.layers.quant import check_quantized_supported
 from ferry.model.llama import LayerSpan, LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
+from ferry.model.weights import packed_cache
 from ferry.model.weights.gguf_file import GGUFWeights
 from ferry.model.weights.repack import INT4_TYPES
 from ferry.model.weights.safetensors_dir import SafetensorsWeights
@@ -142,6 +143,17 @@ def load_model(
         raise FerryError(f"--offload-weights streams native weights; it does not combine with --weights {weights}")
     started = time.perf_counter()
     resolved = resolve_model_path(path)
+    cache_folder = None
+    if (resolved.suffix == ".gguf" and resolved.is_file() and device.type == "cpu" and group.world_size == 1
+            and span is None and not offload_fraction and weights in ("auto", "quantized")):
+        cache_folder = packed_cache.entry_folder(resolved, dtype)
+        hit = packed_cache.load(cache_folder, device, dtype)
+        if hit is not None:
+            model, config, tokenizer = hit
+            seconds = time.perf_counter() - started
+            log.info("loaded %s (%s, %s, quantized weights: %s) in %.2f s from the packed cache %s", resolved.name,
+                     device, dtype, model.weight_formats(), seconds, cache_folder)
+            return LoadedModel(model, tokenizer, config, resolved, seconds)
     source, config, tokenizer = open_checkpoint(resolved)
     if span is not None and (weights not in ("auto", "native") or offload_fraction):
         raise FerryError(f"--weights {weights} and --offload-weights are not offered with pipeline stages")
@@ -162,6 +174,13 @@ def load_model(
     seconds = time.perf_counter() - started
     log.info("loaded %s%s (%s, %s, %s weights: %s) in %.2f s", resolved.name, f" {span}" if partial else "",
              device, dtype, weights, model.weight_formats(), seconds)
+    if cache_folder is not None and weights == "quantized":
+        try:  # after the timing: the next load is the one that gains
+            packed_cache.save(cache_folder, model, config, tokenizer)
+            log.info("kept the packed weights for the next load in %s", cache_folder)
+        except OSError as exc:
+            log.warning("could not keep the packed weights in %s (%s); the next load converts again", cache_folder,
+                        exc)
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 

@@ -1,0 +1,57 @@
+"""The packed-weight cache (ferry/model/weights/packed_cache.py): a CPU-quantized load of a GGUF writes it, the next
+load of the same file reads it and is the same model (bit-equal logits, formats, tokenizer, config), and a changed
+file, another dtype or a load that does not quantize never meets it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from ferry.model.default_model import default_model_path
+from ferry.model.loader import load_model
+from ferry.model.weights import packed_cache
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERRY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "packed"
+
+
+def _logits(loaded, ids: list[int]) -> torch.Tensor:
+    from ferry.bench.tp_quality import teacher_forced_logits
+
+    return teacher_forced_logits(loaded.model, [ids])
+
+
+def test_a_second_load_comes_from_the_cache_and_is_the_same_model(cache):
+    first = load_model(None, CPU, torch.bfloat16, show_progress=False)
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and (entries[0] / "tensors.safetensors").is_file()
+    second = load_model(None, CPU, torch.bfloat16, show_progress=False)
+    assert second.load_seconds < first.load_seconds
+    assert second.model.weight_formats() == first.model.weight_formats() == "120 int4, 1 q8_0 as int4 pairs"
+    assert second.config == first.config
+    text = "The capital of France is"
+    assert second.tokenizer.encode_chat(text) == first.tokenizer.encode_chat(text)
+    ids = first.tokenizer.encode("Caches keep what a conversion built, so the next start skips it.")
+    assert torch.equal(_logits(second, ids), _logits(first, ids))
+
+
+def test_a_changed_file_or_another_dtype_is_another_entry_and_native_loads_write_none(cache, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    shutil.copyfile(default_model_path(), gguf)
+    load_model(gguf, CPU, torch.bfloat16, show_progress=False)
+    assert len(list(cache.iterdir())) == 1
+    os.utime(gguf, ns=(0, 10**18))  # the same bytes, another modification time: not trusted to be the same file
+    assert not (packed_cache.entry_folder(gguf, torch.bfloat16) / "meta.json").exists()
+    load_model(gguf, CPU, torch.bfloat16, show_progress=False)
+    assert len(list(cache.iterdir())) == 2
+    load_model(gguf, CPU, torch.float32, show_progress=False)  # fp32: native weights, nothing to keep
+    load_model(gguf, CPU, torch.bfloat16, show_progress=False, weights="native")
+    assert len(list(cache.iterdir())) == 2
