@@ -93,7 +93,9 @@ class Engine(BatchAPI):
     ) -> None:
         """`stage`: this rank's pipeline stage (ferry/parallel/pipeline_stage.py), whose layers alone this engine
         runs and caches; the pipeline engine (pipeline_engine.py) drives several such engines, one per
-        micro-batch."""
+        micro-batch. `compile`: on a CPU, decode-only steps through the compiled step (cpu_compiled.py); None
+        compiles where it can run unless FERRY_COMPILE=0 (what long-lived processes pass), False never. On a GPU
+        asking for it is refused (below)."""
         cuda = model.norm.weight.device.type == "cuda"
         if cuda and (compile or compile_mode is not None):
             raise FerryError(
