@@ -13,6 +13,7 @@ extra token in step N+1; it is dropped. `generate` and `stream` are this loop fo
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -189,6 +190,10 @@ class Engine(BatchAPI):
                  self.limits.max_running)
         log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
                  "sync" if sync_output else "async")
+        if not cuda:  # what a CPU step runs on: torch's intra-op threads over the cores this process may use
+            log.info("CPU threads: %d of the %d cores this process may run on (torch.set_num_threads changes it)",
+                     torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count())
 
     def _compile_cpu_decode(self, compile: bool | None, mode: str | None, streamer) -> str:
         """Set up the compiled CPU decode step where asked (compile True), or by default (None) where it can run;
