@@ -120,3 +120,17 @@ def test_tensor_parallel_ranks_pipeline_stages_and_streamed_layers_are_named_as_
     assert "--offload-weights" in ineligible(tiny, None, True)
     assert ineligible(tiny, None, False) == compiler_missing()
 
+
+
+def test_the_quality_pass_through_the_decode_step_gives_the_prefills_logits_and_frees_its_blocks(tiny):
+    """benchmarks/cpu_decode.py's quality column: a text fed one token per decode step through the engine gives, in
+    fp32, the logits a prefill over the whole text gives."""
+    from ferry.bench.decode_quality import decode_forced_logits
+    from ferry.bench.tp_quality import teacher_forced_logits
+
+    ids = _prompts()[1]  # 40 tokens: three blocks
+    engine = Engine(tiny, None, compile=False)
+    stepped = decode_forced_logits(engine, ids)
+    assert stepped.shape == (1, len(ids), TINY.vocab_size)
+    torch.testing.assert_close(stepped, teacher_forced_logits(tiny, [ids]), rtol=1e-4, atol=1e-3)
+    engine.check_no_leaks()

@@ -20,7 +20,6 @@ def decode_forced_logits(engine, ids: list[int]) -> torch.Tensor:
     if not engine.blocks.ensure_slots(table, len(ids)):
         raise FerryError(f"the KV cache cannot hold {len(ids)} tokens for the quality pass")
     bs = engine.blocks.block_size
-    compiled = engine.compiled_decode
     blocks = torch.tensor(table.blocks + [NULL_BLOCK], dtype=torch.int32)  # a junk column for the minimum width
     rows = []
     try:
@@ -31,12 +30,7 @@ def decode_forced_logits(engine, ids: list[int]) -> torch.Tensor:
                                context_lens=torch.tensor([p + 1], dtype=torch.int32))
             token_t = torch.tensor([token], dtype=torch.int32)
             position = torch.tensor([p], dtype=torch.int32)
-            first = torch.zeros(1, dtype=torch.long)
-            if compiled is not None:
-                logits = compiled.run(token_t, position, paged, first)
-            else:
-                logits = engine.model(token_t.view(1, 1), position.view(1, 1), engine.cache.layers, 0,
-                                      logits_index=first, paged=paged)
+            logits = engine.step_logits(token_t, position, paged, torch.zeros(1, dtype=torch.long))
             rows.append(logits[0].float())
     finally:
         engine.blocks.free(table)

@@ -200,14 +200,14 @@ class Engine(BatchAPI):
         returns the step's path for logs. Asked for where it cannot run: an error naming why."""
         from ferry.engine import cpu_compiled
 
-        wanted = compile or mode is not None or (compile is None and cpu_compiled.compile_default())
-        if not wanted:
+        asked = bool(compile) or mode is not None
+        if not (asked or (compile is None and cpu_compiled.compile_default())):
             log.info("decode step: eager; --compile compiles it (about 2x the decode speed of SmolLM2 on 2 cores, "
                      "benchmarks/results/2026-11-30_cpu_decode.md; compiled once per machine, then ~7 s a process)")
             return "eager"
         reason = cpu_compiled.ineligible(self.model, self.stage, streamer is not None)
         if reason is not None:
-            if compile or mode is not None:
+            if asked:
                 cpu_compiled.check_compile_request(self.device, reason)
             log.info("decode step: eager (%s)", reason)
             return f"eager ({reason})"
@@ -328,19 +328,14 @@ class Engine(BatchAPI):
             n = len(step.decodes)
             logits = stage.run_captured(graph, n) if stage else graph.replay(n)
             self.stats.graph_steps += 1
-        elif self.compiled_decode is not None and not step.prefills:
-            t = self.inputs.build(step, row_of)
-            self._feed_in_flight(t.ids, t, previous)
-            logits = self.compiled_decode.run(t.ids, t.positions, t.paged, t.logits_index)
-            self.stats.compiled_steps += 1
         else:
             t = self.inputs.build(step, row_of)
             self._feed_in_flight(t.ids, t, previous)
             if stage:
                 logits = stage.run(t.ids, t.positions, self.cache.layers, t.paged, t.logits_index)
             else:
-                logits = self.model(t.ids.view(1, -1), t.positions.view(1, -1), self.cache.layers, 0,
-                                    logits_index=t.logits_index, paged=t.paged)
+                logits = self.step_logits(t.ids, t.positions, t.paged, t.logits_index)
+                self.stats.compiled_steps += self.runs_compiled(t.paged)
         if stage and not stage.last:  # the last stage samples; this one receives its tokens
             pending = stage.receive_tokens(len(rows))
             return self._in_flight_of(rows, t, pending.buf, pending)
@@ -351,6 +346,18 @@ class Engine(BatchAPI):
 
             readback = ForwardedTokens(stage, readback)  # reading them sends them to the earlier stages
         return self._in_flight_of(rows, t, tokens, readback)
+
+    def runs_compiled(self, paged: PagedBatch) -> bool:
+        return self.compiled_decode is not None and not paged.prefills
+
+    def step_logits(self, ids: torch.Tensor, positions: torch.Tensor, paged: PagedBatch,
+                    logits_index: torch.Tensor) -> torch.Tensor:
+        """Logits of one uploaded step ([tokens] ids and positions) outside CUDA graphs: the compiled CPU step for a
+        decode-only step where the engine has one, else the eager model."""
+        if self.runs_compiled(paged):
+            return self.compiled_decode.run(ids, positions, paged, logits_index)
+        return self.model(ids.view(1, -1), positions.view(1, -1), self.cache.layers, 0, logits_index=logits_index,
+                          paged=paged)
 
     def _in_flight_of(self, rows: list[Request], t, tokens: torch.Tensor, readback) -> _InFlight:
         for r in rows:
