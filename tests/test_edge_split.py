@@ -449,11 +449,12 @@ def test_session_caches_grow_only_when_full_to_twice_the_need_keeping_their_cont
 
 
 @pytest.mark.slow
-def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_hold(ferry_smollm, cloud_factory,
-                                                                                  int8_draft, monkeypatch):
-    """Every session cache starts at 256 positions; a longer answer grows it mid-sequence (ensure keep=True).
-    The cloud runs its one-by-one path here, the one with a dense cache per session (the batched path's pool
-    holds any length from the start)."""
+def test_a_cloud_session_cache_grows_past_256_positions_keeping_what_it_holds(ferry_smollm, cloud_factory,
+                                                                              int8_draft, monkeypatch):
+    """A cloud session's dense cache starts at 256 positions; a longer answer grows it mid-sequence (ensure
+    keep=True). The cloud runs its one-by-one path here, the one with a dense cache per session (the batched path's
+    pool holds any length from the start). On a CPU the edge's and the draft's paged pools hold the whole context
+    from the start (untouched pages cost no memory; their growth elsewhere: tests/test_sequence_runner.py)."""
     from ferry.edge.speculative import Drafter, GammaController
     from ferry.engine.kv_cache import KVCache
 
@@ -481,9 +482,11 @@ def test_edge_cloud_and_draft_caches_grow_past_256_positions_keeping_what_they_h
         client.close()
     assert completion.token_ids == reference
     layers = ferry_smollm.config.num_layers
-    # the edge's 10 layers, the cloud session's 20 and the draft's 30 each grew once, from 256, while holding data
-    assert sorted(n for n, before, after in grown if before == 256 and after > 256) == [10, layers - 10, layers]
-    assert len(grown) == 3, grown
+    # the cloud session's 20 layers grew once, from 256, while holding data
+    assert [n for n, before, after in grown if before == 256 and after > 256] == [layers - 10]
+    assert len(grown) == 1, grown
+    assert client.runner.capacity >= ferry_smollm.config.max_context
+    assert client.drafter.runner.capacity >= ferry_smollm.config.max_context
     assert stats.draft_rounds > 0
 
 

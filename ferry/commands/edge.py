@@ -87,6 +87,9 @@ def cloud(
                                            "in one forward over a shared paged KV pool (--no-batching: each "
                                            "session alone on its own cache, for comparison)")] = True,
     kv_memory: KvMemoryOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(help="also serve Prometheus text at "
+                                                        "http://HOST:PORT/metrics (the --listen host): steps, "
+                                                        "edge-link bytes and round trips")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve layers K..L-1 and the LM head to edge sessions (Ctrl-C or SIGTERM to stop)."""
@@ -120,9 +123,22 @@ def cloud(
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
         server = CloudServer(loaded, split, token, limits, CloudBatching(kv_memory) if batching else None)
         port = server.start(listen, tls)
+        host = listen.rpartition(':')[0]
         err(f"ferry: cloud serving splits {split}..{loaded.config.num_layers - 1} of {loaded.path.name} "
-            f"on {listen.rpartition(':')[0]}:{port}: {server.path}")
+            f"on {host}:{port}: {server.path}")
+        metrics = None
+        if metrics_port is not None:
+            from ferry.edge.cloud_metrics import serve_cloud_metrics
+
+            try:
+                metrics = serve_cloud_metrics(server, host.strip("[]"), metrics_port)
+            except Exception:
+                server.stop()
+                raise
+            err(f"ferry: cloud metrics on http://{host}:{metrics.port}/metrics")
         stopping.wait()
+        if metrics is not None:
+            metrics.close()
         server.stop()
 
     run_guarded(run)
@@ -160,6 +176,10 @@ def edge(
     fallback: Annotated[Optional[str], typer.Option(help="'local': finish on the edge's own model if the link is "
                                                          "lost (reads the whole model at start, not layers 0..K-1)")] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="PEM CA certificate: connect with TLS, verifying the cloud")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="CPU: run the edge's layers and the draft one token at a "
+                                                             "time through a torch.compile'd step (compiled once per "
+                                                             "machine, then seconds a process: worth it for long "
+                                                             "answers and drafts, not for one short one)")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run layers 0..K-1 here and the rest on a `ferry cloud`; hidden states cross the link, tokens come back.
@@ -197,7 +217,7 @@ def edge(
         client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()],
                             None if split == "auto" else int(split), token, codec=codec, timeout_s=timeout,
                             reconnects=reconnects, fallback=fallback, gamma_max=gamma_max,
-                            min_edge_layers=min_edge_layers, tls_ca=ca)
+                            min_edge_layers=min_edge_layers, tls_ca=ca, compile=compile)
         encoded = [loaded.tokenizer.encode_chat(p) if chat else loaded.tokenizer.encode(p) for p in prompts]
         for ids in encoded:
             client.check_request(ids, params, drafting=draft is not None)
@@ -213,9 +233,9 @@ def edge(
                 err(f"ferry: no session with the cloud ({exc}); --fallback local answers here")
             if draft == "int8":
                 client.use_drafter(Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False,
-                                                      weights="int8")))
+                                                      weights="int8"), compile=compile))
             elif draft:
-                client.use_drafter(Drafter(load_model(Path(draft), dev, dt, show_progress=False)))
+                client.use_drafter(Drafter(load_model(Path(draft), dev, dt, show_progress=False), compile=compile))
             for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
                 on_token = (lambda _tok, text, i=i: printer.write(i, text)) if printer else None
                 results.append(client.generate(ids, params, on_token=on_token))

@@ -27,9 +27,9 @@ from ferry.edge.linkem import parse_address
 from ferry.edge.protocol import METHOD, Frame, Kind, ProtocolError, model_fingerprint
 from ferry.edge.speculative import Drafter, GammaController, timed
 from ferry.engine.engine import Completion, Engine
-from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
 from ferry.engine.sequence import Sequence, stop_token_ids
+from ferry.engine.sequence_runner import SequenceRunner
 from ferry.errors import FerryError
 from ferry.memory import peak_resident_mib, resident_mib
 from ferry.model.loader import LoadedModel, load_layers
@@ -166,8 +166,10 @@ class EdgeClient:
         gamma_max: int = 8,
         min_edge_layers: int = 1,
         tls_ca: bytes | None = None,
+        compile: bool | None = None,
     ) -> None:
-        """`split=None` chooses K on the first connection from measurements (see split_planner).
+        """`split=None` chooses K on the first connection from measurements (see split_planner). `compile`: the
+        edge's one-token steps through the compiled CPU step (SequenceRunner; None: unless FERRY_COMPILE=0).
 
         `loaded` may be partial (loader.open_partial): the client reads layers 0..K-1 once the cloud has accepted
         the session, or the whole model when `fallback="local"`. A whole model is used as it is.
@@ -198,7 +200,8 @@ class EdgeClient:
         self.min_edge_layers = min_edge_layers
         self.split_table: list[dict] = []  # the --split auto predictions, best first
         self._plan_request: tuple[list[int], int] = ([], 1)  # the prompt and max_tokens --split auto plans for
-        self.cache: KVCache | None = None
+        self.compile = compile
+        self.runner: SequenceRunner | None = None
         if split is not None:
             self._use_split(split)
         self.link: _Link | None = None
@@ -212,7 +215,8 @@ class EdgeClient:
 
     def _use_split(self, split: int) -> None:
         self.split = split
-        self.cache = KVCache.for_model(self.loaded.model, split)
+        self.runner = SequenceRunner(self.loaded.model, split, self.compile)
+        log.info("edge layers 0..%d: %s", split - 1, self.runner.path)
 
     def _read_weights(self) -> None:
         """Layers 0..K-1, or the whole model for a local fallback (read now: reading it once the link has broken
@@ -275,7 +279,7 @@ class EdgeClient:
         self.close()
         self.link = _Link(target, self.token, self.max_frame_bytes, self.timeout_s, self.tls_ca)
         try:
-            if self.cache is None:
+            if self.runner is None:
                 self._choose_split()
             hello = Frame(Kind.HELLO, meta={"model": model_fingerprint(self.loaded.config), "split": self.split,
                                              "codec": self.codec.name})
@@ -288,6 +292,7 @@ class EdgeClient:
             raise
         self.session = reply.session
         self._read_weights()
+        self.runner.warm_up()
         # Prefill is cut into frames that fit the cloud's limit (sized for fp32, the largest codec).
         limit = int(reply.meta.get("max_frame_bytes", self.max_frame_bytes))
         self.tokens_per_frame = max(1, (min(limit, self.max_frame_bytes) - 4096) // (4 * self.loaded.config.hidden_size + 64))
@@ -310,12 +315,8 @@ class EdgeClient:
     @torch.inference_mode()
     def _local_hidden(self, ids: list[int], start: int) -> torch.Tensor:
         """Layers 0..K-1 over tokens at positions [start, start + len(ids)); returns [tokens, hidden]."""
-        assert self.cache is not None
-        self.cache.grow_for(start + len(ids))
-        model = self.loaded.model
-        x = model.embed_tokens(torch.tensor([ids], device=self.device))
-        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        return model.run_layers(x, positions, self.cache.layers, start + len(ids), range(self.split))[0]
+        assert self.runner is not None
+        return self.runner.run(self.loaded.model.embed_tokens(torch.tensor(ids, device=self.device)), start)
 
     def _exchange(self, frames: list[bytes], stats: LinkStats) -> Frame:
         """Send frames, wait for the one reply they ask for; count bytes, round trips and time blocked."""
@@ -470,7 +471,8 @@ class EdgeClient:
         log.warning("finishing the answer locally (%d tokens so far)", len(seq.output_ids))
         self.close()
         load_layers(self.loaded, None)  # already whole unless the cloud never accepted a session
-        engine = Engine(self.loaded.model, self.loaded.tokenizer, cuda_graphs=False)
+        # Eager: compiling the whole model now would stall the answer for seconds (minutes on a cold cache).
+        engine = Engine(self.loaded.model, self.loaded.tokenizer, cuda_graphs=False, compile=False)
         remaining = params.max_tokens - len(seq.output_ids)
         history = seq.prompt_ids + seq.output_ids
         eos = stop_token_ids(params, self.loaded.tokenizer)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ferry.engine.kv_cache import KVCache
+from ferry.engine.sequence_runner import SequenceRunner
 from ferry.model.loader import LoadedModel
 
 log = logging.getLogger("ferry.edge")
@@ -21,22 +21,20 @@ log = logging.getLogger("ferry.edge")
 class Drafter:
     """The draft model (any model with the same tokenizer) with its own KV cache over the sequence."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, compile: bool | None = None) -> None:
+        """`compile`: draft steps through the compiled CPU step (None: unless FERRY_COMPILE=0); compiled here."""
         self.loaded = loaded
         self.device = loaded.model.norm.weight.device
-        self.cache = KVCache.for_model(loaded.model)
+        self.runner = SequenceRunner(loaded.model, None, compile)
+        log.info("draft model: %s", self.runner.path)
+        self.runner.warm_up()
         self.fed = 0  # tokens of the sequence whose K/V the cache holds (positions 0..fed-1)
 
     def reset(self) -> None:
         self.fed = 0
 
-    @torch.inference_mode()
     def _feed(self, ids: list[int], start: int) -> int:
-        model = self.loaded.model
-        self.cache.grow_for(start + len(ids))
-        x = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        return int(model(x, positions, self.cache.layers, start + len(ids)).argmax(dim=-1)[0])
+        return int(self.runner.run(torch.tensor(ids, dtype=torch.int32, device=self.device), start).argmax(dim=-1)[0])
 
     def catch_up(self, sequence: list[int]) -> None:
         """Feed all but the last unseen token (after plain steps, many are unseen), so that `draft` times only

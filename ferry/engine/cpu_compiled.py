@@ -61,38 +61,52 @@ def ineligible(model, stage, streamed: bool) -> str | None:
         return "a pipeline stage runs its layers between sends and receives"
     if streamed:
         return "streamed layers (--offload-weights) are copied in between layers"
+    if model.norm.weight.device.type != "cpu":
+        return "the compiled step is the CPU's; a GPU replays CUDA graphs"
     return compiler_missing()
 
 
 class CompiledCPUDecode:
-    def __init__(self, model, cache, mode: str | None = None) -> None:
+    """One compiled decode step over a paged cache: the whole model (token ids in, logits out: the serving engine
+    and the speculative draft) or its first layers (`layers`: hidden states in and out, the edge of a split, whose
+    embedding is looked up eagerly from the checkpoint)."""
+
+    def __init__(self, model, cache, mode: str | None = None, layers: range | None = None) -> None:
         import torch._dynamo
 
-        self.cache = cache
+        self.cache, self.layers = cache, layers
+        self.input_shape = (model.config.hidden_size,) if layers is not None else ()
+        self.input_dtype = model.norm.weight.dtype if layers is not None else torch.int32
         folder = inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        def step(ids, positions, layers, paged, logits_index):
-            return model(ids, positions, layers, 0, logits_index=logits_index, paged=paged)
+        if layers is None:
+            def step(inputs, positions, kv, paged, logits_index):
+                return model(inputs, positions, kv, 0, logits_index=logits_index, paged=paged)
+        else:
+            def step(inputs, positions, kv, paged, logits_index):
+                return model.run_layers(inputs, positions, kv, 0, layers=layers, paged=paged)[0]
 
         step.__code__ = step.__code__.replace(co_name=f"ferry_cpu_decode_{next(_engine_ids)}")  # this engine's own
         options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.forward = torch.compile(step, mode=mode, options=options)
         self.code = step.__code__
         self.compile_seconds: dict[int, float] = {}  # 1, and 2 for the batch-dynamic graph -> its first call's time
-        log.info("CPU decode step: torch.compile (inductor C++%s), compile cache %s",
+        what = "decode step" if layers is None else f"step of layers {layers.start}..{layers.stop - 1}"
+        log.info("CPU %s: torch.compile (inductor C++%s), compile cache %s", what,
                  f", mode {mode}" if mode else "", folder)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, paged, logits_index: torch.Tensor) -> torch.Tensor:
-        """Logits of a decode-only step ([rows] token ids and positions, its PagedBatch, rows to sample)."""
+    def run(self, inputs: torch.Tensor, positions: torch.Tensor, paged, logits_index: torch.Tensor) -> torch.Tensor:
+        """A decode-only step: [rows] token ids (or [rows, hidden] hidden states into `layers`) and positions, its
+        PagedBatch, rows to sample -> logits of those rows (or the layers' hidden states [rows, hidden])."""
         torch._dynamo.maybe_mark_dynamic(paged.block_tables, 1)
         rows = min(paged.decode_rows, 2)
         started = time.perf_counter() if rows not in self.compile_seconds else None
-        logits = self.forward(ids.view(1, -1), positions.view(1, -1), self.cache.layers, paged, logits_index)
+        out = self.forward(inputs.unsqueeze(0), positions.view(1, -1), self.cache.layers, paged, logits_index)
         if started is not None:
             self.compile_seconds[rows] = time.perf_counter() - started
             log.warning("CPU decode step for %s compiled in %.1f s", "one sequence" if rows == 1 else "batches",
                         self.compile_seconds[rows])
-        return logits
+        return out
 
     @property
     def compiled_rows(self) -> set[int]:
@@ -106,13 +120,28 @@ class CompiledCPUDecode:
         for rows in sorted({1, min(batch, 2)}):
             if rows in self.compile_seconds:
                 continue
-            ids = torch.zeros(rows, dtype=torch.int32)
+            inputs = torch.zeros(rows, *self.input_shape, dtype=self.input_dtype)
             slots = torch.full((rows,), padding_block * block_size, dtype=torch.int32)
             tables = torch.full((rows, 2), padding_block, dtype=torch.int32)
             lens = torch.ones(rows, dtype=torch.int32)
             paged = PagedBatch(slots=slots, decode_rows=rows, block_tables=tables, context_lens=lens)
             with torch.inference_mode():
-                self.run(ids, ids.clone(), paged, torch.arange(rows))
+                self.run(inputs, torch.zeros(rows, dtype=torch.int32), paged, torch.arange(rows))
+
+
+def choose(compile: bool | None, mode: str | None, model, stage=None, streamed: bool = False) -> tuple[bool, str]:
+    """Whether a CPU step compiles (`compile` True: asked, an error where it cannot; None: where it can unless
+    FERRY_COMPILE=0; False: never), and the step's path for logs."""
+    asked = bool(compile) or mode is not None
+    if not (asked or (compile is None and compile_default())):
+        return False, "eager"
+    reason = ineligible(model, stage, streamed)
+    if reason is not None:
+        if asked:
+            check_compile_request(model.norm.weight.device, reason)
+        log.info("decode step: eager (%s)", reason)
+        return False, f"eager ({reason})"
+    return True, PATH
 
 
 def check_compile_request(device: torch.device, reason: str | None) -> None:

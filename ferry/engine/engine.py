@@ -200,17 +200,12 @@ class Engine(BatchAPI):
         returns the step's path for logs. Asked for where it cannot run: an error naming why."""
         from ferry.engine import cpu_compiled
 
-        asked = bool(compile) or mode is not None
-        if not (asked or (compile is None and cpu_compiled.compile_default())):
+        compiled, path = cpu_compiled.choose(compile, mode, self.model, self.stage, streamer is not None)
+        if path == "eager":
             log.info("decode step: eager; --compile compiles it (about 2x the decode speed of SmolLM2 on 2 cores, "
                      "benchmarks/results/2026-11-30_cpu_decode.md; compiled once per machine, then ~7 s a process)")
-            return "eager"
-        reason = cpu_compiled.ineligible(self.model, self.stage, streamer is not None)
-        if reason is not None:
-            if asked:
-                cpu_compiled.check_compile_request(self.device, reason)
-            log.info("decode step: eager (%s)", reason)
-            return f"eager ({reason})"
+        if not compiled:
+            return path
         self.compiled_decode = cpu_compiled.CompiledCPUDecode(self.model, self.cache, mode)
         self.inputs.min_width = 2
         return cpu_compiled.PATH
