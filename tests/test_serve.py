@@ -187,6 +187,9 @@ def test_models_health_and_metrics(server, client):
                  'ferry_link_bytes_total{link="pcie_h2d"}', "ferry_generation_tokens_total"):
         assert name in body["text"], name
     assert server.metric('ferry_link_bytes_total{link="pcie_h2d"}') > 0  # every step uploads its inputs
+    assert server.metric('ferry_link_seconds_total{link="pcie_h2d"}') > 0  # ... and those copies took time
+    assert server.metric('ferry_link_seconds_total{link="pcie_d2h"}') > 0
+    assert 'ferry_link_seconds_total{link="allreduce"}' not in body["text"]  # one rank: no such link, no zero
 
 
 def _metric_or_zero(server, name: str) -> float:
@@ -202,6 +205,8 @@ def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_request
     server = ServeProcess("--tp", "2", "--device", "cpu", "--served-model-name", "smollm")
     try:
         check_ranks_stay_in_step(server, PROMPTS, {i: reference(PROMPTS[i], 8)[0] for i in range(4)})
+        for link in ("allreduce", "allgather"):  # gloo: the calls' wall time, so more than nothing
+            assert server.metric(f'ferry_link_seconds_total{{link="{link}"}}') > 0, link
     finally:
         assert server.stop() == 0
 

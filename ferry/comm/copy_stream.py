@@ -13,6 +13,9 @@ call per copy. Events are reused rather than created and destroyed per copy: a c
 the buffer's own event as the fence to record (a buffer is reused only after that fence completed); recording
 and waiting on such an event costs no more than synchronising the device (same file). Without CUDA the copies
 are plain and the returned fence is already complete, so the same calling code runs (and is tested) on CPU.
+
+`timed=True` (the serving engine's): each copy's time goes to `timer` (link_time.py: CUDA events read once passed,
+the host clock without CUDA) by direction; `timed=False` on one call leaves a measurement's own copies out.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from ferry.comm.link_time import CopyTimer
 
 log = logging.getLogger("ferry.copy")
 _warned: set[str] = set()
@@ -40,27 +45,35 @@ class _Done:
 
 
 class CopyStream:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timed: bool = False) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Re-recorded before every copy: a stream waits on the record that is current when it is told to wait.
         self._compute_done = torch.cuda.Event() if self.stream is not None else None
+        self.timer = CopyTimer(self.stream is not None) if timed else None
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None,
-             fence: torch.cuda.Event | None = None, record: bool = True):
+             fence: torch.cuda.Event | None = None, record: bool = True, timed: bool = True):
         """dst.copy_(src) on the copy stream, after the work already queued on the current stream; returns the
         fence it recorded (`fence` if given, else a new event). `host_pinned`: whether the host side is
         page-locked, if the caller knows. `record=False`: the caller keeps the device tensors alive until the
         fence has passed, so the allocator needs no cross-stream event for them (events it would otherwise create
         when they are freed, even inside a later graph capture or at interpreter exit)."""
+        timer = self.timer if timed else None
         if self.stream is None:
+            mark = timer.start() if timer else None
             dst.copy_(src)
+            if timer:
+                timer.stop(mark, _direction(dst, src, "d2h"))
             return _Done()
         pinned = self._pinned(dst, src, host_pinned)
         self._compute_done.record(torch.cuda.current_stream(self.device))
         self.stream.wait_event(self._compute_done)
+        mark = timer.start(self.stream) if timer else None  # after the wait: the copy's own time, not compute's
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=pinned)
+        if timer:
+            timer.stop(mark, _direction(dst, src, "d2h"), self.stream)
         event = fence if fence is not None else torch.cuda.Event()
         event.record(self.stream)
         for t in (dst, src) if record else ():
@@ -69,13 +82,20 @@ class CopyStream:
         return event
 
     def copy_in_order(self, dst: torch.Tensor, src: torch.Tensor, host_pinned: bool | None = None,
-                      fence: torch.cuda.Event | None = None):
+                      fence: torch.cuda.Event | None = None, timed: bool = True):
         """dst.copy_(src) on the current stream (the next kernel there sees the data); returns the fence (`fence`
         if given, else a new event) that says when the host buffer may be reused."""
+        timer = self.timer if timed else None
         if self.stream is None:
+            mark = timer.start() if timer else None
             dst.copy_(src)
+            if timer:
+                timer.stop(mark, _direction(dst, src, "h2d"))
             return _Done()
+        mark = timer.start() if timer else None  # on the current stream, after the kernels queued before it
         dst.copy_(src, non_blocking=self._pinned(dst, src, host_pinned))
+        if timer:
+            timer.stop(mark, _direction(dst, src, "h2d"))
         event = fence if fence is not None else torch.cuda.Event()
         event.record()
         return event
@@ -93,3 +113,13 @@ class CopyStream:
         """Make the current (compute) stream wait for `fence` before what it launches next."""
         if self.stream is not None and isinstance(fence, torch.cuda.Event):
             torch.cuda.current_stream(self.device).wait_event(fence)
+
+
+def _direction(dst: torch.Tensor, src: torch.Tensor, same_side: str) -> str:
+    """"h2d" or "d2h" by where the tensors live; `same_side` where both are host memory (an engine without CUDA:
+    its in-order copies are its step uploads and swap-ins, its copy-stream ones readbacks and swap-outs)."""
+    if dst.device.type != "cpu" and src.device.type == "cpu":
+        return "h2d"
+    if src.device.type != "cpu" and dst.device.type == "cpu":
+        return "d2h"
+    return same_side

@@ -6,12 +6,14 @@ world size 1 and any tensor-parallel layout: with one rank every collective is t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 from ferry.comm.allreduce_engine import AllReduceEngine, PendingSum
+from ferry.comm.link_time import CollectiveClock
 from ferry.model.layers import fused
 from ferry.model.layers.shard import shard_range, shard_sizes
 
@@ -26,6 +28,9 @@ class ParallelGroup:
     # Each rank's weight in an uneven split of heads, FFN columns and vocabulary (ranks of unequal speed,
     # placement.py); None: even.
     shares: tuple[float, ...] | None = None
+    # Wall seconds in collectives on CPU, where a call returns when its sum is done (link_time.py: on CUDA the
+    # engine estimates instead). Shared by the copies `replace` makes, so every layer's calls add to one clock.
+    clock: CollectiveClock = field(default_factory=CollectiveClock, compare=False, repr=False)
 
     def shard_range(self, total: int, unit: int = 1) -> tuple[int, int]:
         """[start, stop) of this rank's share of `total` (cut at multiples of `unit`)."""
@@ -52,6 +57,14 @@ class ParallelGroup:
         layer outputs do; the vocabulary-parallel embedding, where one rank holds each row exactly, does not)."""
         if self.world_size == 1:
             return tensor
+        if tensor.device.type == "cpu":
+            began = time.perf_counter()
+            out = self._all_reduce(tensor, compressible)
+            self.clock.allreduce_s += time.perf_counter() - began
+            return out
+        return self._all_reduce(tensor, compressible)
+
+    def _all_reduce(self, tensor: torch.Tensor, compressible: bool) -> torch.Tensor:
         if compressible and self.compression == "int8":
             from ferry.comm.compressed import int8_all_reduce
 
@@ -68,7 +81,9 @@ class ParallelGroup:
         and the add and the norm are one kernel after it (on GPUs; fused.py)."""
         weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         if self.world_size > 1:
-            if self.allreduce is not None and self.compression is None:
+            # On CPU there is no fused kernel: the engine's reduce_add_norm is its plain sum, then the add and the
+            # norm, which is what the lines below do, with the sum timed as an all-reduce.
+            if self.allreduce is not None and self.compression is None and partial.device.type != "cpu":
                 return self.allreduce.reduce_add_norm(partial, residual, weight, eps)
             partial = self.all_reduce(partial, compressible=True)
         return fused.add_rmsnorm(partial, residual, weight, eps)
@@ -104,6 +119,9 @@ class ParallelGroup:
         if tensor.shape[-1] < widest:
             tensor = torch.nn.functional.pad(tensor, (0, widest - tensor.shape[-1]))
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        began = time.perf_counter()
         dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
+        if tensor.device.type == "cpu":
+            self.clock.allgather_s += time.perf_counter() - began
         return torch.cat([part[..., :w] for part, w in zip(parts, widths, strict=True)], dim=-1)
 

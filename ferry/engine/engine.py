@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ferry.comm.copy_stream import CopyStream
+from ferry.comm.link_time import CollectiveTime
 from ferry.comm.pinned_pool import PinnedBufferPool
 from ferry.engine.batch_api import BatchAPI
 from ferry.engine.block_manager import NULL_BLOCK, BlockManager
@@ -142,7 +143,7 @@ class Engine(BatchAPI):
         self.width = self.blocks.blocks_for(self.config.max_context)  # block-table columns: a full-context sequence
 
         self.pinned_pool = pinned_pool or PinnedBufferPool(max_bytes=1 << 30, pin=cuda)
-        self._copy = CopyStream(self.device)
+        self._copy = CopyStream(self.device, timed=True)  # copy seconds per direction for /metrics
         self.readback = TokenReadback(self.pinned_pool, self._copy)
         # Weak: the engine owns the swapper; a strong bound method back would make a cycle that keeps the whole KV
         # pool alive until the garbage collector happens to run.
@@ -174,6 +175,8 @@ class Engine(BatchAPI):
         embeds = model.span.first
         self._allreduce_bytes_per_token = (2 * stage_layers + embeds) * hidden_bytes if tp else 0
         self._allgather_bytes_per_row = self.config.vocab_size * self.dtype.itemsize if tp else 0
+        self.collective_time = CollectiveTime(self.group, self.device, 2 * stage_layers + embeds, hidden_bytes) \
+            if tp else None
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._in_flight: _InFlight | None = None
@@ -359,6 +362,8 @@ class Engine(BatchAPI):
             r.pending += 1
         self.stats.upload_bytes += self.inputs.last_upload_bytes
         self.stats.allreduce_bytes += self._allreduce_bytes_per_token * int(t.ids.numel())
+        if self.collective_time is not None:
+            self.collective_time.step(int(t.ids.numel()))
         if self.stage is None or self.stage.last:  # earlier stages get their tokens over the host link from it
             self.stats.readback_bytes += len(rows) * tokens.element_size()
             self.stats.allgather_bytes += self._allgather_bytes_per_row * len(rows)
@@ -450,6 +455,8 @@ class Engine(BatchAPI):
             "pcie_h2d_bytes": s.upload_bytes + swap.swap_in_bytes,
             "pcie_d2h_bytes": s.readback_bytes + swap.swap_out_bytes,
             "allreduce_bytes": s.allreduce_bytes, "allgather_bytes": s.allgather_bytes,
+            **{f"pcie_{way}_seconds": v for way, v in self._copy.timer.seconds().items()},
+            **(self.collective_time.seconds() if self.collective_time is not None else {}),
         }
 
     def check_no_leaks(self) -> None:

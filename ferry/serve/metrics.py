@@ -3,7 +3,9 @@
 Request-level series are observed here as requests end; engine-level ones are read from the gauges rank 0 sends
 with every step (Engine.gauges) when Prometheus scrapes. Link bytes are exact counts of what each step
 moved: the packed step inputs and KV swap-ins host -> device, sampled tokens and swap-outs device -> host, and
-with tensor parallelism the all-reduce and logits all-gather messages.
+with tensor parallelism the all-reduce and logits all-gather messages. Link seconds are the time those transfers
+took, measured where that costs no sync and estimated where it cannot be measured (ferry/comm/link_time.py): the
+help text says which, so a dashboard never shows an estimate as a measurement.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ _LINKS = {"pcie_h2d_bytes": "pcie_h2d", "pcie_d2h_bytes": "pcie_d2h", "allreduce
           "allgather_bytes": "allgather",
           # rank 0's: stage 0 sends hidden states to stage 1 (the token bytes are the last stage's, so 0 here)
           "pipeline_hidden_bytes": "pipeline_hidden", "pipeline_token_bytes": "pipeline_tokens"}
+# Only the links the engine reports a time for appear (pipeline hops have none yet; allgather none on CUDA).
+_LINK_SECONDS = {"pcie_h2d_seconds": "pcie_h2d", "pcie_d2h_seconds": "pcie_d2h",
+                 "allreduce_seconds": "allreduce", "allgather_seconds": "allgather"}
+LINK_SECONDS_HELP = (
+    "Seconds each link's transfers took. pcie_h2d, pcie_d2h: measured, CUDA events around each copy read once "
+    "passed (host clock without CUDA). allreduce on CUDA: an ESTIMATE, not a measurement: calls x the start-up "
+    "calibration's in-graph time for each message size (CUDA-graph replays cannot be timed per call); on CPU: "
+    "measured wall time of the calls, as is allgather")
 
 
 class _EngineCollector:
@@ -57,6 +67,11 @@ class _EngineCollector:
         for key, link in _LINKS.items():
             links.add_metric([link], g.get(key, 0))
         yield links
+        seconds = CounterMetricFamily("ferry_link_seconds", LINK_SECONDS_HELP, labels=["link"])
+        for key, link in _LINK_SECONDS.items():
+            if key in g:
+                seconds.add_metric([link], g[key])
+        yield seconds
 
 
 class ServerMetrics:
