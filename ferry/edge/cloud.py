@@ -42,6 +42,25 @@ from ferry.model.loader import LoadedModel
 log = logging.getLogger("ferry.cloud")
 
 
+@dataclass
+class EdgeLinkStats:
+    """The edge link as the cloud sees it (`ferry cloud --metrics-port` exports it): frame bytes each way, and for
+    every TOKEN or VERDICT the time until that session's next frame of the same request arrived, which is the link
+    both ways plus the edge's own layers in between (the edge alone can tell them apart: its --json `link_s` is its
+    wait less the compute the cloud reported)."""
+
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    frames_received: int = 0
+    frames_sent: int = 0
+    round_trips: int = 0  # replies answered by a next frame of the same request
+    round_trip_s: float = 0.0
+
+    def add(self, other: EdgeLinkStats) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
 @dataclass(frozen=True)
 class CloudLimits:
     max_frame_bytes: int = 16 * 1024 * 1024
@@ -226,6 +245,7 @@ class CloudServer:
         self.batcher = CloudBatcher(loaded, min_split, batching) if batching is not None else None
         self.path = self.batcher.description if self.batcher else "one session at a time, a dense KV cache each"
         self._dense_stats = CloudStats()  # the one-by-one path's (the batcher keeps its own)
+        self._link = EdgeLinkStats()  # every session's, added as each frame passes (under _lock)
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)  # notified whenever a session's stream ends
         self._next_session = 1
@@ -240,6 +260,21 @@ class CloudServer:
     def stats(self) -> CloudStats:
         """Forwards of the cloud's layers and the frames they served (one frame per step one by one)."""
         return self.batcher.stats if self.batcher else self._dense_stats
+
+    @property
+    def link(self) -> EdgeLinkStats:
+        """A copy of the edge link's counts so far, over every session."""
+        with self._lock:
+            return EdgeLinkStats(**vars(self._link))
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return self._active
+
+    def _count(self, frame: EdgeLinkStats) -> None:
+        with self._lock:
+            self._link.add(frame)
 
     def record_step(self, frames: int, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -321,31 +356,45 @@ class CloudServer:
                           f"the cloud is at its limit of {self.limits.max_sessions} concurrent sessions; try later")
         inbox = _Inbox(request_iterator)
         session: _Session | None = None
+        replied_at: float | None = None  # when the last TOKEN/VERDICT left, until the request's next frame
+
+        def sent(reply: Frame) -> bytes:
+            nonlocal replied_at
+            data = reply.encode()
+            self._count(EdgeLinkStats(bytes_sent=len(data), frames_sent=1))
+            replied_at = time.perf_counter() if reply.kind in (Kind.TOKEN, Kind.VERDICT) else None
+            return data
+
         try:
             while True:
                 try:
                     if (raw := inbox.next(self.limits.idle_timeout_s)) is None:
                         return  # the edge closed its side
+                    arrived = time.perf_counter()
+                    self._count(EdgeLinkStats(bytes_received=len(raw), frames_received=1))
                     frame = Frame.decode(raw)
+                    if replied_at is not None and frame.kind in (Kind.HIDDEN, Kind.VERIFY):
+                        self._count(EdgeLinkStats(round_trips=1, round_trip_s=arrived - replied_at))
+                    replied_at = None
                     if session is None and frame.kind == Kind.PING:
-                        yield self._pong(frame).encode()
+                        yield sent(self._pong(frame))
                     elif session is None:
                         session, reply = self._hello(frame)
-                        yield reply.encode()
+                        yield sent(reply)
                     elif frame.kind == Kind.REQUEST:
                         session.start_request(frame)
                     elif frame.kind == Kind.HIDDEN:
                         if (reply := session.hidden(frame)) is not None:
-                            yield reply.encode()
+                            yield sent(reply)
                     elif frame.kind == Kind.VERIFY:
-                        yield session.verify(frame).encode()
+                        yield sent(session.verify(frame))
                     elif frame.kind == Kind.END:
                         session.end_request()
                     else:
                         raise ProtocolError(f"unexpected {frame.kind.name} frame")
                 except (ProtocolError, CodecError, KVPoolFullError, CloudStepError) as exc:
                     log.warning("closing session %s: %s", session.id if session else "?", exc)
-                    yield Frame.error(str(exc), session.id if session else 0).encode()
+                    yield sent(Frame.error(str(exc), session.id if session else 0))
                     return
         finally:
             inbox.close()
