@@ -69,7 +69,12 @@ def bench_serve_overhead(
     requests: Annotated[int, typer.Option(help="requests per level")] = 192,
     prompt_tokens: Annotated[str, typer.Option(help="prompt length LO-HI")] = "128-512",
     output_tokens: Annotated[str, typer.Option(help="output length LO-HI (ignore_eos)")] = "128-512",
-    rounds: Annotated[int, typer.Option(help="direct/http pairs, alternated; medians reported")] = 2,
+    rounds: Annotated[int, typer.Option(help="counted direct/http pairs, new prompts each, order alternated; "
+                                             "medians reported")] = 8,
+    warmup_rounds: Annotated[int, typer.Option(help="uncounted pairs of the full workload first")] = 1,
+    time_budget_s: Annotated[float | None, typer.Option(help="start no round that would likely end past this "
+                                                                "many seconds of comparing (rounds run are "
+                                                                "reported)")] = None,
     rates: Annotated[Optional[str], typer.Option(help="then an open-loop sweep against the same server, e.g. "
                                                       "2,4,8,16,inf (written as its own `serve_load` result)")] = None,
     sweep_requests: Annotated[int, typer.Option(help="requests per sweep level")] = 256,
@@ -97,7 +102,8 @@ def bench_serve_overhead(
         output_span = parse_span(output_tokens, "output-tokens")
         dev = resolve_device(device)
         path = None if shape else str(resolve_model_path(model))
-        spec = WorkerSpec(path or "", dev.type, None, {"kv_memory": kv_memory}, shape=shape)
+        # compile None: the engine default, as `ferry serve` builds its engine (the compiled step on a CPU)
+        spec = WorkerSpec(path or "", dev.type, None, {"kv_memory": kv_memory, "compile": None}, shape=shape)
         args = ["--device", dev.type, "--kv-memory", kv_memory] + (["--shape", shape] if shape else ["--model", path])
         server = ServerProcess(args)
         try:
@@ -105,19 +111,30 @@ def bench_serve_overhead(
             info = asyncio.run(check_server(server.url, None, None, timeout_s=30.0))
             result = compare(spec, server.url, info.model, concurrency=concurrency, requests=requests,
                              prompt_tokens=prompt_span, output_tokens=output_span, rounds=rounds, seed=seed,
-                             max_token_id=min(info.vocab_size or MAX_TOKEN_ID, MAX_TOKEN_ID), log=err)
-            meta = provenance(dev) | {"model": name, "concurrency": concurrency, "requests": requests,
-                                      "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-                                      "rounds": rounds, "kv_memory": kv_memory, "summary": result["summary"]}
+                             max_token_id=min(info.vocab_size or MAX_TOKEN_ID, MAX_TOKEN_ID), log=err,
+                             warmup_rounds=warmup_rounds, time_budget_s=time_budget_s)
+            meta = provenance(dev) | {
+                "model": name, "concurrency": concurrency, "requests": requests, "prompt_tokens": prompt_tokens,
+                "output_tokens": output_tokens, "rounds": rounds, "rounds_counted": result["rounds_counted"],
+                "warmup_rounds": warmup_rounds, "kv_memory": kv_memory,
+                "method": "every round new prompts, the same for both paths; warm-up rounds not counted; order "
+                          "alternated; medians over the counted rounds",
+                "summary": result["summary"], "server_link_metrics_under_load": result["server_link_metrics_under_load"]}
             stem = f"{meta['date']}_serve_overhead_{name}_{dev.type}" + (f"_{tag}" if tag else "")
             cols = ["path", "round", "completed", "failed", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99",
-                    "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99", "graph_steps", "eager_steps"]
+                    "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99", "graph_steps", "eager_steps",
+                    "pcie_h2d_seconds", "pcie_d2h_seconds"]
             s = result["summary"]
-            notes = (f"HTTP / direct, medians over rounds: TPOT p50 {s['tpot_ms_p50']['http_over_direct']:.3f}x, "
+            links = "\n".join(line for line in result["server_link_metrics_under_load"]
+                              if not line.startswith("# TYPE"))
+            notes = (f"HTTP / direct over {result['rounds_counted']} counted rounds (round < 0: warm-up, not "
+                     f"counted), medians of each path: TPOT p50 {s['tpot_ms_p50']['http_over_direct']:.3f}x, "
                      f"p99 {s['tpot_ms_p99']['http_over_direct']:.3f}x; ITL p50 "
                      f"{s['itl_ms_p50']['http_over_direct']:.3f}x; output tokens/s "
-                     f"{s['output_tokens_per_s']['http_over_direct']:.3f}x. eager_steps: steps that carried a "
-                     "prefill (not a CUDA graph).")
+                     f"{s['output_tokens_per_s']['http_over_direct']:.3f}x. Median of the rounds' own ratios: TPOT "
+                     f"p50 {s['tpot_ms_p50']['paired_median']:.3f}x, p99 {s['tpot_ms_p99']['paired_median']:.3f}x. "
+                     "eager_steps: steps that carried a prefill (not a CUDA graph).\n\nThe server's /metrics "
+                     f"link lines, read during the last counted HTTP round:\n\n```\n{links}\n```")
             json_path, md_path = write_results(out, stem, meta, result["rows"], cols, notes)
             print(md_path.read_text())
             err(f"ferry: wrote {json_path}, {md_path}")
