@@ -134,3 +134,9 @@ def test_the_quality_pass_through_the_decode_step_gives_the_prefills_logits_and_
     assert stepped.shape == (1, len(ids), TINY.vocab_size)
     torch.testing.assert_close(stepped, teacher_forced_logits(tiny, [ids]), rtol=1e-4, atol=1e-3)
     engine.check_no_leaks()
+
+
+def test_a_compile_mode_is_taken_as_its_options(tiny):
+    """torch.compile takes a mode or options, never both: the mode's options join Ferry's (none compiled here)."""
+    engine = Engine(tiny, None, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert engine.compiled_decode is not None and engine.decode_path.startswith(PATH)

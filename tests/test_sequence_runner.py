@@ -46,7 +46,7 @@ def _dense_hidden(model, ids: list[int], layers: int) -> torch.Tensor:
 def test_whole_model_steps_give_the_dense_logits_after_a_rewind_and_as_the_pool_grows(tiny):
     first, other = _ids(40, 1), _ids(30, 2)
     runner = SequenceRunner(tiny, None, compile=False, pool_tokens=16)  # grows twice on the way to 54 positions
-    assert runner.path == "eager" and runner.capacity == 16
+    assert runner.path == "eager, attention gather-sdpa" and runner.capacity == 16
     ref = _dense_logits(tiny, first)
     torch.testing.assert_close(runner.run(torch.tensor(first[:21]), 0)[0], ref[20], rtol=1e-4, atol=1e-4)
     for pos in range(21, 40):
@@ -95,7 +95,7 @@ def test_compiled_one_token_steps_give_the_eager_runners_values(tiny, tmp_path, 
     for layers, inputs in ((None, torch.tensor(ids)), (2, embedded)):
         eager = SequenceRunner(tiny, layers, compile=False)
         compiled = SequenceRunner(tiny, layers, compile=True)
-        assert compiled.path == PATH
+        assert compiled.path == f"{PATH}, attention inductor-loops"
         compiled.warm_up()
         for runner in (eager, compiled):
             runner.run(inputs[:20], 0)

@@ -88,7 +88,11 @@ class CompiledCPUDecode:
 
         step.__code__ = step.__code__.replace(co_name=f"ferry_cpu_decode_{next(_engine_ids)}")  # this engine's own
         options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.forward = torch.compile(step, mode=mode, options=options)
+        if mode is not None:  # torch.compile takes a mode or options, not both: the mode's options, without graphs
+            from torch._inductor import list_mode_options
+
+            options |= {k: v for k, v in list_mode_options(mode).items() if k != "triton.cudagraphs"}
+        self.forward = torch.compile(step, options=options)
         self.code = step.__code__
         self.compile_seconds: dict[int, float] = {}  # 1, and 2 for the batch-dynamic graph -> its first call's time
         what = "decode step" if layers is None else f"step of layers {layers.start}..{layers.stop - 1}"

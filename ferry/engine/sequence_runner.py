@@ -18,6 +18,7 @@ from ferry.engine import cpu_compiled
 from ferry.engine.paged_cache import BLOCK_SIZE, PagedKVCache
 from ferry.errors import FerryError
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
+from ferry.model.layers.paged_attention import decode_attention_path
 
 log = logging.getLogger("ferry.engine")
 
@@ -37,7 +38,8 @@ class SequenceRunner:
         # unused tail costs no memory, and a pool that never grows keeps one compiled graph. Elsewhere it grows.
         default = self.max_tokens if self.device.type == "cpu" else min(self.max_tokens, 1024)
         self.cache = self._pool(pool_tokens or default, num_layers)
-        compiled, self.path = cpu_compiled.choose(compile, mode, model)
+        compiled, step = cpu_compiled.choose(compile, mode, model)
+        self.path = f"{step}, attention {decode_attention_path(self.device, compiled)}"
         self.compiled = cpu_compiled.CompiledCPUDecode(model, self.cache, mode, self.layers) if compiled else None
         self.steps = self.compiled_steps = 0
 
