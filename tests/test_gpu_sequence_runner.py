@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sequence_cases import dense_logits, random_ids
 
 from ferry.bench.shapes import TINY, random_model
-from ferry.engine.kv_cache import KVCache
 from ferry.engine.sampling import SamplingParams
 from ferry.engine.sequence_runner import SequenceRunner
 from ferry.errors import FerryError
@@ -26,29 +26,20 @@ def tiny():
     return random_model(TINY, CUDA, torch.float32, seed=11)
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _dense_logits(model, ids: list[int]) -> torch.Tensor:
-    cache = KVCache.for_model(model)
-    cache.ensure(1, len(ids))
-    with torch.inference_mode():
-        return model.full_logits(torch.tensor([ids], device=CUDA), cache.layers)[0]
 
 
 def test_steps_on_the_gpu_give_the_dense_logits_across_growth_and_a_rewind(tiny):
-    first, other = _ids(70, 1), _ids(40, 2)
+    first, other = random_ids(70, 1), random_ids(40, 2)
     runner = SequenceRunner(tiny, None, compile=None, pool_tokens=16)
     assert runner.path == "eager, attention triton-split-k"  # the tests' FERRY_COMPILE=0
-    ref = _dense_logits(tiny, first)
+    ref = dense_logits(tiny, first)
     torch.testing.assert_close(runner.run(torch.tensor(first[:21], device=CUDA), 0)[0], ref[20], rtol=1e-3, atol=1e-3)
     for pos in range(21, 70):
         out = runner.run(torch.tensor([first[pos]], device=CUDA), pos)[0]
         torch.testing.assert_close(out, ref[pos], rtol=1e-3, atol=1e-3)
     assert runner.capacity >= 70 and runner.cache.layers[0][0].is_cuda
     rewound = first[:33] + other
-    ref = _dense_logits(tiny, rewound)
+    ref = dense_logits(tiny, rewound)
     for pos in range(33, len(rewound)):
         out = runner.run(torch.tensor([rewound[pos]], device=CUDA), pos)[0]
         torch.testing.assert_close(out, ref[pos], rtol=1e-3, atol=1e-3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sequence_cases import dense_logits, random_ids
 
 from ferry.bench.shapes import TINY, random_model
 from ferry.engine.cpu_compiled import PATH
@@ -22,16 +23,6 @@ def tiny():
     return random_model(TINY, CPU, torch.float32, seed=11)
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _dense_logits(model, ids: list[int]) -> torch.Tensor:
-    """fp32 logits at every position of `ids`, one dense prefill (the reference)."""
-    cache = KVCache.for_model(model)
-    cache.ensure(1, len(ids))
-    with torch.inference_mode():
-        return model.full_logits(torch.tensor([ids]), cache.layers)[0]
 
 
 def _dense_hidden(model, ids: list[int], layers: int) -> torch.Tensor:
@@ -44,17 +35,17 @@ def _dense_hidden(model, ids: list[int], layers: int) -> torch.Tensor:
 
 
 def test_whole_model_steps_give_the_dense_logits_after_a_rewind_and_as_the_pool_grows(tiny):
-    first, other = _ids(40, 1), _ids(30, 2)
+    first, other = random_ids(40, 1), random_ids(30, 2)
     runner = SequenceRunner(tiny, None, compile=False, pool_tokens=16)  # grows twice on the way to 54 positions
     assert runner.path == "eager, attention gather-sdpa" and runner.capacity == 16
-    ref = _dense_logits(tiny, first)
+    ref = dense_logits(tiny, first)
     torch.testing.assert_close(runner.run(torch.tensor(first[:21]), 0)[0], ref[20], rtol=1e-4, atol=1e-4)
     for pos in range(21, 40):
         torch.testing.assert_close(runner.run(torch.tensor([first[pos]]), pos)[0], ref[pos], rtol=1e-4, atol=1e-4)
     assert runner.capacity >= 40
     # rewind to position 24 (drafts 24.. rejected) and go on with other tokens: nothing of the old tail is seen
     rewound = first[:24] + other
-    ref = _dense_logits(tiny, rewound)
+    ref = dense_logits(tiny, rewound)
     torch.testing.assert_close(runner.run(torch.tensor(other[:5]), 24)[0], ref[28], rtol=1e-4, atol=1e-4)
     for pos in range(29, len(rewound)):
         torch.testing.assert_close(runner.run(torch.tensor([rewound[pos]]), pos)[0], ref[pos], rtol=1e-4, atol=1e-4)
@@ -62,7 +53,7 @@ def test_whole_model_steps_give_the_dense_logits_after_a_rewind_and_as_the_pool_
 
 
 def test_first_layers_give_the_dense_hidden_states(tiny):
-    ids = _ids(33, 3)
+    ids = random_ids(33, 3)
     runner = SequenceRunner(tiny, 2, compile=False)
     ref = _dense_hidden(tiny, ids, 2)
     with torch.inference_mode():
@@ -89,7 +80,7 @@ def test_asking_for_the_compiled_step_without_a_compiler_is_an_error(tiny, monke
 def test_compiled_one_token_steps_give_the_eager_runners_values(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FERRY_CACHE", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    ids = _ids(45, 4)
+    ids = random_ids(45, 4)
     with torch.inference_mode():
         embedded = tiny.embed_tokens(torch.tensor(ids))
     for layers, inputs in ((None, torch.tensor(ids)), (2, embedded)):
