@@ -201,10 +201,17 @@ def plot(continuous: dict, static: dict, latencies: dict[str, list[float]], path
     plt.close(fig)
 
 
+def _median_round(rows: list[dict]) -> dict:
+    """The round whose output tokens/s is the median (the lower middle one of an even count)."""
+    return sorted(rows, key=lambda r: r["output_tokens_per_s"])[(len(rows) - 1) // 2]
+
+
 def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int, prompt_lens: tuple[int, int],
                          output_lens: tuple[int, int], prefix_len: int, kv_memory: str | None, parts: list[str],
-                         out_dir, log=print, compile: bool = False) -> str:
-    """Run the asked `parts` (continuous, roofline, batch1, prefix) on `model`; write JSON, markdown and PNG."""
+                         out_dir, log=print, compile: bool = False, rounds: int = 1) -> str:
+    """Run the asked `parts` (continuous, roofline, batch1, prefix) on `model`; write JSON, markdown and PNG.
+    `rounds`: the continuous part runs both engines that many times, alternated (a shared CPU moves from one run to
+    the next by 20%); the table shows each engine's median round, the ratio is of the medians."""
     from ferry.bench.report import markdown_table, provenance, write_results
 
     device = model.norm.weight.device
@@ -234,11 +241,18 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
         warm = Workload.make(concurrency, prompt_lens, (4, 8), vocab, seed=1)  # graph buckets, kernels, allocator
         run_continuous(engine, warm)
         run_static(static, warm, concurrency)
-        cont = run_continuous(engine, work)
-        stat = run_static(static, work, concurrency)
+        runs = []
+        for round_ in range(rounds):
+            runs.append((run_continuous(engine, work), run_static(static, work, concurrency)))
+            if rounds > 1:
+                log(f"round {round_}: continuous {runs[-1][0]['output_tokens_per_s']:.1f}, static "
+                    f"{runs[-1][1]['output_tokens_per_s']:.1f} output tokens/s")
+        cont, stat = (_median_round([r[i] for r in runs]) for i in (0, 1))
         meta["workload"] = {"requests": n, "concurrency": concurrency, "prompt_lens": list(prompt_lens),
                             "output_lens": list(output_lens), "output_lens_distribution": "log-uniform", "seed": 0}
         meta["continuous_vs_static"] = cont["output_tokens_per_s"] / stat["output_tokens_per_s"]
+        meta["rounds"] = rounds
+        meta["round_ratios"] = [round(c["output_tokens_per_s"] / s["output_tokens_per_s"], 3) for c, s in runs]
         latencies = {r["engine"]: r.pop("latencies_s") for r in (cont, stat)}
         meta["continuous_steps"] = cont.pop("steps")
         log(f"continuous steps by kind: {meta['continuous_steps']}")

@@ -126,6 +126,8 @@ def bench_serve_core(
         "continuous,roofline,batch1,prefix",
     compile: Annotated[bool, typer.Option("--compile", help="compile the serving engine's decode step (one compile "
                                                             "per batch bucket: use with the roofline part)")] = False,
+    rounds: Annotated[int, typer.Option(help="continuous part: rounds of both engines, alternated; the table "
+                                             "shows each engine's median round")] = 1,
     out: OutOpt = Path("benchmarks/results"),
     verbose: VerboseOpt = False,
 ) -> None:
@@ -146,6 +148,8 @@ def bench_serve_core(
                 raise FerryError(f"--{name} {text!r}: need 0 < LO <= HI")
             return lo, hi
 
+        if rounds < 1:
+            raise FerryError(f"--rounds must be 1 or more, got {rounds}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if shape:
@@ -162,7 +166,7 @@ def bench_serve_core(
         print(run_serve_core_bench(loaded_model, None, f"{label}_{dev.type}", requests, concurrency,
                                    span(prompt_lens, "prompt-lens"), span(output_lens, "output-lens"), prefix,
                                    kv_memory, [p.strip() for p in parts.split(",")], out, log=err,
-                                   compile=compile))
+                                   compile=compile, rounds=rounds))
 
     run_guarded(run)
 
