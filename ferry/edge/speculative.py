@@ -34,7 +34,7 @@ class Drafter:
         self.fed = 0
 
     def _feed(self, ids: list[int], start: int) -> int:
-        return int(self.runner.run(torch.tensor(ids, dtype=torch.int32, device=self.device), start).argmax(dim=-1)[0])
+        return int(self.runner.run(torch.tensor(ids, device=self.device), start).argmax(dim=-1)[0])
 
     def catch_up(self, sequence: list[int]) -> None:
         """Feed all but the last unseen token (after plain steps, many are unseen), so that `draft` times only

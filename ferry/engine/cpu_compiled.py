@@ -66,6 +66,19 @@ def ineligible(model, stage, streamed: bool) -> str | None:
     return compiler_missing()
 
 
+def step_function(model, layers: range | None):
+    """A paged step (inputs [1, tokens] ids, or [1, tokens, hidden] into `layers`; positions; K/V pools; PagedBatch;
+    rows to sample) -> the whole model's fp32 logits of those rows, or the layers' hidden states [tokens, hidden].
+    A new function each call: CompiledCPUDecode gives its copy a code object of its own; eager callers call it."""
+    if layers is None:
+        def step(inputs, positions, kv, paged, logits_index):
+            return model(inputs, positions, kv, 0, logits_index=logits_index, paged=paged)
+    else:
+        def step(inputs, positions, kv, paged, logits_index):
+            return model.run_layers(inputs, positions, kv, 0, layers=layers, paged=paged)[0]
+    return step
+
+
 class CompiledCPUDecode:
     """One compiled decode step over a paged cache: the whole model (token ids in, logits out: the serving engine
     and the speculative draft) or its first layers (`layers`: hidden states in and out, the edge of a split, whose
@@ -79,13 +92,7 @@ class CompiledCPUDecode:
         self.input_dtype = model.norm.weight.dtype if layers is not None else torch.int32
         folder = inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        if layers is None:
-            def step(inputs, positions, kv, paged, logits_index):
-                return model(inputs, positions, kv, 0, logits_index=logits_index, paged=paged)
-        else:
-            def step(inputs, positions, kv, paged, logits_index):
-                return model.run_layers(inputs, positions, kv, 0, layers=layers, paged=paged)[0]
-
+        step = step_function(model, layers)
         step.__code__ = step.__code__.replace(co_name=f"ferry_cpu_decode_{next(_engine_ids)}")  # this engine's own
         options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if mode is not None:  # torch.compile takes a mode or options, not both: the mode's options, without graphs

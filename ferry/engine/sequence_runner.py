@@ -41,14 +41,19 @@ class SequenceRunner:
         compiled, step = cpu_compiled.choose(compile, mode, model)
         self.path = f"{step}, attention {decode_attention_path(self.device, compiled)}"
         self.compiled = cpu_compiled.CompiledCPUDecode(model, self.cache, mode, self.layers) if compiled else None
+        self._eager = cpu_compiled.step_function(model, self.layers)  # steps of several tokens; every step eager
         self.steps = self.compiled_steps = 0
 
     def _pool(self, tokens: int, num_layers: int | None) -> PagedKVCache:
         # +1: the last block is the padding block a warm-up writes into; no position reaches it
         blocks = -(-tokens // BLOCK_SIZE) + 1
-        self.capacity = (blocks - 1) * BLOCK_SIZE
         self.table = torch.arange(blocks, dtype=torch.int32, device=self.device)
         return PagedKVCache.for_model(self.model, blocks, BLOCK_SIZE, num_layers)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the pool holds (its padding block aside)."""
+        return (self.cache.num_blocks - 1) * BLOCK_SIZE
 
     def _grow(self, tokens: int) -> None:
         """Room for positions [0, tokens): a pool twice as large, holding what the old one held (not on a CPU)."""
@@ -78,6 +83,7 @@ class SequenceRunner:
             self._grow(end)
         positions = torch.arange(start, end, dtype=torch.int32, device=self.device)
         used = -(-end // BLOCK_SIZE)
+        last = torch.tensor([n - 1], device=self.device)  # the row whose logits the whole model returns
         self.steps += 1
         if n == 1:
             # at least two columns: a width of 1 would be specialised by the compiler, and the graph kept for it
@@ -85,16 +91,8 @@ class SequenceRunner:
                                context_lens=torch.tensor([end], dtype=torch.int32, device=self.device))
             if self.compiled is not None:
                 self.compiled_steps += 1
-                return self.compiled.run(inputs, positions, paged, self._last)
+                return self.compiled.run(inputs, positions, paged, last)
         else:
             paged = PagedBatch(slots=positions, decode_rows=0, block_tables=None, context_lens=None,
                                prefills=(PrefillChunk(0, n, start, self.table[:used]),))
-        if self.layers is None:
-            return self.model(inputs.view(1, -1), positions.view(1, -1), self.cache.layers, 0,
-                              logits_index=torch.tensor([n - 1], device=self.device), paged=paged)
-        return self.model.run_layers(inputs.unsqueeze(0), positions.view(1, -1), self.cache.layers, 0,
-                                     layers=self.layers, paged=paged)[0]
-
-    @property
-    def _last(self) -> torch.Tensor:
-        return torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._eager(inputs.unsqueeze(0), positions.view(1, -1), self.cache.layers, paged, last)
