@@ -1,5 +1,5 @@
-"""Runs Ferry's paged decode Triton kernel in Triton's CPU interpreter on small cases and prints, per case, its
-largest error against float64 dense attention and against the gather + SDPA reference, as JSON.
+"""Runs Ferry's paged decode and prefill Triton kernels in Triton's CPU interpreter on small cases and prints, per
+case, the largest error against float64 dense attention and against the gather + SDPA reference, as JSON.
 
     TRITON_INTERPRET=1 python tests/paged_attention_interpreted.py
 
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paged_cases import dense_decode, make_case  # noqa: E402
+from paged_cases import dense_attention, dense_decode, make_case
 
 # (name, contexts, Hq, Hkv, D, block size, dtype, splits, tile)
 CASES = [
@@ -26,6 +26,14 @@ CASES = [
     ("five splits, group 3, head 48, block 32", [33, 64, 0, 5, 190], 6, 2, 48, 32, torch.float32, 5, 32),
     ("two splits, group 1, bf16", [16, 1, 100], 2, 2, 32, 16, torch.bfloat16, 2, 16),
     ("four splits, group 2, fp16", [0, 129, 48], 4, 2, 64, 16, torch.float16, 4, 16),
+]
+
+# Prefill: (name, [(start, length)] per chunk, decode rows before the chunks, Hq, Hkv, D, block size, dtype)
+PREFILL_CASES = [
+    ("chunks at 0 and mid-block, one longer than a tile, group 4", [(0, 40), (21, 7), (48, 1), (5, 70)], 2, 8, 2, 32,
+     16, torch.float32),
+    ("group 3 padded to 4, block 32", [(33, 19), (0, 1)], 0, 6, 2, 48, 32, torch.float32),
+    ("group 1, bf16", [(16, 20), (0, 33)], 1, 2, 2, 32, 16, torch.bfloat16),
 ]
 
 
@@ -73,8 +81,49 @@ def main() -> list[dict]:
             "max_error_vs_dense": float((out.double() - dense).abs().max()),
             "max_error_vs_reference": float((out.double() - ref.double()).abs().max()),
             "zero_rows_are_zero": all(bool((out[s] == 0).all()) for s in zero_rows),
+            "largest_output": float(dense.abs().max()),
         })
+    results += [_prefill_case(i, *case) for i, case in enumerate(PREFILL_CASES)]
     return results
+
+
+def _prefill_case(seed, name, spans, decode_rows, hq, hkv, d, bs, dtype) -> dict:
+    """Chunks packed after `decode_rows` rows the kernel must not touch; each chunk's K/V (prefix and itself) in the
+    pool as the engine leaves them before attention."""
+    from ferry.model.layers.attention import PrefillChunk
+    from ferry.model.layers.paged_attention import paged_prefill_attention
+    from ferry.model.layers.paged_prefill_kernel import PrefillLayout, paged_prefill
+
+    case = make_case([start + length for start, length in spans], hq, hkv, d, bs, dtype=dtype, seed=100 + seed)
+    tokens = decode_rows + sum(length for _, length in spans)
+    q = torch.randn(tokens, hq, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    chunks, row = [], decode_rows
+    for s, (start, length) in enumerate(spans):
+        chunks.append(PrefillChunk(row, length, start, case.block_tables[s]))
+        row += length
+    sentinel = 7.0
+    out = torch.full_like(q, sentinel)
+    paged_prefill(q, case.k_pool, case.v_pool, PrefillLayout.build(chunks, q.device, hq // hkv), out, case.scale)
+    error_dense = error_reference = largest = 0.0
+    for s, c in enumerate(chunks):
+        got = out[c.q_start : c.q_start + c.length].double()
+        dense = dense_attention(q[c.q_start : c.q_start + c.length], case.keys[s], case.values[s], case.scale,
+                                torch.arange(c.start, c.context_len))
+        ref = paged_prefill_attention(q[c.q_start : c.q_start + c.length], case.k_pool, case.v_pool, c.table,
+                                      c.start, c.context_len, case.scale)
+        error_dense = max(error_dense, float((got - dense).abs().max()))
+        largest = max(largest, float(dense.abs().max()))
+        error_reference = max(error_reference, float((got - ref.double()).abs().max()))
+    return {
+        "name": f"prefill: {name}",
+        "dtype": str(dtype),
+        "finite": bool(torch.isfinite(out).all()),
+        "out_dtype": str(out.dtype),
+        "max_error_vs_dense": error_dense,
+        "max_error_vs_reference": error_reference,
+        "zero_rows_are_zero": bool((out[:decode_rows] == sentinel).all()),  # rows outside the chunks untouched
+        "largest_output": largest,
+    }
 
 
 if __name__ == "__main__":

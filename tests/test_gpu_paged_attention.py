@@ -101,3 +101,36 @@ def test_torch_compile_calls_the_op_as_one_opaque_kernel():
 
     out = attend(case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens)
     _check_against_dense_and_reference(case, out)
+
+
+@pytest.mark.parametrize("spans", [[(0, 512), (1500, 300), (37, 1), (2000, 48)], [(0, 2048)]],
+                         ids=["mixed-chunks", "one-long-prompt"])
+def test_prefill_kernel_matches_dense_and_the_per_chunk_reference_at_llama3_8b_shape(spans):
+    """Every chunk of a step in one launch: prefixes up to 2000 cached tokens, chunks of 1..2048 tokens, four
+    decode rows before them that it must leave alone."""
+    from paged_cases import dense_attention
+
+    from ferry.model.layers.attention import PrefillChunk
+    from ferry.model.layers.paged_attention import paged_prefill_attention, prefill_attention_path
+    from ferry.model.layers.paged_prefill_kernel import PrefillLayout, paged_prefill
+
+    assert prefill_attention_path("cuda") == "triton-varlen"
+    case = make_case([s + n for s, n in spans], 32, 8, 128, 16, dtype=torch.bfloat16, seed=len(spans), device="cuda")
+    decode_rows = 4
+    q = torch.randn(decode_rows + sum(n for _, n in spans), 32, 128, device="cuda").to(torch.bfloat16)
+    chunks, row = [], decode_rows
+    for s, (start, n) in enumerate(spans):
+        chunks.append(PrefillChunk(row, n, start, case.block_tables[s]))
+        row += n
+    out = torch.full_like(q, 7.0)
+    paged_prefill(q, case.k_pool, case.v_pool, PrefillLayout.build(chunks, q.device, 4), out, case.scale)
+    assert torch.isfinite(out).all() and bool((out[:decode_rows] == 7.0).all())
+    for s, c in enumerate(chunks):
+        got = out[c.q_start : c.q_start + c.length]
+        ref = paged_prefill_attention(q[c.q_start : c.q_start + c.length], case.k_pool, case.v_pool, c.table,
+                                      c.start, c.context_len, case.scale)
+        torch.testing.assert_close(got.float(), ref.float(), atol=BF16_ATOL, rtol=BF16_ATOL)
+        if c.length <= 512:  # float64 dense attention on the host: keep it small
+            dense = dense_attention(q[c.q_start : c.q_start + c.length], case.keys[s], case.values[s], case.scale,
+                                    torch.arange(c.start, c.context_len))
+            torch.testing.assert_close(got.double().cpu(), dense, atol=BF16_ATOL, rtol=BF16_ATOL)

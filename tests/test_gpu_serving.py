@@ -68,3 +68,17 @@ def test_compile_is_refused_with_the_measured_reason(tiny):
 
     with pytest.raises(FerryError, match="68.4 ms per decode step compiled vs 8.65 ms"):
         Engine(tiny, None, compile=True, kv_memory="1GiB")
+
+
+def test_prefill_chunks_in_one_triton_launch_give_the_per_chunk_path_tokens(tiny, monkeypatch):
+    """Chunked prefills of several prompts beside decodes (a small token budget cuts prompts into chunks at
+    different offsets): the Triton varlen prefill gives the tokens the per-chunk gather + SDPA path gives."""
+    from ferry.model.layers import attention
+
+    prompts = _prompts(8, seed=3, shared=24)
+    fast = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48)
+    assert fast.prefill_path == "eager, attention triton-varlen"
+    got = _staggered(fast, prompts, every=2)
+    monkeypatch.setattr(attention, "prefill_attention_path", lambda device: "gather-sdpa per chunk")
+    slow = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48)
+    assert _staggered(slow, prompts, every=2) == got

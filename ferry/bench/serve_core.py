@@ -217,7 +217,7 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
     device = model.norm.weight.device
     vocab = model.config.vocab_size
     engine = Engine(model, None, kv_memory=kv_memory, max_running=concurrency, compile=compile)
-    log(f"serving engine: {engine.decode_path}; KV cache {engine.kv_report}")
+    log(f"serving engine: decode {engine.decode_path}; prefill {engine.prefill_path}; KV cache {engine.kv_report}")
     static = StaticBatchEngine(model, None)
     # What a server does at start: every decode bucket captured (compiled: only the full batch's, a compile each),
     # and the static engine's buckets for these lengths, so no capture lands inside a timed run.
@@ -234,7 +234,8 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
                 break
             context *= 2
     meta = provenance(device) | {"model": label, "dtype": str(engine.dtype).removeprefix("torch."),
-                                 "kv_cache": engine.kv_report, "decode_path": engine.decode_path}
+                                 "kv_cache": engine.kv_report, "decode_path": engine.decode_path,
+                                 "prefill_path": engine.prefill_path}
     sections, rows = [], []
     if "continuous" in parts:
         work = Workload.make(n, prompt_lens, output_lens, vocab)

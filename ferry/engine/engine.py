@@ -37,7 +37,7 @@ from ferry.engine.step_inputs import StepInputs
 from ferry.errors import FerryError, InvalidRequestError, UnsupportedModelError
 from ferry.model.layers import fused
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
-from ferry.model.layers.paged_attention import decode_attention_path
+from ferry.model.layers.paged_attention import decode_attention_path, prefill_attention_path
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 
@@ -168,6 +168,7 @@ class Engine(BatchAPI):
         compiled = self.compiled_decode is not None
         self.decode_path = (f"{step_path}, attention {decode_attention_path(self.device, compiled)}, elementwise "
                             f"{'fused by inductor' if compiled else fused.path(self.device)}")
+        self.prefill_path = f"eager, attention {prefill_attention_path(self.device)}"
         self.sync_output = sync_output
         self.stats = EngineStats()
         hidden_bytes = self.config.hidden_size * self.dtype.itemsize
@@ -191,8 +192,8 @@ class Engine(BatchAPI):
                  "context fit at once, more shorter ones (at most %d running)", num_blocks, block_size, usable,
                  self.cache.nbytes / (1 << 30), note, usable // self.config.max_context, self.config.max_context,
                  self.limits.max_running)
-        log.info("engine on %s (%s), decode path: %s, token readback: %s", self.device, self.dtype, self.decode_path,
-                 "sync" if sync_output else "async")
+        log.info("engine on %s (%s), decode path: %s, prefill path: %s, token readback: %s", self.device, self.dtype,
+                 self.decode_path, self.prefill_path, "sync" if sync_output else "async")
         if not cuda:  # what a CPU step runs on: torch's intra-op threads over the cores this process may use
             log.info("CPU threads: %d of the %d cores this process may run on (torch.set_num_threads changes it)",
                      torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -12,7 +12,7 @@ one kernel, and each prefill chunk attends to its sequence's cached prefix plus 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,12 @@ from ferry.errors import FerryError
 from ferry.model.layers import fused
 from ferry.model.layers.heads import HeadShard
 from ferry.model.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ferry.model.layers.paged_attention import paged_decode_attention, paged_prefill_attention
+from ferry.model.layers.paged_attention import (
+    PREFILL_TRITON_PATH,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_attention_path,
+)
 from ferry.model.layers.rotary import RotaryEmbedding, apply_rotary_joint
 from ferry.model.weights.source import WeightSource
 
@@ -58,6 +63,15 @@ class PagedBatch:
     block_tables: torch.Tensor | None
     context_lens: torch.Tensor | None
     prefills: tuple[PrefillChunk, ...] = ()
+    # The prefill kernel's layout of the chunks, built by the first layer that needs it and read by every other.
+    _prefill_layouts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def prefill_layout(self, group: int, device: torch.device):
+        from ferry.model.layers.paged_prefill_kernel import PrefillLayout
+
+        if group not in self._prefill_layouts:
+            self._prefill_layouts[group] = PrefillLayout.build(self.prefills, device, group)
+        return self._prefill_layouts[group]
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,10 @@ class Attention(nn.Module):
         if rows:
             out[:rows] = paged_decode_attention(q[:rows], k_pool, v_pool, paged.block_tables, paged.context_lens,
                                                 scale)
+        if prefill_attention_path(q.device) == PREFILL_TRITON_PATH:
+            from ferry.model.layers.paged_prefill_kernel import paged_prefill
+
+            return paged_prefill(q, k_pool, v_pool, paged.prefill_layout(self.group_size, q.device), out, scale)
         for c in paged.prefills:
             out[c.q_start : c.q_start + c.length] = paged_prefill_attention(
                 q[c.q_start : c.q_start + c.length], k_pool, v_pool, c.table, c.start, c.context_len, scale)

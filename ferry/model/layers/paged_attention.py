@@ -38,6 +38,8 @@ class PagedAttentionError(FerryError):
 TRITON_PATH = "triton-split-k"
 REFERENCE_PATH = "gather-sdpa"
 LOOPS_PATH = "inductor-loops"
+PREFILL_TRITON_PATH = "triton-varlen"
+PREFILL_REFERENCE_PATH = "gather-sdpa per chunk"
 
 
 def decode_attention_path(device: torch.device | str, compiled: bool = False) -> str:
@@ -50,6 +52,14 @@ def decode_attention_path(device: torch.device | str, compiled: bool = False) ->
         error = triton_import_error()
         return TRITON_PATH if error is None else f"{REFERENCE_PATH} (triton not importable: {error})"
     return REFERENCE_PATH
+
+
+def prefill_attention_path(device: torch.device | str) -> str:
+    """Which implementation the prefill chunks of a paged step run on `device`: on CUDA one Triton launch for every
+    chunk of the step (paged_prefill_kernel.py), elsewhere `paged_prefill_attention` per chunk."""
+    if torch.device(device).type == "cuda" and triton_import_error() is None:
+        return PREFILL_TRITON_PATH
+    return PREFILL_REFERENCE_PATH
 
 
 def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
