@@ -12,11 +12,15 @@ again, so it too runs with bf16 only.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import NamedTuple
 
 import torch
 
 from ferry.errors import FerryError
+
+log = logging.getLogger("ferry.load")
 
 
 class Int8Weight(NamedTuple):
@@ -32,6 +36,38 @@ class Int4Weight(NamedTuple):
     # 2 for an 8-bit weight held as two 4-bit halves side by side (repack.pack_q8_0): the input, repeated, meets
     # both in one matmul.
     input_copies: int = 1
+
+
+class QMatmulWeight(NamedTuple):
+    """A GGUF 4- or 8-bit matrix in the layout of Ferry's CPU kernel (cpu_qmatmul.cpp, weights/repack_qmatmul.py)."""
+
+    packed: torch.Tensor  # uint8 [tiles of 16 rows, groups * bytes per group]
+    scales: torch.Tensor  # fp16 [tiles, groups, 16]: w = scale * u + min
+    mins: torch.Tensor  # fp16 [tiles, groups, 16], or empty: w = scale * (u - offset)
+    bits: int
+    offset: int
+    out_features: int
+
+
+def qmatmul_linear(x: torch.Tensor, weight: QMatmulWeight) -> torch.Tensor:
+    return torch.ops.ferry_cpu.qmatmul(x, weight.packed, weight.scales, weight.mins if weight.mins.numel() else None,
+                                       weight.bits, weight.offset, weight.out_features)
+
+
+_told: set[str] = set()
+
+
+def qmatmul_unavailable() -> str | None:
+    """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul (FERRY_QMATMUL=0 asks for torch's), or
+    None: the kernel is built and loaded. Said once per reason in the log."""
+    from ferry.model.layers import cpu_qmatmul
+
+    reason = "FERRY_QMATMUL=0" if os.environ.get("FERRY_QMATMUL", "1") == "0" else cpu_qmatmul.load()
+    if reason is not None and reason not in _told:
+        _told.add(reason)
+        (log.info if reason.startswith("FERRY_QMATMUL") else log.warning)(
+            "GGUF weight blocks: torch's int4 kernel, not %s (%s)", cpu_qmatmul.NAME, reason)
+    return reason
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
