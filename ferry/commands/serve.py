@@ -19,7 +19,8 @@ from ferry.commands import (
     ModelOpt,
     PpOpt,
     StagesOpt,
-    TpOpt,
+    TimeoutOpt,
+    TpUnsetOpt,
     VerboseOpt,
     app,
     err,
@@ -53,7 +54,7 @@ def serve(
     port: Annotated[int, typer.Option(help="port (0 picks a free one; the start line names it)")] = 8000,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    tp: TpOpt = 1,
+    tp: TpUnsetOpt = None,
     pp: PpOpt = None,
     layer_split: LayerSplitOpt = None,
     micro_batches: MicroBatchesOpt = None,
@@ -68,6 +69,7 @@ def serve(
     request_timeout_s: Annotated[float, typer.Option(help="a request still running after this long is ended")] = 600.0,
     drain_timeout_s: Annotated[float, typer.Option(help="on SIGTERM, how long requests in flight may finish")] = 30.0,
     max_waiting: Annotated[int, typer.Option(help="requests queued at most; more get 429")] = 1024,
+    timeout: TimeoutOpt = 300.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
@@ -77,21 +79,31 @@ def serve(
         import torch
 
         from ferry.device import resolve_device
+        from ferry.parallel.launch import torchrun_rank, under_torchrun
         from ferry.parallel.layout import check_launch, check_parallel_options, check_pipeline_options
-        from ferry.parallel.mesh import Mesh, check_mesh
+        from ferry.parallel.mesh import Mesh, check_mesh, mesh_under_torchrun, torchrun_layout
         from ferry.parallel.placement import check_fits, placement_from_options
         from ferry.parallel.tp_generate import PipelineSpec
-        from ferry.parallel.workers import WorkerSpec
+        from ferry.parallel.workers import WorkerSpec, serve_torchrun_rank
         from ferry.serve.app import ServerState, ServeSettings
         from ferry.serve.engine_client import AsyncEngine
         from ferry.serve.server import bind, run_server
 
-        placement = placement_from_options(stages, None, device, None if tp == 1 else tp, pp, layer_split)
-        mesh = check_mesh(tp, 1 if pp is None else pp) if placement is None else Mesh(placement.tp, placement.pp)
+        torchrun = under_torchrun()
+        placement = placement_from_options(stages, None, device, None if tp in (None, 1) else tp, pp, layer_split)
+        if placement is not None and torchrun:
+            raise FerryError("--stages is not offered under torchrun (each process takes its node's device); run it "
+                             "on one machine")
+        if placement is not None:
+            mesh = Mesh(placement.tp, placement.pp)
+        elif torchrun:  # TP inside a node and PP across nodes unless told otherwise
+            mesh = mesh_under_torchrun(tp, pp, *torchrun_layout())
+        else:
+            mesh = check_mesh(1 if tp is None else tp, 1 if pp is None else pp)
         check_parallel_options(mesh.tp, "native", 0.0, compressed_allreduce, allreduce)
         check_pipeline_options(mesh.pp, layer_split, micro_batches, False, False)
         for name, value in (("--request-timeout-s", request_timeout_s), ("--drain-timeout-s", drain_timeout_s),
-                            ("--max-waiting", max_waiting)):
+                            ("--max-waiting", max_waiting), ("--timeout", timeout)):
             if not value > 0:
                 raise FerryError(f"{name} must be > 0, got {value}")
         settings = ServeSettings(api_key=load_api_key(api_key_file), request_timeout_s=request_timeout_s,
@@ -104,21 +116,28 @@ def serve(
         if placement is not None:
             check_fits(placement, config)
         else:
-            check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split)
-        bind(host, port).close()  # a taken port is an error now, not after the model has loaded
-        pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches) if mesh.pp > 1 else None
+            check_launch(config, dev.type, mesh.tp, mesh.pp, layer_split, devices_needed=1 if torchrun else None)
+        pipeline = PipelineSpec(mesh.pp, layer_split, micro_batches, timeout) if mesh.pp > 1 else None
         spec = WorkerSpec(str(path) if path else "", dev.type, dtype,
                           # compile None: the engine's default, the compiled decode step on one CPU rank
                           {"kv_memory": kv_memory, "max_waiting": max_waiting, "compile": None}, allreduce,
                           shape=shape,
                           pipeline=pipeline, placement=placement)
-        engine = AsyncEngine(spec, mesh.tp, compression=compressed_allreduce)
+        if torchrun and torchrun_rank() != 0:  # an engine rank; rank 0's process serves HTTP and passes requests on
+            serve_torchrun_rank(spec, timeout, compressed_allreduce)
+            return
+        bind(host, port).close()  # a taken port is an error now, not after the model has loaded
+        engine = AsyncEngine(spec, mesh.tp, compression=compressed_allreduce, timeout_s=timeout, torchrun=torchrun)
         try:
-            err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, {mesh})")
+            err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, {mesh}"
+                f"{', ranks from torchrun' if torchrun else ''})")
             state = ServerState(engine, served, settings)
-            run_server(state, host, port, drain_timeout_s)
+            # Under torchrun an engine that stopped (a node died) ends the job: torchrun then ends the other nodes.
+            run_server(state, host, port, drain_timeout_s, exit_on_engine_failure=torchrun)
         finally:
             engine.close()
+        if engine.failure and torchrun:
+            raise FerryError(f"the engine stopped: {engine.failure}")
         err("ferry: server stopped")
 
     run_guarded(run)

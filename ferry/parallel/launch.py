@@ -199,6 +199,10 @@ def torchrun_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def torchrun_rank() -> int:
+    return int(os.environ["RANK"])
+
+
 def torchrun_group(device_type: str, timeout_s: float = 300.0, compression: str | None = None) -> ParallelGroup:
-    rank, world = int(os.environ["RANK"]), torchrun_world_size()
+    rank, world = torchrun_rank(), torchrun_world_size()
     return init_group(rank, world, device_type, "env://", timeout_s, compression)

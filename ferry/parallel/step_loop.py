@@ -1,25 +1,19 @@
 """The loop every rank runs while `ferry serve` is up: the driver's requests join and leave at step boundaries.
 
-The driver (the HTTP server's process) puts each command on every rank's queue, in one order. At a step boundary
-rank 0 takes what has arrived and tells the other ranks how many over a gloo group on the host, so every rank adds
-and aborts the same requests before the same step (the ranks' schedules must never part) without a device sync;
-the others then read exactly that many from their own queues. With nothing to run, every rank waits on its queue
-(all of them receive the next command). Rank 0 reports each step's tokens and the engine's gauges to the driver.
+At each step boundary every rank takes the same commands from its feed (command_feed.py: each rank's own queue
+on one machine, or rank 0 passing them on under torchrun), so every rank adds and aborts the same requests before
+the same step (the ranks' schedules must never part) without a device sync. With nothing to run, every rank
+waits for the next command. Rank 0 reports each step's tokens and the engine's gauges to the driver.
 """
 
 from __future__ import annotations
 
-import datetime
-import queue
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 
 from ferry.engine.engine import Engine
 from ferry.engine.sampling import SamplingParams
 from ferry.engine.scheduler import QueueFullError
-from ferry.errors import FerryError, InvalidRequestError
+from ferry.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -44,19 +38,18 @@ StepToken = tuple[int, int, str, str | None]
 
 
 class StepLoop:
-    def __init__(self, engine: Engine, commands, events, rank: int, world: int, timeout_s: float) -> None:
-        self.engine, self.commands, self.events = engine, commands, events
-        self.rank, self.world, self.timeout_s = rank, world, timeout_s
-        # Host-side agreement: a device collective here would make ranks > 0 wait for each step's GPU work.
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) if world > 1 else None
+    def __init__(self, engine: Engine, feed, events, rank: int) -> None:
+        self.engine, self.feed, self.events, self.rank = engine, feed, events, rank
         self.cid_of: dict[int, int] = {}  # engine request id -> driver's id
         self.rid_of: dict[int, int] = {}
 
-    def run(self) -> list:
-        """Serve until LeaveLoop; returns the commands taken after it (the rank's own loop runs them: a "stop"
-        that arrived in the same drain as LeaveLoop would otherwise be lost, and the rank never exit)."""
+    def run(self, pending: list) -> list:
+        """Serve `pending` (taken with the command that started serving), then the feed's commands until
+        LeaveLoop; returns the commands taken after it (the rank's own loop runs them: a "stop" that arrived in
+        the same take as LeaveLoop would otherwise be lost, and the rank never exit)."""
         while True:
-            commands = self._take_commands(block=not self.engine.has_unfinished())
+            commands = pending or self.feed.take(block=not self.engine.has_unfinished())
+            pending = []
             for i, command in enumerate(commands):
                 if isinstance(command, LeaveLoop):
                     for rid in list(self.cid_of):
@@ -75,35 +68,6 @@ class StepLoop:
                     self.cid_of.pop(self.rid_of.pop(cid), None)
             if self.rank == 0:
                 self.events.put(("step", tokens, self.engine.gauges()))
-
-    def _take_commands(self, block: bool) -> list:
-        """This step's commands, the same on every rank."""
-        taken = []
-        if self.rank == 0 or self.world == 1:
-            if block:
-                taken.append(self._get(None))
-            while True:
-                try:
-                    taken.append(self.commands.get_nowait())
-                except queue.Empty:
-                    break
-            if self.world > 1:
-                dist.broadcast(torch.tensor([len(taken)]), src=0, group=self.control)
-            return taken
-        if block:  # every rank receives every command, so an idle rank waits on its own queue, not in a collective
-            taken.append(self._get(None))
-        count = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(count, src=0, group=self.control)
-        while len(taken) < int(count):
-            taken.append(self._get(self.timeout_s))
-        return taken
-
-    def _get(self, timeout_s: float | None):
-        try:
-            return self.commands.get(timeout=timeout_s)
-        except queue.Empty:
-            raise FerryError(f"rank {self.rank}: rank 0 announced a command that did not arrive within "
-                             f"{timeout_s:.0f} s") from None
 
     def _apply(self, command) -> None:
         if isinstance(command, AbortRequest):

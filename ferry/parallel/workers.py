@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
+import signal
+import sys
 import time
 import traceback
 import weakref
@@ -21,12 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ferry.device import dtype_name
+from ferry.device import BACKENDS, dtype_name
 from ferry.engine.engine import Completion, TokenEvent
 from ferry.engine.sampling import SamplingParams
 from ferry.errors import FerryError, InvalidRequestError
 from ferry.memory import peak_resident_mib
-from ferry.device import BACKENDS
 from ferry.parallel.launch import (
     describe_dead_rank,
     die_with_parent,
@@ -34,6 +36,8 @@ from ferry.parallel.launch import (
     init_group,
     keep_multicast_off,
     sigint_ignored_by_children,
+    torchrun_rank,
+    torchrun_world_size,
 )
 from ferry.parallel.placement import Placement
 from ferry.parallel.tp_generate import PipelineSpec
@@ -60,11 +64,16 @@ class WorkerSpec:
 
 
 def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeout_s: float,
-                compression: str | None, commands, events) -> None:
+                compression: str | None, commands, events, relay: bool = False) -> None:
+    """One rank's life: load, then run the driver's commands until "stop". `relay`: started by torchrun, where
+    only rank 0 has the driver's queues (`commands`, `events`) and passes the commands on (command_feed.py)."""
     die_with_parent()
+    if relay:
+        _torchrun_signals()
     keep_multicast_off()
     try:
         from ferry.engine.engine import build_engine
+        from ferry.parallel.command_feed import QueueFeed, RelayFeed
         from ferry.parallel.step_loop import StepLoop
         from ferry.parallel.tp_generate import (
             gather_floats,
@@ -89,6 +98,7 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
                                          placement=spec.placement)
             engine = build_engine(loaded.model, loaded.tokenizer, **spec.engine_options)
         on = group_device(engine, spec.placement)
+        feed = (RelayFeed if relay else QueueFeed)(commands, rank, world, timeout_s)
         peaks = gather_floats(group, peak_resident_mib(), on)
         if rank == 0:
             events.put(("ready", 0, {"device": str(spec.placement) if spec.placement else engine.device.type, "dtype": dtype_name(engine.dtype),
@@ -97,12 +107,14 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
                                   "allreduce_plan": group.allreduce.describe() if group.allreduce else ""}))
         leftover: list = []
         while True:
-            command = leftover.pop(0) if leftover else commands.get()
+            while not leftover:
+                leftover = feed.take(block=True)
+            command = leftover.pop(0)
             if command[0] == "stop":
                 break
             if command[0] == "serve":  # step-level commands until LeaveLoop (ferry serve)
                 engine.warm_up(engine.limits.max_running, every_bucket=True)  # no capture inside a request
-                leftover = StepLoop(engine, commands, events, rank, world, timeout_s).run()
+                leftover = StepLoop(engine, feed, events, rank).run(leftover)
                 continue
             _, request, prompts, params = command
             try:  # every rank reaches the same verdict before any collective, so a bad request costs nothing
@@ -119,19 +131,46 @@ def _serve_rank(rank: int, world: int, spec: WorkerSpec, init_method: str, timeo
             engine.close()
         torch.distributed.destroy_process_group()
     except FerryError as exc:
-        events.put(("error", rank, str(exc)))
+        _report(events, rank, str(exc))
         raise SystemExit(2) from None
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.debug("rank %d failed:\n%s", rank, traceback.format_exc(limit=8))
-        events.put(("error", rank, f"{type(exc).__name__}: {reason[:300]}"))
+        _report(events, rank, f"{type(exc).__name__}: {reason[:300]}")
         raise SystemExit(1) from None
+
+
+def serve_torchrun_rank(spec: WorkerSpec, timeout_s: float, compression: str | None = None) -> None:
+    """A rank other than 0 of `ferry serve` under torchrun: the engine's rank loop, its commands passed on by
+    rank 0 (whose process runs the HTTP server and starts rank 0's engine beside it); returns at "stop"."""
+    _serve_rank(torchrun_rank(), torchrun_world_size(), spec, "env://", timeout_s, compression, None, None,
+                relay=True)
+
+
+def _torchrun_signals() -> None:
+    """torchrun's agent passes Ctrl-C or SIGTERM on to its workers' process groups. On rank 0's node the server
+    drains and then stops every rank itself, so the ranks there wait for its word (the agent kills what is left
+    after its 30 s); on another node the signal ends the rank at once, and the rest see a rank that stopped."""
+    first_node = os.environ.get("GROUP_RANK", "0") == "0"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN if first_node else signal.SIG_DFL)
+
+
+def _report(events, rank: int, reason: str) -> None:
+    """To the driver; a torchrun rank without the driver's queue says it on its own stderr (torchrun shows it)."""
+    if events is not None:
+        events.put(("error", rank, reason))
+    else:
+        print(f"ferry: rank {rank} stopped: {reason}", file=sys.stderr, flush=True)
 
 
 class TensorParallelWorkers:
     """`tp` ranks holding one model; `generate` / `stream` send them a request and return rank 0's answer."""
 
-    def __init__(self, spec: WorkerSpec, tp: int, compression: str | None = None, timeout_s: float = 300.0) -> None:
+    def __init__(self, spec: WorkerSpec, tp: int, compression: str | None = None, timeout_s: float = 300.0,
+                 torchrun: bool = False) -> None:
+        """`torchrun`: this process is torchrun's rank 0; it starts the engine's rank 0 only, and the other ranks
+        are torchrun's processes running `serve_torchrun_rank` (on this node or others)."""
         if spec.device_type not in BACKENDS:
             raise FerryError(f"no torch.distributed backend known for device type {spec.device_type!r}")
         ctx = mp.get_context("spawn")
@@ -139,11 +178,14 @@ class TensorParallelWorkers:
         world = spec.placement.world if spec.placement else tp * spec.pp  # pp stages of tp ranks each
         self._requests = 0
         self._events = ctx.Queue()
-        self._commands = [ctx.Queue() for _ in range(world)]
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        if torchrun:  # the group's address and rank 0's place in it come from torchrun's environment
+            world, started, init_method = torchrun_world_size(), 1, "env://"
+        else:
+            started, init_method = world, f"tcp://127.0.0.1:{free_port()}"
+        self._commands = [ctx.Queue() for _ in range(started)]
         self._procs = [ctx.Process(target=_serve_rank, name=f"ferry-rank{r}", daemon=True,
                                    args=(r, world, spec, init_method, timeout_s, compression, self._commands[r],
-                                         self._events)) for r in range(world)]
+                                         self._events, torchrun)) for r in range(started)]
         with sigint_ignored_by_children():
             for p in self._procs:
                 p.start()

@@ -14,6 +14,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ferry.engine.sampling import SamplingParams
@@ -84,13 +85,16 @@ class RequestStream:
 class AsyncEngine:
     """Start with `start()` inside the running event loop; `submit` a request, iterate its stream, `abort` it."""
 
-    def __init__(self, spec: WorkerSpec, tp: int = 1, compression: str | None = None, timeout_s: float = 300.0):
+    def __init__(self, spec: WorkerSpec, tp: int = 1, compression: str | None = None, timeout_s: float = 300.0,
+                 torchrun: bool = False):
         self.tp = tp
-        self.workers = TensorParallelWorkers(spec, tp, compression=compression, timeout_s=timeout_s)
+        self.workers = TensorParallelWorkers(spec, tp, compression=compression, timeout_s=timeout_s,
+                                             torchrun=torchrun)
         self.info = dict(self.workers.info)
         self.workers.send(("serve",))
         self.gauges: dict[str, int] = {}
         self.failure: str | None = None
+        self.on_failure: list[Callable[[str], None]] = []  # called in the event loop when the ranks stop
         self._streams: dict[int, RequestStream] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,3 +187,5 @@ class AsyncEngine:
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineFailed(f"the engine stopped: {reason}"))
         self._streams.clear()
+        for call in self.on_failure:
+            call(reason)

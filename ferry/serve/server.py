@@ -69,13 +69,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(state: ServerState, host: str, port: int, drain_timeout_s: float = 30.0) -> None:
-    """Serve until a signal; the caller closes the engine afterwards."""
+def run_server(state: ServerState, host: str, port: int, drain_timeout_s: float = 30.0,
+               exit_on_engine_failure: bool = False) -> None:
+    """Serve until a signal (or, with `exit_on_engine_failure`, until the engine stops); the caller closes the
+    engine afterwards."""
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
     server = _DrainingServer(config, state, drain_timeout_s)
+    if exit_on_engine_failure:
+        state.engine.on_failure.append(lambda _: setattr(server, "should_exit", True))
     shown = f"[{host}]" if ":" in host else host
     # Tests and scripts read this line for the port (port 0 picks a free one).
     server.ready_line = f"ferry: serving {state.model.name} on http://{shown}:{bound}/v1"
