@@ -62,6 +62,33 @@ def test_partial_model_holds_only_the_first_k_layers_and_the_final_norm(ferry_sm
     assert all(torch.equal(p, full[name]) for name, p in held.items())
 
 
+def _resident_kib_of_mapping(address: int) -> int:
+    """This process's resident pages (KiB) of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            field = line.split()
+            if "-" in field[0] and not field[0].endswith(":"):
+                low, high = (int(x, 16) for x in field[0].split("-"))
+                inside = low <= address < high
+            elif inside and field[0] == "Rss:":
+                return int(field[1])
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_partial_model_keeps_no_checkpoint_page_and_no_vocabulary_it_has_read(ferry_smollm):
+    """Pages of the memory-mapped GGUF that a read touched count as the edge's resident memory until it drops them
+    (~2 MiB a SmolLM2 layer), and the vocabulary in the header's metadata is in the tokenizer once it is built."""
+    partial = open_partial(None, CPU, torch.bfloat16)
+    mapping = partial.source.buffer.ctypes.data
+    assert _resident_kib_of_mapping(mapping) == 0
+    assert not [key for key in partial.source.metadata if key.startswith("tokenizer.ggml.t")]
+    assert partial.tokenizer.encode_chat("hello") == ferry_smollm.tokenizer.encode_chat("hello")
+    load_layers(partial, 4)
+    assert _resident_kib_of_mapping(mapping) == 0
+
+
 def test_row_lookup_embedding_gives_the_rows_of_the_dense_table(ferry_smollm):
     partial = open_partial(None, CPU, torch.float32)
     ids = torch.tensor([[1, 5, 1, 49151, 7], [0, 0, 300, 2, 9]])

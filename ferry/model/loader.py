@@ -12,6 +12,7 @@ import torch
 
 from ferry.comm.group import ParallelGroup
 from ferry.errors import FerryError, ModelNotFoundError
+from ferry.memory import release_freed_heap
 from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
 from ferry.model.layers.embedding import VocabParallelEmbedding
@@ -21,7 +22,6 @@ from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights import packed_cache
 from ferry.model.weights.gguf_file import GGUFWeights
 from ferry.model.weights.repack import INT4_TYPES
-from ferry.model.weights.safetensors_dir import SafetensorsWeights
 from ferry.model.weights.source import WeightSource
 
 log = logging.getLogger("ferry.load")
@@ -56,6 +56,8 @@ def open_checkpoint(path: Path) -> tuple[WeightSource, ModelConfig, FerryTokeniz
         if not config_path.exists():
             raise ModelNotFoundError(f"{path}: no config.json (and not exactly one .gguf file) in this folder")
         config = ModelConfig.from_hf(json.loads(config_path.read_text()))
+        from ferry.model.weights.safetensors_dir import SafetensorsWeights  # here: a GGUF run never needs it
+
         source = SafetensorsWeights(path)
         return source, config, FerryTokenizer.from_folder(path, config.eos_token_ids, config.bos_token_id)
     if not path.exists():
@@ -207,7 +209,19 @@ def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dty
         model.norm.load(source, "model.norm")
     model.embed_tokens = CheckpointRowsEmbedding(source, "model.embed_tokens.weight", config.vocab_size, dtype, device)
     model.load_rotary(source)
+    _forget_vocabulary(source)
+    _release_load_memory(source)
     return LoadedModel(model, tokenizer, config, resolved, time.perf_counter() - started, source, layers_read=0)
+
+
+def _forget_vocabulary(source: WeightSource) -> None:
+    """A partial model keeps its checkpoint open for the embedding rows; the GGUF vocabulary, merges and token types
+    in its metadata (~100k Python strings and ints, ~10 MiB for SmolLM2) are in the tokenizer by now."""
+    metadata = getattr(source, "metadata", None)
+    if isinstance(metadata, dict):
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.scores"):
+            metadata.pop(key, None)
 
 
 @torch.no_grad()
@@ -236,15 +250,26 @@ def load_layers(loaded: LoadedModel, count: int | None) -> None:
             allocate(model.lm_head, device)
             if not model.lm_head.load_quantized(source, "lm_head"):
                 model.lm_head.load(source, "lm_head")
+        _release_load_memory(source)
     for i in range(first, stop):
         allocate(model.layers[i], device)
         model.layers[i].load(source, f"model.layers.{i}")
+        _release_load_memory(source)
     loaded.layers_read = max(first, stop)
     if count is None:
         loaded.source, loaded.layers_read = None, None
     if stop > first or count is None:
         what = "the whole model" if count is None else f"decoder layers {first}..{stop - 1}"
         log.info("read %s of %s in %.2f s", what, loaded.path.name, time.perf_counter() - started)
+
+
+def _release_load_memory(source: WeightSource) -> None:
+    """After a partial model read a piece: the checkpoint pages it touched and the temporaries it freed go back to
+    the system, so a split edge's peak is its largest piece, not the sum of what each piece left behind."""
+    release = getattr(source, "release_pages", None)
+    if release is not None:
+        release()
+    release_freed_heap()
 
 
 def allocate(module: torch.nn.Module, device: torch.device) -> None:

@@ -6,6 +6,7 @@ permuted back here so the model uses the Hugging Face (rotate-half) layout for e
 
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
 
@@ -109,6 +110,14 @@ class GGUFWeights:
                     self._permute_heads[name] = n_heads
                 elif name.startswith("blk.") and ".attn_k." in name:
                     self._permute_heads[name] = n_kv
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the map. Pages of a file map that were read stay counted in the
+        process's resident memory until it unmaps them; they remain in the page cache, so a later read costs a
+        page fault, not a disk read. A split edge calls it once it has copied a layer out of the file."""
+        mapping = getattr(self.buffer, "_mmap", None)  # np.memmap's own map
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def tensor_names(self) -> set[str]:
