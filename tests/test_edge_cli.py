@@ -20,7 +20,7 @@ def _ferry(*args: str, token: str | None = "cli-secret", timeout: float = 300) -
     env = {k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"}
     if token:
         env["FERRY_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "ferry.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ferry.cli", *args], capture_output=True, text=True, check=False,
                           timeout=timeout, env=env)
 
 
@@ -124,20 +124,25 @@ def _peak_rss_mib(*args: str, env: dict | None = None):
     return run.peak_rss_mib, run
 
 
+# Modules a split edge never needs: the compiler stack (torch._dynamo alone is ~144 MiB resident on the 2-core
+# CPU, more than the edge's weights, cache and link together) and the other checkpoint formats' readers.
+EDGE_NEVER_IMPORTS = ("torch._dynamo", "torch._inductor", "sympy", "transformers", "safetensors")
+
+
 @pytest.mark.slow
 def test_split4_edge_process_peaks_at_half_a_full_model_process_or_less(cloud_process, tmp_path):
-    """A whole-model `ferry generate` loading the GGUF vs `ferry edge --split 4` on the same prompt. The issue's
-    target is 35%; a Python + torch process holds ~370 MiB before any weight (see benchmarks/edge_memory.py), so the
-    edge measures ~46% here (benchmarks/results/2026-11-30_edge_memory.md). Before partial loading it was ~100%.
-    The whole-model process gets an empty cache folder: one that reads the packed-weight cache instead
-    (ferry/model/weights/packed_cache.py) converts nothing and peaks far lower, so which one ran would decide the
-    figure."""
+    """A whole-model `ferry generate` loading the GGUF vs `ferry edge --split 4` on the same prompt, and what the
+    edge imported. The whole-model process gets an empty cache folder: one that reads the packed-weight cache
+    instead (ferry/model/weights/packed_cache.py) converts nothing and peaks far lower, so which one ran would
+    decide the figure. Against that one the issue's 35% is out of reach: Python + torch alone hold ~218 MiB, over
+    half of it (benchmarks/results/2026-11-30_edge_memory.md)."""
     _, port = cloud_process
     args = ["--chat", PROMPT, "--max-tokens", "8", "--device", "cpu"]
     full, full_proc = _peak_rss_mib("generate", *args, env={"FERRY_CACHE": str(tmp_path / "cache")})
     edge, edge_proc = _peak_rss_mib("edge", "--cloud", f"127.0.0.1:{port}", "--split", "4", *args)
     assert full_proc.returncode == 0 and edge_proc.returncode == 0
     assert edge <= 0.5 * full, f"edge {edge:.0f} MiB vs full model {full:.0f} MiB"
+    assert not [m for m in EDGE_NEVER_IMPORTS if m in edge_proc.modules]
 
 
 @pytest.mark.slow
