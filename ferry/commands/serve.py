@@ -130,7 +130,7 @@ def serve(
         engine = AsyncEngine(spec, mesh.tp, compression=compressed_allreduce, timeout_s=timeout, torchrun=torchrun)
         try:
             err(f"ferry: engine ready on {engine.info.get('device')} ({engine.info.get('dtype')}, {mesh}"
-                f"{', ranks from torchrun' if torchrun else ''})")
+                f"{f', ranks from torchrun; SIGTERM to pid {os.getpid()} stops them all' if torchrun else ''})")
             state = ServerState(engine, served, settings)
             # Under torchrun an engine that stopped (a node died) ends the job: torchrun then ends the other nodes.
             run_server(state, host, port, drain_timeout_s, exit_on_engine_failure=torchrun)
