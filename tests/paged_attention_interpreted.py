@@ -59,7 +59,7 @@ def _bf16_dot_as_on_gpus() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
-def main() -> list[dict]:
+def main() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     from ferry.model.layers.paged_attention import reference_decode
     from ferry.model.layers.paged_attention_kernel import paged_decode
@@ -84,7 +84,53 @@ def main() -> list[dict]:
             "largest_output": float(dense.abs().max()),
         })
     results += [_prefill_case(i, *case) for i, case in enumerate(PREFILL_CASES)]
-    return results
+    return {"kernels": results, "engine": _engine_case()}
+
+
+def _engine_case() -> dict:
+    """The serving engine with its prefill chunks through the kernel (as on CUDA) and through the per-chunk
+    reference: prompts sharing a cached prefix join every other step under a 40-token budget, so chunks start at
+    many offsets beside decode rows. fp32 random weights: the same greedy tokens."""
+    from ferry.bench.shapes import TINY, random_model
+    from ferry.engine.engine import Engine
+    from ferry.engine.sampling import SamplingParams
+    from ferry.model.layers import attention
+
+    model = random_model(TINY, torch.device("cpu"), torch.float32, seed=5)
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(10, 8000, (20,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(10, 8000, (5 + 13 * i,), generator=gen).tolist() for i in range(5)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def run() -> tuple[list[list[int]], int]:
+        engine = Engine(model, None, num_blocks=64, max_batched_tokens=40, max_running=5, compile=False)
+        out: dict[int, list[int]] = {}
+        ids, step = [], 0
+        while len(ids) < len(prompts) or engine.has_unfinished():
+            if len(ids) < len(prompts) and step % 2 == 0:
+                ids.append(engine.add_request(prompts[len(ids)], params))
+            for e in engine.step():
+                out.setdefault(e.index, []).append(e.token_id)
+            step += 1
+        engine.check_no_leaks()
+        return [out[i] for i in ids], engine.blocks.stats.prefix_hit_tokens
+
+    from ferry.model.layers import paged_prefill_kernel
+
+    reference, _ = run()
+    attention.prefill_attention_path = lambda device: attention.PREFILL_TRITON_PATH
+    launches = {"all": 0, "beside_decodes": 0}
+    launch = paged_prefill_kernel.paged_prefill
+
+    def counted(q, k_pool, v_pool, layout, out, scale):
+        launches["all"] += 1
+        launches["beside_decodes"] += int(layout.meta[0]) > 0  # the first chunk starts after decode rows
+        return launch(q, k_pool, v_pool, layout, out, scale)
+
+    paged_prefill_kernel.paged_prefill = counted
+    kernel, hits = run()
+    return {"tokens_equal": kernel == reference, "tokens": sum(map(len, kernel)), "prefix_hit_tokens": hits,
+            **{f"kernel_launches_{k}": v for k, v in launches.items()}}
 
 
 def _prefill_case(seed, name, spans, decode_rows, hq, hkv, d, bs, dtype) -> dict:

@@ -76,9 +76,9 @@ def test_prefill_chunks_in_one_triton_launch_give_the_per_chunk_path_tokens(tiny
     from ferry.model.layers import attention
 
     prompts = _prompts(8, seed=3, shared=24)
-    fast = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48)
+    fast = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8)
     assert fast.prefill_path == "eager, attention triton-varlen"
     got = _staggered(fast, prompts, every=2)
     monkeypatch.setattr(attention, "prefill_attention_path", lambda device: "gather-sdpa per chunk")
-    slow = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48)
+    slow = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8)
     assert _staggered(slow, prompts, every=2) == got

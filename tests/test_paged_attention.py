@@ -134,14 +134,19 @@ def test_the_op_is_registered_with_a_fake_impl_so_compile_sees_one_opaque_call()
 
 def test_triton_kernels_in_the_interpreter_match_dense_and_the_reference():
     """The decode kernel itself (split and reduce) and the prefill kernel (chunks at several offsets, tiles, padded
-    query groups; rows outside the chunks untouched) on CPU; bf16 and fp16 tolerances are a few output roundings."""
+    query groups; rows outside the chunks untouched) on CPU; bf16 and fp16 tolerances are a few output roundings.
+    And the serving engine with its prefills through the kernel: the per-chunk path's tokens."""
     pytest.importorskip("triton")
     script = Path(__file__).with_name("paged_attention_interpreted.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parents[1])}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
                          check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    engine = doc["engine"]
+    assert engine["tokens_equal"] and engine["tokens"] == 30 and engine["prefix_hit_tokens"] >= 16, engine
+    assert engine["kernel_launches_beside_decodes"] > 0, engine  # chunks and decode rows in one step
+    results = doc["kernels"]
     assert len(results) == 8 and sum(r["name"].startswith("prefill") for r in results) == 3
     for r in results:
         assert r["finite"] and r["zero_rows_are_zero"] and r["out_dtype"] == r["dtype"], r

@@ -15,16 +15,18 @@ def test_serve_core_bench_runs_every_part_and_writes_its_results(tmp_path):
     model = random_model(TINY, torch.device("cpu"), torch.float32)
     run_serve_core_bench(model, None, "tiny_cpu", n=6, concurrency=3, prompt_lens=(8, 24), output_lens=(4, 8),
                          prefix_len=48, kv_memory="0.05GiB", parts=["continuous", "roofline", "batch1", "prefix"],
-                         out_dir=tmp_path, log=lambda *_: None, rounds=3)
-    [path] = tmp_path.glob("*_serve_core_tiny_cpu.json")
+                         out_dir=tmp_path / "new", log=lambda *_: None, rounds=3)
+    [path] = (tmp_path / "new").glob("*_serve_core_tiny_cpu.json")
     doc = json.loads(path.read_text())
     assert [r["engine"] for r in doc["results"]] == ["continuous (paged)", "static batches of 3"]
     assert all(r["output_tokens"] == doc["results"][0]["output_tokens"] for r in doc["results"])  # same workload
     assert doc["continuous_vs_static"] > 0 and doc["continuous_steps"]["eager"]["count"] > 0
     # three alternated rounds; the table's rows are each engine's median round, the ratio that of the medians
     assert doc["rounds"] == 3 and len(doc["round_ratios"]) == 3
+    # each round new prompt text of the same lengths: no round prefills less because an earlier one cached it
+    assert doc["prefix_hit_tokens"] == 0
     cont, stat = doc["results"]
     assert doc["continuous_vs_static"] == cont["output_tokens_per_s"] / stat["output_tokens_per_s"]
     assert 0 < doc["decode_roofline"]["of_roofline"] and doc["decode_roofline"]["batch"] == 3
     assert doc["batch1"]["paged_tokens_per_s"] > 0 and doc["prefix_reuse"]["prefix_hit_tokens"] == 48
-    assert doc["kv_cache"]["block_size"] == 16 and (tmp_path / path.name.replace(".json", ".md")).exists()
+    assert doc["kv_cache"]["block_size"] == 16 and path.with_suffix(".md").exists()

@@ -34,10 +34,13 @@ class Workload:
 
     @classmethod
     def make(cls, n: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int], vocab: int,
-             seed: int = 0) -> Workload:
+             seed: int = 0, tokens_seed: int | None = None) -> Workload:
+        """Lengths from `seed`; the prompts' token ids from `tokens_seed` when given (the same lengths with new
+        text: a round that repeated the last round's prompts would find them in the prefix cache)."""
         gen = torch.Generator().manual_seed(seed)
         lens = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n,), generator=gen).tolist()
-        prompts = [torch.randint(100, min(vocab, 30000), (k,), generator=gen).tolist() for k in lens]
+        text = gen if tokens_seed is None else torch.Generator().manual_seed(tokens_seed)
+        prompts = [torch.randint(100, min(vocab, 30000), (k,), generator=text).tolist() for k in lens]
         lo, hi = math.log(output_lens[0]), math.log(output_lens[1])
         outs = [round(math.exp(lo + (hi - lo) * u)) for u in torch.rand(n, generator=gen).tolist()]
         return cls(prompts, outs)
@@ -238,12 +241,14 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
                                  "prefill_path": engine.prefill_path}
     sections, rows = [], []
     if "continuous" in parts:
-        work = Workload.make(n, prompt_lens, output_lens, vocab)
         warm = Workload.make(concurrency, prompt_lens, (4, 8), vocab, seed=1)  # graph buckets, kernels, allocator
         run_continuous(engine, warm)
         run_static(static, warm, concurrency)
         runs = []
         for round_ in range(rounds):
+            # Every round the same lengths with new prompt text, so no round finds the last one's prompts in the
+            # prefix cache (the static engine has none); both engines run the same prompts within a round.
+            work = Workload.make(n, prompt_lens, output_lens, vocab, tokens_seed=None if round_ == 0 else 1000 + round_)
             runs.append((run_continuous(engine, work), run_static(static, work, concurrency)))
             if rounds > 1:
                 log(f"round {round_}: continuous {runs[-1][0]['output_tokens_per_s']:.1f}, static "
@@ -256,12 +261,14 @@ def run_serve_core_bench(model, tokenizer, label: str, n: int, concurrency: int,
         meta["round_ratios"] = [round(c["output_tokens_per_s"] / s["output_tokens_per_s"], 3) for c, s in runs]
         latencies = {r["engine"]: r.pop("latencies_s") for r in (cont, stat)}
         meta["continuous_steps"] = cont.pop("steps")
-        log(f"continuous steps by kind: {meta['continuous_steps']}")
+        meta["prefix_hit_tokens"] = engine.blocks.stats.prefix_hit_tokens  # 0: the runs share no prompt text
+        log(f"continuous steps by kind: {meta['continuous_steps']}; prefix-cache hits: {meta['prefix_hit_tokens']}")
         rows += [cont, stat]
         cols = ["engine", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "latency_p50_s",
                 "latency_p90_s", "ttft_p50_s", "ttft_p90_s"]
         sections.append(f"## Continuous vs static batching ({meta['continuous_vs_static']:.2f}x)\n\n"
                         + markdown_table([cont, stat], cols))
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
             plot(cont, stat, latencies, out_dir / f"{meta['date']}_serve_core_{label}.png")
         except ImportError:
