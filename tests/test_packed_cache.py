@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from test_quantized_weights import default_formats
 
 from ferry.model.default_model import default_model_path
 from ferry.model.loader import load_model
@@ -35,7 +36,7 @@ def test_a_second_load_comes_from_the_cache_and_is_the_same_model(cache):
     assert len(entries) == 1 and (entries[0] / "tensors.safetensors").is_file()
     second = load_model(None, CPU, torch.bfloat16, show_progress=False)
     assert second.load_seconds < first.load_seconds
-    assert second.model.weight_formats() == first.model.weight_formats() == "120 int4, 1 q8_0 as int4 pairs"
+    assert second.model.weight_formats() == first.model.weight_formats() == default_formats()
     assert second.config == first.config
     text = "The capital of France is"
     assert second.tokenizer.encode_chat(text) == first.tokenizer.encode_chat(text)
@@ -54,4 +55,14 @@ def test_a_changed_file_or_another_dtype_is_another_entry_and_native_loads_write
     assert len(list(cache.iterdir())) == 2
     load_model(gguf, CPU, torch.float32, show_progress=False)  # fp32: native weights, nothing to keep
     load_model(gguf, CPU, torch.bfloat16, show_progress=False, weights="native")
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_blocks_packed_for_torchs_int4_kernel_are_another_entry(cache, monkeypatch):
+    """FERRY_QMATMUL=0 (or no C++ compiler) packs for torch's int4 kernel: an entry of its own, read back as such."""
+    load_model(None, CPU, torch.bfloat16, show_progress=False)
+    monkeypatch.setenv("FERRY_QMATMUL", "0")
+    for _ in range(2):
+        torch_int4 = load_model(None, CPU, torch.bfloat16, show_progress=False)
+        assert torch_int4.model.weight_formats() == "120 int4, 1 q8_0 as int4 pairs"
     assert len(list(cache.iterdir())) == 2

@@ -10,18 +10,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.comm.group import ParallelGroup
-from ferry.model.layers.quant import Int4Weight, Int8Weight, int4_linear, int8_linear, quantize_rows_int8
+from ferry.model.layers.quant import (
+    Int4Weight,
+    Int8Weight,
+    QMatmulWeight,
+    int4_linear,
+    int8_linear,
+    qmatmul_linear,
+    qmatmul_unavailable,
+    quantize_rows_int8,
+)
 from ferry.model.weights.repack import can_pack_int4, can_pack_q8_0, pack_int4, pack_q8_0
+from ferry.model.weights.repack_qmatmul import can_pack_qmatmul, pack_qmatmul
 from ferry.model.weights.source import WeightSource
 
 
 class QuantizableMatmul(nn.Module):
     """x W^T with W dense (`weight`), int8 rows with per-row scales after `quantize_int8()`, or a checkpoint's own
-    4-bit groups (`int4`) when the model keeps GGUF weights quantized (`keep_quantized`)."""
+    4/8-bit groups (`int4`: Ferry's qmatmul layout, else torch's int4 one) when the model keeps GGUF weights
+    quantized (`keep_quantized`)."""
 
     weight: nn.Parameter
     int8: Int8Weight | None = None
-    int4: Int4Weight | None = None
+    int4: Int4Weight | QMatmulWeight | None = None
     keep_quantized = False  # set per module before loading (LlamaForCausalLM.keep_quantized)
     # Run every matmul this many times: emulates a device that much slower (a placement's `slowdown`, to test and
     # measure uneven splits on one host). 1 everywhere else.
@@ -33,6 +44,8 @@ class QuantizableMatmul(nn.Module):
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.int4, QMatmulWeight):
+            return qmatmul_linear(x, self.int4)
         if self.int4 is not None:
             return int4_linear(x, self.int4)
         if self.int8 is not None:
@@ -41,6 +54,8 @@ class QuantizableMatmul(nn.Module):
 
     @property
     def weight_format(self) -> str:
+        if isinstance(self.int4, QMatmulWeight):
+            return f"{self.int4.bits}-bit qmatmul ({torch.ops.ferry_cpu.isa()})"
         if self.int4 is not None:
             return "int4" if self.int4.input_copies == 1 else "q8_0 as int4 pairs"
         return "int8" if self.int8 is not None else str(self.weight.dtype)
@@ -52,8 +67,9 @@ class QuantizableMatmul(nn.Module):
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)  # free the dense copy
 
     def load_int4(self, source: WeightSource, slices: list[tuple[str, int, int, int | None]]) -> bool:
-        """Keep this matmul's GGUF blocks for torch's int4 kernel when every slice (name, dim, start, stop) of it is
-        Q4_0/Q4_1 it can take, or it is one Q8_0 slice (as int4 pairs); False (nothing loaded) otherwise."""
+        """Keep this matmul's GGUF blocks when every slice (name, dim, start, stop) of it is Q4_0/Q4_1 or Q8_0: for
+        Ferry's qmatmul kernel where it is built, else for torch's int4 kernel where that takes them (Q4 in whole
+        tiles, or one Q8_0 slice as int4 pairs); False (nothing loaded) otherwise."""
         get_blocks = getattr(source, "get_blocks", None)
         if not self.keep_quantized or get_blocks is None:
             return False
@@ -61,7 +77,9 @@ class QuantizableMatmul(nn.Module):
         if any(p is None for p in parts):
             return False
         # On the CPU, the only device --weights quantized takes.
-        if can_pack_int4(parts):
+        if can_pack_qmatmul(parts) and qmatmul_unavailable() is None:
+            self.int4 = pack_qmatmul(parts)
+        elif can_pack_int4(parts):
             self.int4 = pack_int4(parts, self.weight.dtype)
         elif len(parts) == 1 and can_pack_q8_0(parts[0]):
             self.int4 = pack_q8_0(parts[0], self.weight.dtype)

@@ -4,10 +4,15 @@ On the 2-core CPU, decode is memory-bound (fp32 GEMV runs at the ~27 GB/s copy b
 int8-weight kernel with bf16 activations moves a quarter of the fp32 bytes and measured 2.3-3x faster per
 matmul there. With fp32 activations the same kernel is 10x slower, so int8 weights require bf16.
 
-int4 (`_weight_int4pack_mm_for_cpu`) is where a GGUF Q4_0/Q4_1 weight goes as it is (weights/repack.py): all 30
-layers' matmuls of SmolLM2-135M, streamed from memory, took 4.4 ms per token as int4 vs 8.6 ms as int8 rows and
-18.6 ms as dense bf16 on the 2-core machine (2026-11-30); with fp32 activations the int4 kernel is ~10x slower
-again, so it too runs with bf16 only.
+int4 (`_weight_int4pack_mm_for_cpu`) is where a GGUF Q4_0/Q4_1 weight goes as it is (weights/repack.py) where
+Ferry's own kernel is not built: all 30 layers' matmuls of SmolLM2-135M, streamed from memory, took 4.4 ms per token
+as int4 vs 8.6 ms as int8 rows and 18.6 ms as dense bf16 on the 2-core machine (2026-11-30); with fp32 activations
+the int4 kernel is ~10x slower again, so it too runs with bf16 only.
+
+qmatmul (cpu_qmatmul.cpp, the default wherever a C++ compiler builds it) keeps GGUF Q4_0/Q4_1/Q8_0 blocks with their
+fp16 scales and quantizes the activations to int8 per group of 32 on the fly, as llama.cpp does: the products are
+AVX-512 VNNI integer dot products instead of torch's bf16 FMAs on expanded weights. One thread, batch 1, SmolLM2's
+shapes: 8-26 us per layer matmul where torch's int4 kernel took 22-101, the Q8_0 head 1.2 ms vs 3.3 (2026-11-30).
 """
 
 from __future__ import annotations

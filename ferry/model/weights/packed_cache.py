@@ -7,7 +7,8 @@ torch's packed layout, so the first load writes what it built (a safetensors fil
 the tokenizer as JSON) into Ferry's cache folder, and a later load reads that instead: the GGUF is only stat'ed.
 
 The key holds the file's path, size and modification time, the dtype, torch's version (the int4 tile layout is
-torch's own) and FORMAT, which changes whenever what is stored or how it is packed does. A cache entry is written
+torch's own), which kernel the blocks were packed for (Ferry's qmatmul, or torch's int4 where qmatmul is not built)
+and FORMAT, which changes whenever what is stored or how it is packed does. A cache entry is written
 to a temporary folder and renamed into place, so a crash never leaves half of one.
 """
 
@@ -28,17 +29,18 @@ from ferry.cache import cache_root
 from ferry.comm.group import ParallelGroup
 from ferry.model.config import ModelConfig, RopeScaling
 from ferry.model.layers.linear import QuantizableMatmul
-from ferry.model.layers.quant import Int4Weight, Int8Weight
+from ferry.model.layers.quant import Int4Weight, Int8Weight, QMatmulWeight, qmatmul_unavailable
 from ferry.model.tokenizer import FerryTokenizer
 
 log = logging.getLogger("ferry.load")
 
-FORMAT = 1
+FORMAT = 2
 
 
 def entry_folder(path: Path, dtype: torch.dtype) -> Path:
     stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{torch.__version__}|{FORMAT}"
+    kernel = "qmatmul" if qmatmul_unavailable() is None else "torch-int4"
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{torch.__version__}|{kernel}|{FORMAT}"
     return cache_root() / "packed" / hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -48,7 +50,12 @@ def save(folder: Path, model, config: ModelConfig, tokenizer: FerryTokenizer) ->
 
     tensors, formats = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizableMatmul) and module.int4 is not None:
+        if isinstance(module, QuantizableMatmul) and isinstance(module.int4, QMatmulWeight):
+            w = module.int4
+            for field in ("packed", "scales", "mins"):
+                tensors[f"{name}.qmatmul.{field}"] = getattr(w, field)
+            formats[name] = {"qmatmul": [w.bits, w.offset, w.out_features]}
+        elif isinstance(module, QuantizableMatmul) and module.int4 is not None:
             w = module.int4
             tensors[f"{name}.int4.packed"], tensors[f"{name}.int4.scale_zero"] = w.packed, w.scale_zero
             formats[name] = {"int4": [w.group_size, w.out_features, w.input_copies]}
@@ -100,13 +107,16 @@ def load(folder: Path, device: torch.device, dtype: torch.dtype):
     modules = dict(model.named_modules())
     for name, kind in meta["formats"].items():
         module = modules[name]
-        if "int4" in kind:
+        if "qmatmul" in kind:
+            module.int4 = QMatmulWeight(*(tensors.pop(f"{name}.qmatmul.{f}") for f in ("packed", "scales", "mins")),
+                                        *kind["qmatmul"])
+        elif "int4" in kind:
             group_size, out_features, copies = kind["int4"]
             module.int4 = Int4Weight(tensors.pop(f"{name}.int4.packed"), tensors.pop(f"{name}.int4.scale_zero"),
                                      group_size, out_features, copies)
         else:
             module.int8 = Int8Weight(tensors.pop(f"{name}.int8.values"), tensors.pop(f"{name}.int8.scales"))
-        if not getattr(module, "tied", False) or "int4" in kind:
+        if not getattr(module, "tied", False) or "int8" not in kind:
             module.weight = torch.nn.Parameter(module.weight.data.new_empty(0), requires_grad=False)
     model.rotary.cos, model.rotary.sin = tensors.pop("rotary.cos"), tensors.pop("rotary.sin")
     params = dict(model.named_parameters())
