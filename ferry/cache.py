@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 
+def default_root() -> Path:
+    return Path(os.path.expanduser("~")) / ".cache" / "ferry"
+
+
 def cache_root() -> Path:
-    root = os.environ.get("FERRY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ferry")
-    return Path(root)
+    root = os.environ.get("FERRY_CACHE")
+    return Path(root) if root else default_root()

@@ -3,8 +3,9 @@
 op (a fake implementation gives inductor its output's shape).
 
 Built from source with the C++ compiler inductor uses ($CXX, else g++) at first use, into Ferry's cache folder
-(`kernels/`, keyed by the source, torch's version and the compiler), so only the first process pays (~10 s on 2
-cores). Without a compiler, or when the build fails, `load()` returns None and says why (logged by the caller,
+(`kernels/`, keyed by the source, torch's version and the compiler), so only the first process pays (~11 s on 2
+cores). It is compiled by hand rather than through torch.utils.cpp_extension, which needs ninja, a package a
+fresh `pip install` does not bring. Without a compiler, or when the build fails, `load()` returns None and says why (logged by the caller,
 which then keeps torch's int4 kernel): never a silent slow path. The vector path needs AVX-512 VNNI, chosen at run
 time from the CPU's flags; elsewhere the same op runs a scalar loop (`isa()` names which runs).
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ferry.cache import cache_root
+from ferry.cache import cache_root, default_root
 from ferry.model.layers.quant import QMatmulWeight
 
 log = logging.getLogger("ferry.kernels")
@@ -64,12 +65,17 @@ def load() -> str | None:
     if cxx is None:
         return f"no C++ compiler ({os.environ.get('CXX') or 'g++'}) on PATH"
     key = hashlib.sha256(SOURCE.read_bytes() + f"|{torch.__version__}|{os.path.realpath(cxx)}".encode())
-    target = cache_root() / "kernels" / f"cpu_qmatmul-{key.hexdigest()[:16]}.so"
+    name = f"cpu_qmatmul-{key.hexdigest()[:16]}.so"
+    target = cache_root() / "kernels" / name
+    # The name is the build's whole input, so a library the default cache folder holds serves a process pointed
+    # at another one (FERRY_CACHE set for a fresh packed-weight or compile cache) without a second build.
+    built = next((p for p in (target, default_root() / "kernels" / name) if p.is_file()), None)
     try:
-        if not target.is_file():
+        if built is None:
             log.warning("building %s into %s (once per machine)", NAME, target.parent)
             _build(cxx, target)
-        torch.ops.load_library(str(target))
+            built = target
+        torch.ops.load_library(str(built))
     except (OSError, RuntimeError) as exc:
         return f"its build failed: {exc}"
     _register_fake()
