@@ -102,8 +102,11 @@ def _engine_case() -> dict:
     prompts = [prefix + torch.randint(10, 8000, (5 + 13 * i,), generator=gen).tolist() for i in range(5)]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
 
-    def run() -> tuple[list[list[int]], int]:
+    def run(packed: bool = False) -> tuple[list[list[int]], int]:
         engine = Engine(model, None, num_blocks=64, max_batched_tokens=40, max_running=5, compile=False)
+        if packed:  # what a GPU captures (prefill_graphs.py), run here without a graph
+            engine.prefill_graphs = PrefillGraphs(model, engine.cache, engine.width, 5, 40,
+                                                  model.layers[0].self_attn.group_size, None, capture=False)
         out: dict[int, list[int]] = {}
         ids, step = [], 0
         while len(ids) < len(prompts) or engine.has_unfinished():
@@ -113,10 +116,14 @@ def _engine_case() -> dict:
                 out.setdefault(e.index, []).append(e.token_id)
             step += 1
         engine.check_no_leaks()
+        if packed:
+            counts["packed_steps"] = engine.stats.prefill_graph_steps
         return [out[i] for i in ids], engine.blocks.stats.prefix_hit_tokens
 
+    from ferry.engine.prefill_graphs import PrefillGraphs
     from ferry.model.layers import paged_prefill_kernel
 
+    counts = {}
     reference, _ = run()
     attention.prefill_attention_path = lambda device: attention.PREFILL_TRITON_PATH
     launches = {"all": 0, "beside_decodes": 0}
@@ -129,8 +136,10 @@ def _engine_case() -> dict:
 
     paged_prefill_kernel.paged_prefill = counted
     kernel, hits = run()
+    packed, _ = run(packed=True)
     return {"tokens_equal": kernel == reference, "tokens": sum(map(len, kernel)), "prefix_hit_tokens": hits,
-            **{f"kernel_launches_{k}": v for k, v in launches.items()}}
+            **{f"kernel_launches_{k}": v for k, v in launches.items()},
+            "packed_tokens_equal": packed == reference, **counts}
 
 
 def _prefill_case(seed, name, spans, decode_rows, hq, hkv, d, bs, dtype) -> dict:

@@ -76,9 +76,25 @@ def test_prefill_chunks_in_one_triton_launch_give_the_per_chunk_path_tokens(tiny
     from ferry.model.layers import attention
 
     prompts = _prompts(8, seed=3, shared=24)
-    fast = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8)
+    fast = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8,
+                  prefill_graphs=False)
     assert fast.prefill_path == "eager, attention triton-varlen"
     got = _staggered(fast, prompts, every=2)
     monkeypatch.setattr(attention, "prefill_attention_path", lambda device: "gather-sdpa per chunk")
-    slow = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8)
+    slow = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=48, max_running=8,
+                  prefill_graphs=False)
     assert _staggered(slow, prompts, every=2) == got
+
+
+def test_small_prefill_steps_replayed_from_graphs_give_eager_tokens(tiny):
+    """Steps of up to 32 tokens that carry prefill chunks (beside decode rows, after cached prefixes) replay a
+    captured graph per token bucket; the tokens are the eager engine's, with new prompts joining every other step."""
+    prompts = _prompts(8, seed=4, shared=24)
+    graphed = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=40, max_running=8)
+    assert graphed.prefill_path == "cuda-graph up to 32 tokens, eager above, attention triton-varlen"
+    got = _staggered(graphed, prompts, every=2)
+    assert graphed.stats.prefill_graph_steps >= 3 and len(graphed.prefill_graphs.graphs) >= 1
+    eager = Engine(tiny, None, cuda_graphs=True, kv_memory="1GiB", max_batched_tokens=40, max_running=8,
+                   prefill_graphs=False)
+    assert _staggered(eager, prompts, every=2) == got
+    assert eager.stats.prefill_graph_steps == 0

@@ -146,6 +146,8 @@ def test_triton_kernels_in_the_interpreter_match_dense_and_the_reference():
     engine = doc["engine"]
     assert engine["tokens_equal"] and engine["tokens"] == 30 and engine["prefix_hit_tokens"] >= 16, engine
     assert engine["kernel_launches_beside_decodes"] > 0, engine  # chunks and decode rows in one step
+    # the layout a GPU captures for small prefill steps (every sequence a chunk of a fixed grid), run uncaptured
+    assert engine["packed_tokens_equal"] and engine["packed_steps"] > 0, engine
     results = doc["kernels"]
     assert len(results) == 8 and sum(r["name"].startswith("prefill") for r in results) == 3
     for r in results:
@@ -203,18 +205,21 @@ def test_reduce_kernel_compiles_for_hopper_with_the_real_compiler():
     assert _compile_for_hopper(paged_decode_reduce_kernel, signature, constexprs).asm["cubin"]
 
 
-def test_prefill_kernel_compiles_for_hopper_on_the_tensor_cores():
-    """Llama-3-8B's prefill: D=128, block 16, bf16, group 4 -> 32 tokens x 4 heads = 128 rows a program."""
+@pytest.mark.parametrize("fixed_grid", [False, True], ids=["exact-grid", "fixed-grid"])
+def test_prefill_kernel_compiles_for_hopper_on_the_tensor_cores(fixed_grid):
+    """Llama-3-8B's prefill: D=128, block 16, bf16, group 4 -> 32 tokens x 4 heads = 128 rows a program; the
+    fixed grid is what a captured prefill step launches."""
     pytest.importorskip("triton")
     from ferry.model.layers.paged_prefill_kernel import KV_TILE, paged_prefill_kernel, tile_tokens_for
 
-    ints = ["tiles_at", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+    ints = ["tiles_at", "count_at", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
             "stride_vh", "stride_ot", "stride_oh"]
     signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "meta_ptr": "*i32",
-                 "tables_ptr": "*i32", **{name: "i32" for name in ints[:1]}, "scale": "fp32",
-                 **{name: "i32" for name in ints[1:]}}
+                 "tables_ptr": "*i32", **{name: "i32" for name in ints[:2]}, "scale": "fp32",
+                 **{name: "i32" for name in ints[2:]}}
     constexprs = {"GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_SIZE": 16,
-                  "TILE_T": tile_tokens_for(4), "TILE_K": KV_TILE, "DOT_PRECISION": "ieee"}
+                  "TILE_T": tile_tokens_for(4), "TILE_K": KV_TILE, "DOT_PRECISION": "ieee",
+                  "FIXED_GRID": fixed_grid}
     compiled = _compile_for_hopper(paged_prefill_kernel, signature, constexprs)
     assert compiled.asm["cubin"]
     assert "bf16" in compiled.asm["ptx"] and ("mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"])

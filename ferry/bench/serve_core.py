@@ -70,11 +70,13 @@ def run_continuous(engine: Engine, work: Workload) -> dict:
     first, last = {}, {}
     # Where the time goes: each step() call's wall time by the kind of step it launched (with async readback it
     # also holds the wait for the previous step's tokens).
-    kinds: dict[str, list[float]] = {"graph": [], "eager": [], "none": []}
+    kinds: dict[str, list[float]] = {"graph": [], "prefill-graph": [], "eager": [], "none": []}
     while engine.has_unfinished():
-        graphs, steps, t0 = engine.stats.graph_steps, engine.stats.steps, time.perf_counter()
+        stats = engine.stats
+        graphs, prefill_graphs, steps, t0 = stats.graph_steps, stats.prefill_graph_steps, stats.steps, time.perf_counter()
         events = engine.step()
-        kind = "none" if engine.stats.steps == steps else "graph" if engine.stats.graph_steps > graphs else "eager"
+        kind = ("none" if stats.steps == steps else "graph" if stats.graph_steps > graphs
+                else "prefill-graph" if stats.prefill_graph_steps > prefill_graphs else "eager")
         kinds[kind].append(time.perf_counter() - t0)
         for event in events:
             now = time.perf_counter() - started

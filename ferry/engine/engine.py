@@ -37,7 +37,11 @@ from ferry.engine.step_inputs import StepInputs
 from ferry.errors import FerryError, InvalidRequestError, UnsupportedModelError
 from ferry.model.layers import fused
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
-from ferry.model.layers.paged_attention import decode_attention_path, prefill_attention_path
+from ferry.model.layers.paged_attention import (
+    PREFILL_TRITON_PATH,
+    decode_attention_path,
+    prefill_attention_path,
+)
 from ferry.model.llama import LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 
@@ -58,6 +62,7 @@ class _InFlight:
 class EngineStats:
     steps: int = 0
     graph_steps: int = 0  # decode-only steps replayed from a CUDA graph
+    prefill_graph_steps: int = 0  # small steps with prefill chunks replayed from a CUDA graph (prefill_graphs.py)
     compiled_steps: int = 0  # decode-only steps run by the compiled CPU step
     decode_tokens: int = 0
     prefill_tokens: int = 0
@@ -92,12 +97,15 @@ class Engine(BatchAPI):
         prefix_caching: bool = True,
         preemption: str = "auto",
         stage=None,
+        prefill_graphs: bool | None = None,
     ) -> None:
         """`stage`: this rank's pipeline stage (ferry/parallel/pipeline_stage.py), whose layers alone this engine
         runs and caches; the pipeline engine (pipeline_engine.py) drives several such engines, one per
         micro-batch. `compile`: on a CPU, decode-only steps through the compiled step (cpu_compiled.py); None
         compiles where it can run unless FERRY_COMPILE=0 (what long-lived processes pass), False never. On a GPU
-        asking for it is refused (below)."""
+        asking for it is refused (below). `prefill_graphs`: with decode graphs, also capture small steps that carry
+        prefill chunks (prefill_graphs.py); None where they can run (one rank, the Triton prefill kernel), False
+        never."""
         cuda = model.norm.weight.device.type == "cuda"
         if cuda and (compile or compile_mode is not None):
             raise FerryError(
@@ -161,6 +169,13 @@ class Engine(BatchAPI):
             from ferry.engine.paged_graphs import PagedDecodeGraphs
 
             self.graphs = PagedDecodeGraphs(model, self.cache, self.width, stage=stage is not None)
+        self.prefill_graphs = None
+        if use_graphs and prefill_graphs is not False and stage is None and self._prefill_graphs_fit(model):
+            from ferry.engine.prefill_graphs import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(model, self.cache, self.width, self.limits.max_running,
+                                                self.limits.max_batched_tokens, model.layers[0].self_attn.group_size,
+                                                self.graphs.pool)
         self.compiled_decode = None
         step_path = self.graphs.path if self.graphs else "eager"
         if not cuda:
@@ -168,7 +183,8 @@ class Engine(BatchAPI):
         compiled = self.compiled_decode is not None
         self.decode_path = (f"{step_path}, attention {decode_attention_path(self.device, compiled)}, elementwise "
                             f"{'fused by inductor' if compiled else fused.path(self.device)}")
-        self.prefill_path = f"eager, attention {prefill_attention_path(self.device)}"
+        self.prefill_path = (f"{self.prefill_graphs.path if self.prefill_graphs else 'eager'}, attention "
+                             f"{prefill_attention_path(self.device)}")
         self.sync_output = sync_output
         self.stats = EngineStats()
         hidden_bytes = self.config.hidden_size * self.dtype.itemsize
@@ -327,6 +343,11 @@ class Engine(BatchAPI):
             n = len(step.decodes)
             logits = stage.run_captured(graph, n) if stage else graph.replay(n)
             self.stats.graph_steps += 1
+        elif (captured := self._prefill_graph(step)) is not None:
+            t = self.inputs.build_packed(step, row_of, captured.region, captured.inputs, captured.tile_tokens)
+            self._feed_in_flight(captured.ids, t, previous)
+            logits = captured.replay(len(rows))
+            self.stats.prefill_graph_steps += 1
         else:
             t = self.inputs.build(step, row_of)
             self._feed_in_flight(t.ids, t, previous)
@@ -345,6 +366,17 @@ class Engine(BatchAPI):
 
             readback = ForwardedTokens(stage, readback)  # reading them sends them to the earlier stages
         return self._in_flight_of(rows, t, tokens, readback)
+
+    def _prefill_graphs_fit(self, model) -> bool:
+        """Captured prefill steps read every chunk through the Triton prefill kernel; tensor-parallel steps keep
+        their collectives eager (not measured captured yet)."""
+        return prefill_attention_path(self.device) == PREFILL_TRITON_PATH and model.group.world_size == 1 \
+            and model.layers[0].self_attn.group_size is not None
+
+    def _prefill_graph(self, step: ScheduledStep):
+        if self.prefill_graphs is None or not step.prefills:
+            return None
+        return self.prefill_graphs.for_step(step)
 
     def runs_compiled(self, paged: PagedBatch) -> bool:
         return self.compiled_decode is not None and not paged.prefills
@@ -416,6 +448,9 @@ class Engine(BatchAPI):
         top = self.graphs.bucket(batch)
         for bucket in [b for b in BATCH_BUCKETS if b <= top] if every_bucket else [top]:
             self.graphs.get(bucket)
+        if every_bucket and self.prefill_graphs is not None:
+            for bucket in self.prefill_graphs.buckets:
+                self.prefill_graphs.get(bucket)
 
     def _measure_prefill(self, tokens: int = 128) -> float:
         """Prefill tokens/s of one `tokens`-token chunk, run against the padding block (no cache state touched)."""
@@ -450,7 +485,8 @@ class Engine(BatchAPI):
         return {
             "waiting": len(sched.waiting), "running": len(sched.running), "swapped": len(sched.swapped),
             "kv_blocks_used": blocks.usable_blocks - blocks.free_blocks, "kv_blocks_total": blocks.usable_blocks,
-            "steps": s.steps, "graph_steps": s.graph_steps, "prefill_tokens": s.prefill_tokens,
+            "steps": s.steps, "graph_steps": s.graph_steps, "prefill_graph_steps": s.prefill_graph_steps,
+            "prefill_tokens": s.prefill_tokens,
             "decode_tokens": s.decode_tokens, "prefix_hit_tokens": blocks.stats.prefix_hit_tokens,
             "preemptions": swap.swapped_out + swap.recomputed,
             "pcie_h2d_bytes": s.upload_bytes + swap.swap_in_bytes,

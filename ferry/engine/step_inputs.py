@@ -26,7 +26,7 @@ class StepTensors:
 
     ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens]
-    paged: PagedBatch
+    paged: PagedBatch | None  # None: a captured prefill step, whose graph holds its own
     logits_index: torch.Tensor  # [sampled rows]
     pending_from: torch.Tensor  # rows of the previous step's sampled tokens ...
     pending_to: torch.Tensor  # ... that are this step's input ids at these rows
@@ -43,6 +43,37 @@ def decode_views(buf: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor
     return ids, positions, slots, lens, buf[4 * rows : 4 * rows + rows * width].view(rows, width)
 
 
+@dataclass(frozen=True)
+class PackedRegion:
+    """Offsets (int32 elements) of a captured prefill step's inputs in one buffer: every sequence of the step is a
+    chunk (a decode row is a chunk of one token), tokens padded to `tokens`, `chunks` chunk slots."""
+
+    tokens: int
+    chunks: int
+    width: int
+    max_tiles: int
+
+    @property
+    def meta_at(self) -> int:
+        return 3 * self.tokens + self.chunks  # after ids, positions, slots and the sampled rows
+
+    @property
+    def tables_at(self) -> int:
+        from ferry.model.layers.paged_prefill_kernel import fixed_meta_size
+
+        return self.meta_at + fixed_meta_size(self.chunks, self.max_tiles)
+
+    @property
+    def total(self) -> int:
+        return self.tables_at + self.chunks * self.width
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """ids, positions, slots [tokens], sampled rows [chunks], meta, tables [chunks, width] of `buf`."""
+        t = self.tokens
+        return (buf[:t], buf[t : 2 * t], buf[2 * t : 3 * t], buf[3 * t : self.meta_at],
+                buf[self.meta_at : self.tables_at], buf[self.tables_at : self.total].reshape(self.chunks, self.width))
+
+
 class StepInputs:
     def __init__(self, device: torch.device, copy, block_size: int, width: int, max_tokens: int, max_rows: int,
                  narrow_tables: bool = False) -> None:
@@ -52,7 +83,9 @@ class StepInputs:
         # CPU step sets 2 here (one graph for every width instead of a second compile for contexts of one block).
         self.min_width = 1
         pin = device.type == "cuda"
-        capacity = 3 * max_tokens + 2 * max_rows * (width + 2) + 3 * max_rows + 64
+        # The second line: a captured prefill step's layout (PackedRegion) at up to 256 tokens.
+        capacity = 3 * max_tokens + 2 * max_rows * (width + 2) + 3 * max_rows + 64 \
+            + 5 * 256 + 8 * max_rows
         self._host = [torch.zeros(capacity, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._np = [h.numpy() for h in self._host]
         self._dev = [torch.zeros(capacity, dtype=torch.int32, device=device) for _ in range(2)]
@@ -66,6 +99,56 @@ class StepInputs:
         if self._fences[self._slot] is not None:
             self._fences[self._slot].synchronize()  # that slot's previous upload has left the host buffer
         return self._np[self._slot]
+
+    def build_packed(self, step: ScheduledStep, previous_rows: dict[int, int], region: PackedRegion,
+                     into: torch.Tensor, tile_tokens: int) -> StepTensors:
+        """`step` (it has prefill chunks) laid out for a captured prefill graph (prefill_graphs.py) and uploaded
+        into its input buffer `into`; in-flight routing goes to the spare device buffer. Every sequence is one
+        chunk record of the prefill kernel's layout, decode rows first, in the order the engine samples them."""
+        from ferry.model.layers.paged_prefill_kernel import CHUNK_FIELDS, layout_records
+
+        host = self._next_host()
+        fixed = region.total
+        host[:fixed] = 0  # padding tokens: token 0 at position 0 writing slot 0 of the padding block
+        ids, positions, slots, sampled_rows, meta, tables = region.views(host)
+        bs, width = self.block_size, region.width
+        spans, sampled, pending_from, pending_to = [], [], [], []
+        row = 0
+        decodes = len(step.decodes)
+        for index, chunk in enumerate([*step.decodes, *step.prefills]):
+            r, start, n = chunk.request, chunk.start, chunk.length
+            if index < decodes and r.pending:
+                pending_from.append(previous_rows[r.id])
+                pending_to.append(row)
+            else:
+                ids[row : row + n] = r.token_ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int32)
+            positions[row : row + n] = pos
+            blocks = np.asarray(r.table.blocks, dtype=np.int32)
+            slots[row : row + n] = blocks[pos // bs] * bs + pos % bs
+            tables[index, : len(blocks)] = blocks
+            spans.append((row, n, start, index * width))
+            if index < decodes or chunk.samples:
+                sampled.append(row + n - 1)
+            row += n
+        records, tiles = layout_records(spans, tile_tokens)
+        meta[: len(records)] = records
+        tiles_at = region.chunks * CHUNK_FIELDS
+        meta[tiles_at : tiles_at + len(tiles)] = tiles
+        meta[tiles_at + region.max_tiles * 2] = len(tiles) // 2  # the live tile count (PrefillLayout.count_at)
+        sampled_rows[: len(sampled)] = sampled
+        k = len(pending_from)
+        host[fixed : fixed + k] = pending_from
+        host[fixed + k : fixed + 2 * k] = pending_to
+        src, spare = self._host[self._slot], self._dev[self._slot]
+        self.copy.copy_in_order(into, src[:fixed], host_pinned=src.is_pinned())
+        self._fences[self._slot] = self.copy.copy_in_order(spare[fixed : fixed + 2 * k], src[fixed : fixed + 2 * k],
+                                                           host_pinned=src.is_pinned())
+        self.uploads += 1
+        self.last_upload_bytes = (fixed + 2 * k) * 4
+        dev_ids, dev_positions, _, dev_sampled, _, _ = region.views(into)
+        return StepTensors(ids=dev_ids, positions=dev_positions, paged=None, logits_index=dev_sampled[: len(sampled)],
+                           pending_from=spare[fixed : fixed + k], pending_to=spare[fixed + k : fixed + 2 * k])
 
     def build(self, step: ScheduledStep, previous_rows: dict[int, int], bucket: int | None = None,
               into: torch.Tensor | None = None) -> StepTensors:

@@ -32,6 +32,8 @@ _GAUGES = {  # engine gauge -> (metric, help)
 _COUNTERS = {
     "steps": ("ferry_engine_steps", "Engine steps run"),
     "graph_steps": ("ferry_engine_graph_steps", "Decode steps replayed from a CUDA graph"),
+    "prefill_graph_steps": ("ferry_engine_prefill_graph_steps",
+                            "Small steps with prefill chunks replayed from a CUDA graph"),
     "prefill_tokens": ("ferry_engine_prefill_tokens", "Prompt tokens computed (cached prefixes excluded)"),
     "decode_tokens": ("ferry_engine_decode_tokens", "Decode tokens computed"),
     "prefix_hit_tokens": ("ferry_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),

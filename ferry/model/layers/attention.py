@@ -66,6 +66,10 @@ class PagedBatch:
     # The prefill kernel's layout of the chunks, built by the first layer that needs it and read by every other.
     _prefill_layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def use_layout(self, group: int, layout) -> None:
+        """Read the prefill chunks through `layout` (a captured step's static one) instead of building one."""
+        self._prefill_layouts[group] = layout
+
     def prefill_layout(self, group: int, device: torch.device):
         from ferry.model.layers.paged_prefill_kernel import PrefillLayout
 

@@ -34,31 +34,67 @@ TILE_FIELDS = 2  # chunk, first token
 
 @dataclass(frozen=True)
 class PrefillLayout:
-    """Where a step's prefill chunks sit, on the device, for `paged_prefill`."""
+    """Where a step's prefill chunks sit, on the device, for `paged_prefill`.
+
+    Two forms: `build` lays out one step's chunks exactly (the grid is its tile count); `fixed` is a static layout
+    a CUDA graph captures, whose grid is its capacity and whose records are rewritten before each replay, the tile
+    count among them (programs past it write nothing)."""
 
     meta: torch.Tensor  # int32 [chunks * CHUNK_FIELDS + tiles * TILE_FIELDS]
     tables: torch.Tensor  # int32, every chunk's block table back to back
-    num_chunks: int
-    num_tiles: int
-
+    num_chunks: int  # fixed form: capacity
+    num_tiles: int  # fixed form: capacity (the grid)
     tile_tokens: int
+    fixed_grid: bool = False
 
     @classmethod
     def build(cls, chunks, device: torch.device, group: int) -> PrefillLayout:
         """`chunks`: PrefillChunk-like (q_start, length, start, table); `group`: query heads per KV head. One
         host-to-device copy of the records and one concatenation of the tables; neither waits for the device."""
         tile_tokens = tile_tokens_for(group)
-        records, tiles, table_at = [], [], 0
-        for index, c in enumerate(chunks):
-            records += [c.q_start, c.length, c.start, table_at]
+        spans, table_at = [], 0
+        for c in chunks:
+            spans.append((c.q_start, c.length, c.start, table_at))
             table_at += c.table.shape[0]
-            for first in range(0, c.length, tile_tokens):
-                tiles += [index, first]
+        records, tiles = layout_records(spans, tile_tokens)
         meta = torch.tensor(records + tiles, dtype=torch.int32)
         # non_blocking from pageable memory: CUDA stages the bytes at once and the stream is not synchronised.
         meta = meta.to(device, non_blocking=True)
         tables = torch.cat([c.table.reshape(-1) for c in chunks]) if chunks else meta[:0]
         return cls(meta, tables.to(torch.int32), len(chunks), len(tiles) // TILE_FIELDS, tile_tokens)
+
+    @classmethod
+    def fixed(cls, meta: torch.Tensor, tables: torch.Tensor, max_chunks: int, max_tiles: int, group: int
+              ) -> PrefillLayout:
+        """A static layout over `meta` (int32, at least `fixed_meta_size(max_chunks, max_tiles)`) and `tables`."""
+        if meta.numel() < fixed_meta_size(max_chunks, max_tiles):
+            raise ValueError(f"{meta.numel()} int32 cannot hold {max_chunks} chunk and {max_tiles} tile records")
+        return cls(meta, tables, max_chunks, max_tiles, tile_tokens_for(group), fixed_grid=True)
+
+    @property
+    def count_at(self) -> int:
+        """Where the fixed form keeps its live tile count."""
+        return self.num_chunks * CHUNK_FIELDS + self.num_tiles * TILE_FIELDS
+
+
+def layout_records(spans, tile_tokens: int) -> tuple[list[int], list[int]]:
+    """Chunk records [q_start, length, start, table_at] and tile records [chunk, first token] of `spans` (those four
+    values per chunk), flat."""
+    records, tiles = [], []
+    for index, span in enumerate(spans):
+        records += span
+        for first in range(0, span[1], tile_tokens):
+            tiles += [index, first]
+    return records, tiles
+
+
+def fixed_meta_size(max_chunks: int, max_tiles: int) -> int:
+    return max_chunks * CHUNK_FIELDS + max_tiles * TILE_FIELDS + 1
+
+
+def max_tiles_for(tokens: int, chunks: int, tile_tokens: int) -> int:
+    """Most tiles `chunks` chunks of `tokens` tokens in all can need: each chunk's last tile may be partial."""
+    return min(tokens, tokens // tile_tokens + chunks)
 
 
 def tile_tokens_for(group: int) -> int:
@@ -66,16 +102,17 @@ def tile_tokens_for(group: int) -> int:
     return max(16, ROWS // triton.next_power_of_2(group))
 
 
-@triton.jit(do_not_specialize=["tiles_at"])
+@triton.jit(do_not_specialize=["tiles_at", "count_at"])
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, meta_ptr, tables_ptr,
-    tiles_at, scale,
+    tiles_at, count_at, scale,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_T: tl.constexpr, TILE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FIXED_GRID: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -85,6 +122,10 @@ def paged_prefill_kernel(
     length = tl.load(meta_ptr + chunk * 4 + 1)
     start = tl.load(meta_ptr + chunk * 4 + 2)
     table_at = tl.load(meta_ptr + chunk * 4 + 3)
+    if FIXED_GRID:  # a program past this replay's tiles reads no key and writes no row
+        live = tile < tl.load(meta_ptr + count_at)
+        length = tl.where(live, length, 0)
+        start = tl.where(live, start, 0)
 
     rows = tl.arange(0, TILE_T * GROUP_PAD)
     token = first + rows // GROUP_PAD  # within the chunk
@@ -149,13 +190,13 @@ def paged_prefill(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, l
     rows = layout.tile_tokens * group_pad
     paged_prefill_kernel[(layout.num_tiles, num_kv_heads)](
         q, k_pool, v_pool, out, layout.meta, layout.tables,
-        layout.num_chunks * CHUNK_FIELDS, scale,
+        layout.num_chunks * CHUNK_FIELDS, layout.count_at if layout.fixed_grid else 0, scale,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, TILE_T=layout.tile_tokens, TILE_K=max(KV_TILE, block_size), DOT_PRECISION="ieee",
-        num_warps=num_warps or (8 if rows >= 128 else 4),
+        FIXED_GRID=layout.fixed_grid, num_warps=num_warps or (8 if rows >= 128 else 4),
     )
     return out
