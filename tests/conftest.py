@@ -120,6 +120,26 @@ def hf_greedy():
     return _hf_greedy
 
 
+def _hf_greedy_choices(model, prompt_ids: list[int], answer: list[int]) -> list[int]:
+    """transformers' greedy choice after the prompt and after every prefix of `answer`, from one forward pass.
+
+    Equal to `answer` exactly when transformers' greedy generation of len(answer) tokens gives `answer`: up to the
+    first token where they part, each choice is the one generate() makes from the same prefix; past it the choices
+    follow `answer`'s prefix, so only the first difference means anything. One forward over the whole text costs
+    about as much as two decode steps, where generate() costs one per token (~0.2 s each on a 2-core CPU).
+    """
+    ids = torch.tensor([prompt_ids + answer[:-1]], dtype=torch.long)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    return logits[len(prompt_ids) - 1 :].argmax(-1).tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_choices():
+    """`hf_greedy_choices(model, prompt_ids, answer)` -> transformers' greedy choice at every step of `answer`."""
+    return _hf_greedy_choices
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA is present (the lent GPU machine), and are skipped elsewhere."""
     if torch.cuda.is_available():

@@ -75,12 +75,12 @@ def test_a_sequence_continues_exactly_after_its_cache_grows_past_256_tokens(ferr
 
 
 @pytest.mark.slow  # loads transformers' model
-def test_greedy_decode_across_the_256_token_context_bucket_matches_transformers(ferry_smollm, hf_smollm, hf_greedy,
-                                                                               long_ids):
+def test_greedy_decode_across_the_256_token_context_bucket_matches_transformers(ferry_smollm, hf_smollm,
+                                                                               hf_greedy_choices, long_ids):
     """On CPU the engine decodes without graphs; needed context goes from 245 to 272, across the first bucket."""
     prompt, new = long_ids[:PREFILL], TOTAL - PREFILL
     assert context_bucket(PREFILL + 1, 4096) == MIN_CONTEXT_BUCKET < context_bucket(TOTAL, 4096)
     engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer)
     assert engine.decode_path.startswith("eager")
     [c] = engine.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))
-    assert c.token_ids == hf_greedy(hf_smollm, prompt, new)
+    assert c.token_ids == hf_greedy_choices(hf_smollm, prompt, c.token_ids)

@@ -57,14 +57,21 @@ def prompt_ids(ferry_smollm) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy_tokens(hf_smollm, hf_greedy, prompt_ids) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt, generated one prompt at a time (no padding)."""
-    return [hf_greedy(hf_smollm, ids, GREEDY_TOKENS) for ids in prompt_ids]
+def engine(ferry_smollm) -> Engine:
+    return Engine(ferry_smollm.model, ferry_smollm.tokenizer)
 
 
 @pytest.fixture(scope="module")
-def engine(ferry_smollm) -> Engine:
-    return Engine(ferry_smollm.model, ferry_smollm.tokenizer)
+def one_by_one(engine, prompt_ids) -> list:
+    """Ferry's greedy completion of each prompt, generated one prompt at a time."""
+    return [engine.generate([ids], _greedy_params())[0] for ids in prompt_ids]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy_tokens(hf_smollm, hf_greedy_choices, prompt_ids, one_by_one) -> list[list[int]]:
+    """transformers' greedy choice at every step of Ferry's one-by-one answers, one prompt at a time (no padding):
+    transformers' own greedy continuation wherever Ferry's agrees with it (see `_hf_greedy_choices`)."""
+    return [hf_greedy_choices(hf_smollm, ids, c.token_ids) for ids, c in zip(prompt_ids, one_by_one, strict=True)]
 
 
 def _greedy_params() -> SamplingParams:
@@ -104,10 +111,9 @@ def test_full_prompt_logits_match_transformers(ferry_smollm, hf_smollm, prompt_i
 
 
 @pytest.mark.slow
-def test_greedy_32_tokens_match_transformers_one_by_one(ferry_smollm, engine, prompt_ids, hf_greedy_tokens):
+def test_greedy_32_tokens_match_transformers_one_by_one(ferry_smollm, one_by_one, prompt_ids, hf_greedy_tokens):
     mismatches = []
-    for ids, expected in zip(prompt_ids, hf_greedy_tokens, strict=True):
-        [completion] = engine.generate([ids], _greedy_params())
+    for ids, completion, expected in zip(prompt_ids, one_by_one, hf_greedy_tokens, strict=True):
         _check_completion(completion, ferry_smollm.tokenizer)
         if completion.token_ids != expected:
             mismatches.append((len(ids), completion.token_ids, expected))
