@@ -102,13 +102,20 @@ def test_leaving_a_stream_early_aborts_its_requests(ferry_smollm, prompts):
     engine.check_no_leaks()
 
 
+PREEMPTED = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def roomy(ferry_smollm, prompts) -> list:
+    """The four prompts' completions from an engine with room for all of them: no preemption."""
+    return _engine(ferry_smollm, prefix_caching=False).generate(prompts, PREEMPTED)
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preemption_by_swap_or_recompute_gives_the_tokens_of_no_preemption(ferry_smollm, prompts, mode):
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    roomy = _engine(ferry_smollm, prefix_caching=False).generate(prompts, params)
+def test_preemption_by_swap_or_recompute_gives_the_tokens_of_no_preemption(ferry_smollm, prompts, roomy, mode):
     # 14 usable blocks of 16 tokens: the four requests need 4 x 3-4 blocks as they grow, so someone is preempted.
     tight = _engine(ferry_smollm, num_blocks=15, prefix_caching=False, preemption=mode)
-    done = tight.generate(prompts, params)
+    done = tight.generate(prompts, PREEMPTED)
     assert [c.token_ids for c in done] == [c.token_ids for c in roomy]
     stats = tight.swap.stats
     assert (stats.swapped_out if mode == "swap" else stats.recomputed) >= 1
@@ -117,10 +124,11 @@ def test_preemption_by_swap_or_recompute_gives_the_tokens_of_no_preemption(ferry
     tight.check_no_leaks()
 
 
-def test_automatic_preemption_measures_both_costs_and_says_which_it_chose(ferry_smollm, prompts, caplog):
+def test_automatic_preemption_measures_both_costs_and_says_which_it_chose(ferry_smollm, prompts, roomy, caplog):
     engine = _engine(ferry_smollm, num_blocks=15, prefix_caching=False)
     with caplog.at_level(logging.INFO, logger="ferry.preempt"):
-        engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+        done = engine.generate(prompts, PREEMPTED)
+    assert [c.token_ids for c in done] == [c.token_ids for c in roomy]
     assert engine.swap.link_bytes_per_s > 0 and engine.swap.prefill_tokens_per_s > 0
     assert any("swap" in r.message and "recompute" in r.message and "->" in r.message for r in caplog.records)
     engine.check_no_leaks()
