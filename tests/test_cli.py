@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -38,33 +39,42 @@ def test_json_prints_exactly_one_object_with_every_field():
         assert len(c["token_ids"]) <= 6 and c["finish_reason"] in ("stop", "length") and c["ttft_s"] > 0
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["generate", "x", "--model", "/no/such/model.gguf"], "does not exist"),
-        (["generate", "x", "--top-p", "0"], "top_p"),
-        (["generate", "x", "--temperature", "-1"], "temperature"),
-        (["generate", "x", "--device", "cuda"], "no cuda device"),
-        (["generate", "x", "--stages", "cpu=10,cpu=20", "--pp", "2"], "--stages places every rank itself; drop --pp"),
-        (["generate", "x", "--dtype", "int3"], "unknown dtype"),
-        (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
-        (["generate", "x", "--tp", "0"], "--tp must be 1 or more"),
-        (["generate", "x", "--tp", "-1"], "--tp must be 1 or more"),
-        (["chat", "--tp", "0"], "--tp must be 1 or more"),
-        (["generate", "x", "--tp", "1", "--allreduce", "process_group"], "--allreduce process_group picks"),
-        (["generate", "x", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
-        (["chat", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
-    ],
-)
+BAD_INPUTS = [
+    (["generate", "x", "--model", "/no/such/model.gguf"], "does not exist"),
+    (["generate", "x", "--top-p", "0"], "top_p"),
+    (["generate", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "x", "--device", "cuda"], "no cuda device"),
+    (["generate", "x", "--stages", "cpu=10,cpu=20", "--pp", "2"], "--stages places every rank itself; drop --pp"),
+    (["generate", "x", "--dtype", "int3"], "unknown dtype"),
+    (["generate", "x", "--max-tokens", "9000"], "exceeds the model's context"),
+    (["generate", "x", "--tp", "0"], "--tp must be 1 or more"),
+    (["generate", "x", "--tp", "-1"], "--tp must be 1 or more"),
+    (["chat", "--tp", "0"], "--tp must be 1 or more"),
+    (["generate", "x", "--tp", "1", "--allreduce", "process_group"], "--allreduce process_group picks"),
+    (["generate", "x", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
+    (["chat", "--compressed-allreduce", "int8"], "--compressed-allreduce compresses"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs():
+    """Every bad-input command, run two at a time from the first test that needs one: each is a Python start-up
+    and an argument check (~2 s of one core), so two side by side on a 2-core machine cost the time of one."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield {tuple(args): pool.submit(ferry, *args, *([] if "--device" in args else ["--device", "cpu"]))
+               for args, _ in BAD_INPUTS}
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
 @pytest.mark.slow
-def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(bad_input_runs, args, message):
     if "cuda" in args:
         pytest.importorskip("torch")
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
-    out = ferry(*args, "--device", "cpu") if "--device" not in args else ferry(*args)
+    out = bad_input_runs[tuple(args)].result()
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
