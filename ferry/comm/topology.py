@@ -175,7 +175,7 @@ def _number(doc: Any, key: str, where: str) -> float:
     return float(value)
 
 
-# Figures from the machines Ferry was measured on (/work/shared/reference). Memory is the capacity nvidia-smi
+# Figures from the machines Ferry was measured on (their measured hardware floors). Memory is the capacity nvidia-smi
 # reports (H200 143771 MiB) or the product's (H100 80 GiB); the runtime's own footprint is the planner's margin.
 KNOWN_DEVICES = {
     # 2026-11-24_h200x2_peer_hf_allreduce_graph.json d2d_TBs_rw = 4.29 TB/s; 2026-11-24_h200x2_links.json
