@@ -33,6 +33,23 @@ PROGRAMS_PER_SM = 2  # resident programs per SM, so one's gather loads overlap a
 
 
 @triton.jit
+def online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One tile of keys of flash attention: scores of q [rows, D] against k [TILE, D] where `visible` [rows or 1,
+    TILE], the running max `m`, sum `l` and output `acc` rescaled and updated (base-2 exponentials: log2(e) is in
+    `qk_scale`). A row that has seen no visible key yet keeps accumulating zeros, not NaN. Shared by the decode and
+    prefill kernels."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _split_length(context_len, NUM_SPLITS: tl.constexpr, TILE: tl.constexpr):
     """Tokens per split for this sequence: the context spread over every split, rounded up to whole tiles."""
     per_split = tl.cdiv(context_len, NUM_SPLITS)
@@ -88,14 +105,7 @@ def paged_decode_split_kernel(
         k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: every tile holds at least one valid position
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale, DOT_PRECISION)
 
     # l == 0 only where nothing was read (an empty split or a context of 0): the output is then zeros, not NaN.
     out = acc / tl.where(l > 0, l, 1.0)[:, None]

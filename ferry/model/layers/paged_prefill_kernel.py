@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ferry.model.layers.paged_attention_kernel import online_softmax_step
+
 ROWS = 128  # query rows per program (tokens x the query group padded to a power of two), as flash attention's tile
 KV_TILE = 64  # keys per loop step
 CHUNK_FIELDS = 4  # q_start, length, start, table_at
@@ -157,17 +159,8 @@ def paged_prefill_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + (block * stride_vb + slot * stride_vt + kv_head * stride_vh)[:, None] + dims[None, :],
                     mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        # A padding row sees no key: keep its maximum finite so it accumulates zeros, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])  # padding rows see nothing
+        m, l, acc = online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + step_row[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
