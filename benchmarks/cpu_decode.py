@@ -1,8 +1,8 @@
 """CPU decode of the default model (batch 1): Ferry's CPU modes side by side with llama.cpp (when llama-cpp-python,
 the `bench-cpu` extra, is installed) and transformers. Runs are interleaved (every engine once per round), figures
 are medians over rounds, and the modes that change numerics print their quality against fp32 (teacher-forced
-top-1 agreement and perplexity on the shipped text). "ferry torch int4" is the default with the GGUF blocks on torch's
-int4 kernel (FERRY_QMATMUL=0: what runs where Ferry's qmatmul cannot be built).
+top-1 agreement and perplexity on the shipped text). "ferry qmatmul" is the default with the GGUF blocks on Ferry's
+own CPU kernel (int8 activations, opt-in: FERRY_QMATMUL=1) instead of torch's int4 kernel.
 
     python benchmarks/cpu_decode.py --threads 2 --rounds 5 --new-tokens 128 --prompt-tokens 499
 """
@@ -33,17 +33,17 @@ from ferry.model.loader import load_model  # noqa: E402
 FERRY_MODES = {
     "ferry default": (None, "auto", None),
     "ferry default eager": (None, "auto", False),
-    "ferry torch int4": (None, "auto", None),  # the default's blocks on torch's int4 kernel (FERRY_QMATMUL=0)
+    "ferry qmatmul": (None, "auto", None),  # the default's blocks on Ferry's qmatmul (FERRY_QMATMUL=1)
     "ferry bf16 int8": ("bf16", "int8", None),
     "ferry fp32": ("fp32", "native", None),
 }
 
 
-class TorchInt4Runner(FerryRunner):
-    """Loads with FERRY_QMATMUL=0: GGUF blocks packed for torch's int4 kernel instead of Ferry's qmatmul."""
+class QMatmulRunner(FerryRunner):
+    """Loads with FERRY_QMATMUL=1: GGUF blocks packed for Ferry's qmatmul instead of torch's int4 kernel."""
 
     def load(self) -> float:
-        os.environ["FERRY_QMATMUL"] = "0"
+        os.environ["FERRY_QMATMUL"] = "1"
         try:
             return super().load()
         finally:
@@ -63,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf = default_model_path()
 
-    runners = [(TorchInt4Runner if name == "ferry torch int4" else FerryRunner)(name, dtype, weights, compile)
+    runners = [(QMatmulRunner if name == "ferry qmatmul" else FerryRunner)(name, dtype, weights, compile)
                for name, (dtype, weights, compile) in FERRY_MODES.items()]
     runners.append(TransformersRunner(gguf))
     try:

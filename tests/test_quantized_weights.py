@@ -28,7 +28,8 @@ CPU = torch.device("cpu")
 
 
 def default_formats(layers: int = 30) -> str:
-    """What the default model's matmuls become on a bf16 CPU: Ferry's qmatmul where it is built, else torch's int4."""
+    """What the default model's matmuls become on a bf16 CPU: torch's int4 kernel, or Ferry's qmatmul where
+    FERRY_QMATMUL=1 asks for it and it is built."""
     from ferry.model.layers import cpu_qmatmul
     from ferry.model.layers.quant import qmatmul_unavailable
 

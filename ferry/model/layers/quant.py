@@ -63,14 +63,19 @@ _told: set[str] = set()
 
 
 def qmatmul_unavailable() -> str | None:
-    """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul (FERRY_QMATMUL=0 asks for torch's), or
-    None: the kernel is built and loaded. Said once per reason in the log."""
+    """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul, or None: FERRY_QMATMUL=1 asked for
+    it and the kernel is built and loaded. Said once per reason in the log.
+
+    qmatmul is opt-in: with its int8 activations the default model's greedy chat answer to "What is the capital of
+    France?" left "The capital of France is Paris." for nonsense (2026-11-30, 2-core CPU), though its teacher-forced
+    agreement with fp32 (94.9%) passes the 93% gate; until that is understood the default keeps bf16 activations."""
     from ferry.model.layers import cpu_qmatmul
 
-    reason = "FERRY_QMATMUL=0" if os.environ.get("FERRY_QMATMUL", "1") == "0" else cpu_qmatmul.load()
+    asked = os.environ.get("FERRY_QMATMUL", "0") == "1"
+    reason = cpu_qmatmul.load() if asked else "opt-in, FERRY_QMATMUL=1"
     if reason is not None and reason not in _told:
         _told.add(reason)
-        (log.info if reason.startswith("FERRY_QMATMUL") else log.warning)(
+        (log.info if not asked else log.warning)(
             "GGUF weight blocks: torch's int4 kernel, not %s (%s)", cpu_qmatmul.NAME, reason)
     return reason
 
