@@ -105,7 +105,7 @@ class StepInputs:
         """`step` (it has prefill chunks) laid out for a captured prefill graph (prefill_graphs.py) and uploaded
         into its input buffer `into`; in-flight routing goes to the spare device buffer. Every sequence is one
         chunk record of the prefill kernel's layout, decode rows first, in the order the engine samples them."""
-        from ferry.model.layers.paged_prefill_kernel import CHUNK_FIELDS, layout_records
+        from ferry.model.layers.paged_prefill_kernel import write_fixed_records
 
         host = self._next_host()
         fixed = region.total
@@ -131,11 +131,7 @@ class StepInputs:
             if index < decodes or chunk.samples:
                 sampled.append(row + n - 1)
             row += n
-        records, tiles = layout_records(spans, tile_tokens)
-        meta[: len(records)] = records
-        tiles_at = region.chunks * CHUNK_FIELDS
-        meta[tiles_at : tiles_at + len(tiles)] = tiles
-        meta[tiles_at + region.max_tiles * 2] = len(tiles) // 2  # the live tile count (PrefillLayout.count_at)
+        write_fixed_records(meta, spans, tile_tokens, region.chunks, region.max_tiles)
         sampled_rows[: len(sampled)] = sampled
         k = len(pending_from)
         host[fixed : fixed + k] = pending_from

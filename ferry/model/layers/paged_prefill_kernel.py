@@ -76,7 +76,7 @@ class PrefillLayout:
     @property
     def count_at(self) -> int:
         """Where the fixed form keeps its live tile count."""
-        return self.num_chunks * CHUNK_FIELDS + self.num_tiles * TILE_FIELDS
+        return _count_at(self.num_chunks, self.num_tiles)
 
 
 def layout_records(spans, tile_tokens: int) -> tuple[list[int], list[int]]:
@@ -90,8 +90,25 @@ def layout_records(spans, tile_tokens: int) -> tuple[list[int], list[int]]:
     return records, tiles
 
 
+def _count_at(max_chunks: int, max_tiles: int) -> int:
+    return max_chunks * CHUNK_FIELDS + max_tiles * TILE_FIELDS
+
+
 def fixed_meta_size(max_chunks: int, max_tiles: int) -> int:
-    return max_chunks * CHUNK_FIELDS + max_tiles * TILE_FIELDS + 1
+    return _count_at(max_chunks, max_tiles) + 1
+
+
+def write_fixed_records(meta, spans, tile_tokens: int, max_chunks: int, max_tiles: int) -> None:
+    """Write `spans`' chunk and tile records and the live tile count where `PrefillLayout.fixed` reads them, into
+    `meta` (an int32 array or tensor of fixed_meta_size(max_chunks, max_tiles)); a step's host side calls this."""
+    records, tiles = layout_records(spans, tile_tokens)
+    if len(records) > max_chunks * CHUNK_FIELDS or len(tiles) > max_tiles * TILE_FIELDS:
+        raise ValueError(f"{len(records) // CHUNK_FIELDS} chunks in {len(tiles) // TILE_FIELDS} tiles do not fit a "
+                         f"layout of {max_chunks} chunks and {max_tiles} tiles")
+    tiles_at = max_chunks * CHUNK_FIELDS
+    meta[: len(records)] = records
+    meta[tiles_at : tiles_at + len(tiles)] = tiles
+    meta[_count_at(max_chunks, max_tiles)] = len(tiles) // TILE_FIELDS
 
 
 def max_tiles_for(tokens: int, chunks: int, tile_tokens: int) -> int:
