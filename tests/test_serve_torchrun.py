@@ -33,6 +33,7 @@ class Node:
     def __init__(self, port: int, name: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name,
+               "--rdzv-conf", "is_host=false",
                "-m", "ferry.cli", "serve", "--dtype", "fp32", "--device", "cpu", "--port", "0", "--timeout", "20",
                "--served-model-name", name]
         env = {k: v for k, v in os.environ.items() if k != "FERRY_API_KEY"}
@@ -100,7 +101,13 @@ def _alive(pids: set[int]) -> set[int]:
 @pytest.fixture
 def two_nodes():
     """Both nodes up and serving; yields (rank 0's node, the other node, every worker process of both)."""
+    from torch.distributed import TCPStore
+
     port, name = free_port(), f"smollm-{os.getpid()}"
+    # The rendezvous store lives here, not in either node's torchrun agent: started together, either agent could
+    # host it, and an agent whose node is killed takes the store with it, so the survivor's agent fails on the lost
+    # store and stops its worker before Ferry can name the dead rank (seen in CI once in three runs).
+    store = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)  # noqa: F841
     nodes = [Node(port, name) for _ in range(2)]
     try:
         deadline = time.monotonic() + 180
