@@ -1,8 +1,9 @@
 """CPU decode of the default model (batch 1): Ferry's CPU modes side by side with llama.cpp (when llama-cpp-python,
 the `bench-cpu` extra, is installed) and transformers. Runs are interleaved (every engine once per round), figures
 are medians over rounds, and the modes that change numerics print their quality against fp32 (teacher-forced
-top-1 agreement and perplexity on the shipped text). "ferry qmatmul" is the default with the GGUF blocks on Ferry's
-own CPU kernel (int8 activations, opt-in: FERRY_QMATMUL=1) instead of torch's int4 kernel.
+top-1 agreement and perplexity on the shipped text, through the decode step and through one prefill). The kernel
+modes pin the GGUF blocks' matmul: Ferry's qmatmul (int8 activations, with bf16 or fp32 around it) or torch's int4
+kernel (bf16).
 
     python benchmarks/cpu_decode.py --threads 2 --rounds 5 --new-tokens 128 --prompt-tokens 499
 """
@@ -27,27 +28,38 @@ from ferry.bench.tp_quality import compare, teacher_forced_logits  # noqa: E402
 from ferry.model.default_model import default_model_path  # noqa: E402
 from ferry.model.loader import load_model  # noqa: E402
 
-# name -> (dtype, weights, compile). "default" is what a long-lived process (the Python API, chat, serve) does
-# with no flags here: bf16, the GGUF's own blocks, the compiled decode step; "default eager" is the same without
-# the compiled step (what a one-shot `ferry generate` runs).
+# name -> (dtype, weights, compile, FERRY_QMATMUL while loading). "default" is what a long-lived process (the Python
+# API, chat, serve) does with no flags here: the compiled decode step; "default eager" is the same without it (what a
+# one-shot `ferry generate` runs). The named kernel modes pin the matmul kernel (Ferry's qmatmul, or torch's int4
+# kernel) and the activation dtype, whatever the default is.
 FERRY_MODES = {
-    "ferry default": (None, "auto", None),
-    "ferry default eager": (None, "auto", False),
-    "ferry qmatmul": (None, "auto", None),  # the default's blocks on Ferry's qmatmul (FERRY_QMATMUL=1)
-    "ferry bf16 int8": ("bf16", "int8", None),
-    "ferry fp32": ("fp32", "native", None),
+    "ferry default": (None, "auto", None, None),
+    "ferry default eager": (None, "auto", False, None),
+    "ferry qmatmul bf16": ("bf16", "auto", None, "1"),
+    "ferry qmatmul fp32": ("fp32", "quantized", None, "1"),
+    "ferry torch int4": ("bf16", "auto", None, "0"),
+    "ferry bf16 int8": ("bf16", "int8", None, None),
+    "ferry fp32": ("fp32", "native", None, None),
 }
 
 
-class QMatmulRunner(FerryRunner):
-    """Loads with FERRY_QMATMUL=1: GGUF blocks packed for Ferry's qmatmul instead of torch's int4 kernel."""
+class KernelRunner(FerryRunner):
+    """Loads with FERRY_QMATMUL set: GGUF blocks packed for Ferry's qmatmul ("1") or torch's int4 kernel ("0")."""
+
+    def __init__(self, name: str, dtype: str | None, weights: str, compile: bool | None, qmatmul: str) -> None:
+        super().__init__(name, dtype, weights, compile)
+        self.qmatmul = qmatmul
 
     def load(self) -> float:
-        os.environ["FERRY_QMATMUL"] = "1"
+        before = os.environ.get("FERRY_QMATMUL")
+        os.environ["FERRY_QMATMUL"] = self.qmatmul
         try:
             return super().load()
         finally:
-            del os.environ["FERRY_QMATMUL"]
+            if before is None:
+                del os.environ["FERRY_QMATMUL"]
+            else:
+                os.environ["FERRY_QMATMUL"] = before
 
 
 def main() -> None:
@@ -63,8 +75,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf = default_model_path()
 
-    runners = [(QMatmulRunner if name == "ferry qmatmul" else FerryRunner)(name, dtype, weights, compile)
-               for name, (dtype, weights, compile) in FERRY_MODES.items()]
+    runners = [FerryRunner(name, dtype, weights, compile) if qmatmul is None
+               else KernelRunner(name, dtype, weights, compile, qmatmul)
+               for name, (dtype, weights, compile, qmatmul) in FERRY_MODES.items()]
     runners.append(TransformersRunner(gguf))
     try:
         import llama_cpp  # noqa: F401
@@ -123,6 +136,9 @@ def main() -> None:
             row["prefill_vs_llama_cpp"] = round(row["prefill_tok_s"] / statistics.median(prefill[peer]), 3)
         if isinstance(r, FerryRunner):  # through the decode step this mode runs, one token at a time
             row |= compare(exact_logits, decode_forced_logits(r.llm.engine, quality_ids), [quality_ids])
+            # and through one prefill of the whole text: the multi-row matmuls a prompt takes
+            prefilled = compare(exact_logits, teacher_forced_logits(r.llm.engine.model, [quality_ids]), [quality_ids])
+            row["prefill_top1_agreement"] = prefilled["top1_agreement"]
         rows.append(row)
         r.close()
     meta = provenance(torch.device("cpu")) | {
@@ -130,7 +146,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens, "batch": 1, "quality_text": "ferry/data/eval_text.txt, 256 tokens, teacher-forced one token per decode step against "
         "the fp32 model's prefill"}
     cols = ["engine", "decode_tok_s", "prefill_tok_s", "load_s", "first_load_s", "compile_s", "decode_vs_llama_cpp",
-            "prefill_vs_llama_cpp", "top1_agreement", "perplexity_exact", "perplexity_variant"]
+            "prefill_vs_llama_cpp", "top1_agreement", "prefill_top1_agreement", "perplexity_exact", "perplexity_variant"]
     _, md = write_results(args.out, f"{meta['date']}_cpu_decode", meta, rows, cols,
                           notes="\n".join(f"- {r['engine']}: {r['path']}" for r in rows))
     print(md.read_text())

@@ -57,7 +57,12 @@ class LLM:
         check_pipeline_options(pp, layer_split, micro_batches, bool(compile) or compile_mode is not None,
                                overlap_prefill, weights, offload_weights, sync_output)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device, tp=mesh.world)
+        if mesh.world == 1:
+            from ferry.model.loader import resolve_precision
+
+            self.dtype, weights = resolve_precision(dtype, weights, model, self.device)
+        else:
+            self.dtype = resolve_dtype(dtype, self.device, tp=mesh.world)
         self.tp, self.pp = tp, pp
         self.workers = None
         self.engine: Engine | None = None

@@ -58,16 +58,23 @@ def test_a_changed_file_or_another_dtype_is_another_entry_and_native_loads_write
     assert len(list(cache.iterdir())) == 2
 
 
-def test_blocks_packed_for_qmatmul_are_another_entry(cache, monkeypatch):
-    """The default packs for torch's int4 kernel; FERRY_QMATMUL=1 packs for Ferry's qmatmul: an entry of its own,
-    read back as such."""
+def test_blocks_packed_for_qmatmul_and_for_torch_int4_are_entries_of_their_own(cache, monkeypatch):
+    """Ferry's qmatmul (the default where it is built) and torch's int4 kernel (FERRY_QMATMUL=0) pack the same blocks
+    differently: each has an entry of its own, read back as such; fp32 activations over qmatmul's blocks (the CPU
+    default) are a third."""
     from ferry.model.layers.quant import qmatmul_unavailable
 
-    default = load_model(None, CPU, torch.bfloat16, show_progress=False)
-    assert default.model.weight_formats() == "120 int4, 1 q8_0 as int4 pairs"
-    monkeypatch.setenv("FERRY_QMATMUL", "1")
     if qmatmul_unavailable() is not None:
         pytest.skip(f"qmatmul not built here: {qmatmul_unavailable()}")
     for _ in range(2):
         assert "4-bit qmatmul" in load_model(None, CPU, torch.bfloat16, show_progress=False).model.weight_formats()
+    monkeypatch.setenv("FERRY_QMATMUL", "0")
+    for _ in range(2):
+        int4 = load_model(None, CPU, torch.bfloat16, show_progress=False)
+        assert int4.model.weight_formats() == "120 int4, 1 q8_0 as int4 pairs"
     assert len(list(cache.iterdir())) == 2
+    monkeypatch.delenv("FERRY_QMATMUL")
+    for _ in range(2):
+        fp32 = load_model(None, CPU, torch.float32, show_progress=False, weights="quantized")
+        assert fp32.model.weight_formats() == default_formats() and fp32.model.norm.weight.dtype == torch.float32
+    assert len(list(cache.iterdir())) == 3

@@ -40,11 +40,12 @@ def bench_edge(
     def run() -> None:
         from ferry.bench.edge_codecs import DEFAULT_CODECS, codec_table, plot
         from ferry.bench.report import provenance, write_results
-        from ferry.device import resolve_device, resolve_dtype
-        from ferry.model.loader import load_model
+        from ferry.device import resolve_device
+        from ferry.model.loader import load_model, resolve_precision
 
         dev = resolve_device(device or "cpu")
-        loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
+        dt, weights = resolve_precision(dtype, "auto", model, dev)
+        loaded = load_model(model, dev, dt, show_progress=True, weights=weights)
         names = [c.strip() for c in codecs.split(",")] if codecs else DEFAULT_CODECS
         rows = codec_table(loaded, split, names)
         meta = provenance(dev) | {"model": loaded.path.name, "split": split, "text": "ferry/data/eval_text.txt"}
@@ -159,9 +160,10 @@ def bench_serve_core(
                 raise FerryError(f"--shape {shape!r}: choose one of {', '.join(SHAPES)}")
             loaded_model, label = random_model(SHAPES[shape], dev, dt), shape
         else:
-            from ferry.model.loader import load_model
+            from ferry.model.loader import load_model, resolve_precision
 
-            loaded = load_model(model, dev, dt, show_progress=True)
+            dt, weights = resolve_precision(dtype, "auto", model, dev)
+            loaded = load_model(model, dev, dt, show_progress=True, weights=weights)
             loaded_model, label = loaded.model, loaded.path.stem.split(".")[0]
         print(run_serve_core_bench(loaded_model, None, f"{label}_{dev.type}", requests, concurrency,
                                    span(prompt_lens, "prompt-lens"), span(output_lens, "output-lens"), prefix,

@@ -96,11 +96,11 @@ def cloud(
     setup_logging(verbose)
 
     def run() -> None:
-        from ferry.device import resolve_device, resolve_dtype
+        from ferry.device import resolve_device
         from ferry.edge.auth import load_token
         from ferry.edge.cloud import CloudLimits, CloudServer
         from ferry.edge.cloud_batcher import CloudBatching
-        from ferry.model.loader import load_model
+        from ferry.model.loader import load_model, resolve_precision
 
         token = load_token(token_file)
         if (tls_cert is None) != (tls_key is None):
@@ -119,7 +119,8 @@ def cloud(
             KVMemory.parse(kv_memory)  # a typo fails before the model is read
         stopping = _StopSignal()
         dev = resolve_device(device)
-        loaded = load_model(model, dev, resolve_dtype(dtype, dev), show_progress=True)
+        dt, weights = resolve_precision(dtype, "auto", model, dev)
+        loaded = load_model(model, dev, dt, show_progress=True, weights=weights)
         limits = CloudLimits(int(max_frame_mb * 1024 * 1024), max_sessions, max_tokens_per_session, idle_timeout)
         server = CloudServer(loaded, split, token, limits, CloudBatching(kv_memory) if batching else None)
         port = server.start(listen, tls)
@@ -153,8 +154,10 @@ def edge(
                                             "choose K from measurements")] = "auto",
     min_edge_layers: Annotated[int, typer.Option(help="with --split auto: keep at least this many layers here")] = 1,
     codec: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, each optionally +zstd or +lz4")] = "fp32",
-    draft: Annotated[Optional[str], typer.Option(help="speculative rounds with this draft: 'int8' (the model with int8 "
-                                                     "weights) or a model path with the same tokenizer")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="speculative rounds with this draft: 'self' (the whole model "
+                                                     "here, on this device's fast path: on a CPU the GGUF's blocks "
+                                                     "on Ferry's qmatmul), 'int8' (the model with int8 weights) or "
+                                                     "a model path with the same tokenizer")] = None,
     gamma_max: Annotated[int, typer.Option(help="most tokens drafted per round")] = 8,
     model: ModelOpt = None,
     max_tokens: MaxTokensOpt = 128,
@@ -197,7 +200,7 @@ def edge(
         from ferry.edge.split_planner import format_table
         from ferry.engine.sampling import SamplingParams
         from ferry.errors import FerryError
-        from ferry.model.loader import load_model, open_partial
+        from ferry.model.loader import load_model, open_partial, resolve_precision
 
         # Everything that can be checked here is, before the link and the weights: a typo costs milliseconds.
         token = load_token(token_file)
@@ -208,12 +211,12 @@ def edge(
         if split != "auto" and not split.isdigit():
             raise FerryError(f"--split must be a layer count or 'auto', got {split!r}")
         Codec.parse(codec)
-        if draft not in (None, "int8") and not Path(draft).exists():
-            raise FerryError(f"--draft {draft!r}: no such model path (or 'int8')")
+        if draft not in (None, "int8", "self") and not Path(draft).exists():
+            raise FerryError(f"--draft {draft!r}: no such model path (or 'self', 'int8')")
         ca = _read(tls_ca, "TLS CA certificate")
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        loaded = open_partial(model, dev, dt)
+        dt, weights = resolve_precision(dtype, "auto", model, dev)
+        loaded = open_partial(model, dev, dt, weights)
         client = EdgeClient(loaded, [c.strip() for c in cloud.split(",") if c.strip()],
                             None if split == "auto" else int(split), token, codec=codec, timeout_s=timeout,
                             reconnects=reconnects, fallback=fallback, gamma_max=gamma_max,
@@ -234,8 +237,11 @@ def edge(
             if draft == "int8":
                 client.use_drafter(Drafter(load_model(model, dev, resolve_dtype("bf16", dev), show_progress=False,
                                                       weights="int8"), compile=compile))
-            elif draft:
-                client.use_drafter(Drafter(load_model(Path(draft), dev, dt, show_progress=False), compile=compile))
+            elif draft:  # 'self' or a path: on this device's default path (on a CPU, GGUF blocks on qmatmul)
+                path = model if draft == "self" else Path(draft)
+                draft_dtype, draft_weights = resolve_precision(dtype, "auto", path, dev)
+                client.use_drafter(Drafter(load_model(path, dev, draft_dtype, show_progress=False,
+                                                      weights=draft_weights), compile=compile))
             for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
                 on_token = (lambda _tok, text, i=i: printer.write(i, text)) if printer else None
                 results.append(client.generate(ids, params, on_token=on_token))

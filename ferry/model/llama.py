@@ -237,6 +237,10 @@ class LlamaForCausalLM(nn.Module):
             if module is not self and hasattr(module, "quantize_int8"):
                 module.quantize_int8()
 
+    def keeps_blocks(self) -> bool:
+        """Whether any matmul holds a checkpoint's own quantized blocks (after loading with keep_quantized)."""
+        return any(isinstance(m, QuantizableMatmul) and m.int4 is not None for m in self.modules())
+
     def keep_quantized(self, keep: bool = True) -> None:
         """Before loading: matmuls whose GGUF weights are 4-bit blocks torch's int4 kernel takes keep them."""
         for module in self.modules():

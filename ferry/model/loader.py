@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from ferry.comm.group import ParallelGroup
+from ferry.device import resolve_dtype
 from ferry.errors import FerryError, ModelNotFoundError
 from ferry.memory import release_freed_heap
 from ferry.model.config import ModelConfig
 from ferry.model.default_model import default_model_path
 from ferry.model.layers.embedding import VocabParallelEmbedding
-from ferry.model.layers.quant import check_quantized_supported
+from ferry.model.layers.quant import check_quantized_supported, qmatmul_unavailable
 from ferry.model.llama import LayerSpan, LlamaForCausalLM
 from ferry.model.tokenizer import FerryTokenizer
 from ferry.model.weights import packed_cache
@@ -119,6 +120,24 @@ def choose_weights(weights: str, source: WeightSource, device: torch.device, dty
     return "quantized" if fast else "native"
 
 
+def resolve_precision(dtype_name: str | None, weights: str, path: str | Path | None, device: torch.device,
+                      world: int = 1) -> tuple[torch.dtype, str]:
+    """The activation dtype and weight format of a run, from the user's `--dtype` and `--weights`.
+
+    With both left to `auto` on one CPU rank, a GGUF model whose blocks Ferry's qmatmul takes (where it is built)
+    runs fp32 activations over the checkpoint's own 4/8-bit blocks: qmatmul quantizes each activation row to int8
+    from fp32 as llama.cpp does, so bf16 around it would only add a second rounding (same decode speed, teacher-
+    forced top-1 96.1% vs 94.9% against the fp32 model, benchmarks/results/2026-12-01_cpu_decode.md). Everything
+    else keeps resolve_dtype's choice and `choose_weights` at load; an explicit `--dtype fp32` stays exact."""
+    check_weight_format(weights)
+    dtype = resolve_dtype(dtype_name, device, tp=world)
+    if dtype_name not in (None, "auto") or weights != "auto" or device.type != "cpu" or world != 1:
+        return dtype, weights
+    if resolve_model_path(path).suffix != ".gguf" or qmatmul_unavailable() is not None:
+        return dtype, weights
+    return torch.float32, "quantized"
+
+
 def load_model(
     path: str | Path | None,
     device: torch.device,
@@ -169,14 +188,14 @@ def load_model(
     streamer = stream_layers(model, streamed) if streamed else None  # before loading: weights land in pinned memory
     with torch.no_grad(), _progress(show_progress, resolved.name) as advance:
         model.load(source, progress=advance)
-        if weights in ("int8", "quantized"):
-            model.quantize_int8()  # what is not int4 already
+        if weights == "int8" or (weights == "quantized" and dtype == torch.bfloat16):
+            model.quantize_int8()  # what is not int4 already (int8 rows need bf16 activations)
     if streamer:
         streamer.activate()
     seconds = time.perf_counter() - started
     log.info("loaded %s%s (%s, %s, %s weights: %s) in %.2f s", resolved.name, f" {span}" if partial else "",
              device, dtype, weights, model.weight_formats(), seconds)
-    if cache_folder is not None and weights == "quantized":
+    if cache_folder is not None and weights == "quantized" and model.keeps_blocks():
         try:  # after the timing: the next load is the one that gains
             packed_cache.save(cache_folder, model, config, tokenizer)
             log.info("kept the packed weights for the next load in %s", cache_folder)
@@ -186,7 +205,7 @@ def load_model(
     return LoadedModel(model, tokenizer, config, resolved, seconds)
 
 
-def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dtype, weights: str = "auto") -> LoadedModel:
     """A model with nothing read yet but its final norm and rotary tables: what a split edge starts from.
 
     The embedding looks its rows up in the (memory-mapped) checkpoint (CheckpointRowsEmbedding) and every other
@@ -202,8 +221,10 @@ def open_partial(path: str | Path | None, device: torch.device, dtype: torch.dty
     with torch.device("meta"):
         model = LlamaForCausalLM(config, ParallelGroup.single()).to(dtype)
     model.eval()
-    # The edge's layers take the same fast path a whole model would (int4 GGUF blocks on a bf16 CPU).
-    model.keep_quantized(choose_weights("auto", source, device, dtype, ParallelGroup.single()) == "quantized")
+    # The edge's layers take the same fast path a whole model would (the GGUF's blocks on the CPU: resolve_precision).
+    if weights == "quantized":
+        check_quantized_supported(device, dtype, weights)
+    model.keep_quantized(choose_weights(weights, source, device, dtype, ParallelGroup.single()) == "quantized")
     allocate(model.norm, device)
     with torch.no_grad():
         model.norm.load(source, "model.norm")

@@ -79,6 +79,8 @@ class QuantizableMatmul(nn.Module):
         # On the CPU, the only device --weights quantized takes.
         if can_pack_qmatmul(parts) and qmatmul_unavailable() is None:
             self.int4 = pack_qmatmul(parts)
+        elif self.weight.dtype != torch.bfloat16:
+            return False  # torch's int4 kernel is ~10x slower with fp32 activations than the dense matmul it replaces
         elif can_pack_int4(parts):
             self.int4 = pack_int4(parts, self.weight.dtype)
         elif len(parts) == 1 and can_pack_q8_0(parts[0]):

@@ -1,4 +1,5 @@
-"""Weight-only quantized matmuls on the CPU, activations bf16: int8 rows, and int4 groups of 32.
+"""Weight-only quantized matmuls on the CPU: int8 rows and torch's int4 groups of 32 (bf16 activations), and Ferry's
+qmatmul over a GGUF's own 4/8-bit blocks (fp32 or bf16 activations).
 
 On the 2-core CPU, decode is memory-bound (fp32 GEMV runs at the ~27 GB/s copy bandwidth); torch's
 int8-weight kernel with bf16 activations moves a quarter of the fp32 bytes and measured 2.3-3x faster per
@@ -9,9 +10,10 @@ Ferry's own kernel is not built: all 30 layers' matmuls of SmolLM2-135M, streame
 as int4 vs 8.6 ms as int8 rows and 18.6 ms as dense bf16 on the 2-core machine (2026-11-30); with fp32 activations
 the int4 kernel is ~10x slower again, so it too runs with bf16 only.
 
-qmatmul (cpu_qmatmul.cpp, the default wherever a C++ compiler builds it) keeps GGUF Q4_0/Q4_1/Q8_0 blocks with their
-fp16 scales and quantizes the activations to int8 per group of 32 on the fly, as llama.cpp does: the products are
-AVX-512 VNNI integer dot products instead of torch's bf16 FMAs on expanded weights. One thread, batch 1, SmolLM2's
+qmatmul (cpu_qmatmul.cpp; the default wherever a C++ compiler builds it, with fp32 activations around it:
+loader.resolve_precision) keeps GGUF Q4_0/Q4_1/Q8_0 blocks with their fp16 scales and quantizes the activations to
+int8 per group of 32 on the fly, as llama.cpp does: the products are AVX-512 VNNI integer dot products instead of
+torch's bf16 FMAs on expanded weights. One thread, batch 1, SmolLM2's
 shapes: 8-26 us per layer matmul where torch's int4 kernel took 22-101, the Q8_0 head 1.2 ms vs 3.3 (2026-11-30).
 """
 
@@ -63,19 +65,16 @@ _told: set[str] = set()
 
 
 def qmatmul_unavailable() -> str | None:
-    """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul, or None: FERRY_QMATMUL=1 asked for
-    it and the kernel is built and loaded. Said once per reason in the log.
-
-    qmatmul is opt-in: with its int8 activations the default model's greedy chat answer to "What is the capital of
-    France?" left "The capital of France is Paris." for nonsense (2026-11-30, 2-core CPU), though its teacher-forced
-    agreement with fp32 (94.9%) passes the 93% gate; until that is understood the default keeps bf16 activations."""
+    """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul, or None: the kernel is built and loaded
+    (the default; FERRY_QMATMUL=0 turns it off). Said once per reason in the log, as a warning where the kernel
+    was wanted but could not be built (torch's kernel is the slower path)."""
     from ferry.model.layers import cpu_qmatmul
 
-    asked = os.environ.get("FERRY_QMATMUL", "0") == "1"
-    reason = cpu_qmatmul.load() if asked else "opt-in, FERRY_QMATMUL=1"
+    refused = os.environ.get("FERRY_QMATMUL", "1") == "0"
+    reason = "FERRY_QMATMUL=0" if refused else cpu_qmatmul.load()
     if reason is not None and reason not in _told:
         _told.add(reason)
-        (log.info if not asked else log.warning)(
+        (log.info if refused else log.warning)(
             "GGUF weight blocks: torch's int4 kernel, not %s (%s)", cpu_qmatmul.NAME, reason)
     return reason
 
@@ -104,6 +103,10 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
 def check_quantized_supported(device: torch.device, dtype: torch.dtype, weights: str) -> None:
     if device.type != "cpu":
         raise FerryError(f"--weights {weights} runs on CPU only for now (asked for {device.type})")
-    if dtype != torch.bfloat16:
-        raise FerryError(f"--weights {weights} needs --dtype bf16 (torch's int8/int4 kernels are slow with fp32 "
-                         "activations)")
+    if dtype == torch.bfloat16:
+        return
+    if weights == "quantized" and dtype == torch.float32 and qmatmul_unavailable() is None:
+        return  # qmatmul quantizes fp32 activations as they come; nothing is made int8 rows (loader.py)
+    raise FerryError(f"--weights {weights} needs --dtype bf16 (torch's int8/int4 kernels are slow with fp32 "
+                     "activations" + (", and Ferry's qmatmul, which takes fp32, is not in use here)"
+                                     if weights == "quantized" else ")"))
