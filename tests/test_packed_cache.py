@@ -78,3 +78,5 @@ def test_blocks_packed_for_qmatmul_and_for_torch_int4_are_entries_of_their_own(c
         fp32 = load_model(None, CPU, torch.float32, show_progress=False, weights="quantized")
         assert fp32.model.weight_formats() == default_formats() and fp32.model.norm.weight.dtype == torch.float32
     assert len(list(cache.iterdir())) == 3
+    # fp32 left to "auto" is exact: it must not meet the entry the fp32 "quantized" loads left under the same dtype
+    assert load_model(None, CPU, torch.float32, show_progress=False).model.weight_formats() == "121 torch.float32"

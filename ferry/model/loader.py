@@ -165,8 +165,11 @@ def load_model(
     started = time.perf_counter()
     resolved = resolve_model_path(path)
     cache_folder = None
+    # The packed cache holds quantized loads only: "auto" quantizes in bf16 alone (choose_weights), so an fp32 "auto"
+    # load (exact) must never meet the entry an fp32 "quantized" one (qmatmul's blocks) left under the same dtype.
+    quantizing = weights == "quantized" or (weights == "auto" and dtype == torch.bfloat16)
     if (resolved.suffix == ".gguf" and resolved.is_file() and device.type == "cpu" and group.world_size == 1
-            and span is None and not offload_fraction and weights in ("auto", "quantized")):
+            and span is None and not offload_fraction and quantizing):
         cache_folder = packed_cache.entry_folder(resolved, dtype)
         hit = packed_cache.load(cache_folder, device, dtype)
         if hit is not None:
