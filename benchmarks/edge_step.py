@@ -1,6 +1,7 @@
 """The edge's own CPU work per token, eager vs compiled: one token through layers 0..K-1 of a split (what a plain
 split step computes before the hidden state goes out) and one draft step of speculative rounds (the whole model,
-the shipped GGUF's weights or int8 as `ferry edge --draft int8` loads it), each through SequenceRunner as
+on the CPU's default path as `ferry edge --draft self` loads it, or int8 as `--draft int8` does), each through
+SequenceRunner as
 EdgeClient and Drafter run them. Steps are timed at a context of --context tokens, rounds interleaved, medians.
 
     python benchmarks/edge_step.py --threads 2 --split 4 --context 512
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ferry.bench.edge_codecs import eval_text
 from ferry.bench.report import provenance, write_results
 from ferry.engine.sequence_runner import SequenceRunner
-from ferry.model.loader import load_model
+from ferry.model.loader import load_model, resolve_precision
 
 
 def main() -> None:
@@ -35,15 +36,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    models = {"gguf": load_model(None, cpu, torch.bfloat16, show_progress=False),
+    dtype, weights = resolve_precision(None, "auto", None, cpu)  # what `ferry edge` runs with no --dtype
+    models = {"default": load_model(None, cpu, dtype, show_progress=False, weights=weights),
               "int8": load_model(None, cpu, torch.bfloat16, show_progress=False, weights="int8")}
-    ids = models["gguf"].tokenizer.encode(eval_text())
+    ids = models["default"].tokenizer.encode(eval_text())
     ids = (ids * (args.context // len(ids) + 2))[: args.context + args.steps]
 
     cases = []  # (name, runner, inputs for every position)
     for compile in (False, True):
         how = "compiled" if compile else "eager"
-        model = models["gguf"].model
+        model = models["default"].model
         with torch.inference_mode():
             embedded = model.embed_tokens(torch.tensor(ids))
         cases.append((f"edge layers 0..{args.split - 1}, {how}", SequenceRunner(model, args.split, compile), embedded))
@@ -69,14 +71,16 @@ def main() -> None:
     rows = []
     for name, runner, _ in cases:
         eager = name.replace("compiled", "eager")
-        row = {"step": name, "path": runner.path, "ms_per_step": round(statistics.median(step_ms[name]), 3),
+        loaded = models["int8" if "int8" in name else "default"]
+        row = {"step": name, "path": f"{runner.path}; {loaded.model.norm.weight.dtype} activations, matmuls "
+                                     f"{loaded.model.weight_formats()}", "ms_per_step": round(statistics.median(step_ms[name]), 3),
                "compile_s": round(compile_s[name], 1) if compile_s[name] is not None else None,
                "ms_rounds": [round(x, 3) for x in step_ms[name]]}
         if eager != name:
             row["speedup_vs_eager"] = round(statistics.median(step_ms[eager]) / row["ms_per_step"], 2)
         rows.append(row)
-    meta = provenance(cpu) | {"model": models["gguf"].path.name, "threads": args.threads, "split": args.split,
-                              "context": args.context, "steps": args.steps, "rounds": args.rounds, "dtype": "bf16"}
+    meta = provenance(cpu) | {"model": models["default"].path.name, "threads": args.threads, "split": args.split,
+                              "context": args.context, "steps": args.steps, "rounds": args.rounds}
     _, md = write_results(args.out, f"{meta['date']}_edge_step", meta, rows,
                           ["step", "ms_per_step", "speedup_vs_eager", "compile_s"],
                           notes="\n".join(f"- {r['step']}: {r['path']}" for r in rows))
