@@ -3,10 +3,11 @@ Llama-3-8B's attention shape (Hq 32, Hkv 8, D 128, bf16, block 16), against the 
 
     python benchmarks/paged_attention_kernels.py                       # CUDA: batches 1,16,64 x contexts 512..8192
     python benchmarks/paged_attention_kernels.py --sweep               # plus Triton tile/warp variants
-    python benchmarks/paged_attention_kernels.py --device cpu          # smoke run: tiny shape, reference vs dense
+    python benchmarks/paged_attention_kernels.py --device cpu          # Ferry's C++ kernel vs reference vs dense
 
 Paths (every sequence holds `context` tokens in shuffled blocks of one pool):
   triton-split-k  Ferry's Triton kernel through the public op (paged_attention.py), splits chosen from the shapes
+  ferry-cpu       Ferry's C++ CPU kernel through the public op (cpu_paged_attention.cpp), where it is built
   gather-sdpa     the reference: k_pool[block_tables] copies each sequence's blocks, then SDPA under a length mask
   dense-sdpa      today's engine: SDPA over a contiguous [batch, max_len, Hkv, D] cache with its boolean mask (the
                   floor a paged kernel is compared with: same bytes, no table)
@@ -36,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferry.bench.decode_timing import copy_bandwidth  # noqa: E402
 from ferry.bench.report import provenance, write_results  # noqa: E402
-from ferry.model.layers.paged_attention import decode_attention_path, paged_decode_attention, reference_decode  # noqa: E402
+from ferry.model.layers.paged_attention import (  # noqa: E402
+    CPU_KERNEL_PATH,
+    decode_attention_path,
+    paged_decode_attention,
+    reference_decode,
+)
 
 LLAMA3_8B = {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
 TINY = {"num_q_heads": 8, "num_kv_heads": 2, "head_dim": 64, "block_size": 16}
@@ -125,6 +131,8 @@ def paths(x: dict, context: int, device: torch.device, sweep: bool, flex: bool, 
                         lambda t=tile, w=warps: paged_decode(*args, tile=t, num_warps=w))
             for splits in (1, 4, 16, 32):
                 out[f"triton splits={splits}"] = lambda n=splits: paged_decode(*args, num_splits=n)
+    if device.type == "cpu" and decode_attention_path(device) == CPU_KERNEL_PATH:
+        out["ferry-cpu"] = lambda: paged_decode_attention(*args)
     out["gather-sdpa"] = lambda: reference_decode(*args)
     out["dense-sdpa"] = dense_path(x, context)
     if flex and device.type == "cuda":

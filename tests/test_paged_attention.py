@@ -108,7 +108,12 @@ def test_bad_shapes_and_dtypes_are_refused_by_name(change, message):
         paged_decode_attention(**{**args, **change(case)})
 
 
-def test_decode_path_is_named_per_device():
+def test_decode_path_is_named_per_device(monkeypatch):
+    from ferry.model.layers import cpu_kernels, paged_attention
+
+    if cpu_kernels.load() is None:  # Ferry's C++ kernel, eager and compiled
+        assert decode_attention_path("cpu") == decode_attention_path("cpu", compiled=True) == "ferry-cpu"
+    monkeypatch.setattr(paged_attention, "CPU_KERNEL_WANTED", False)  # FERRY_CPU_ATTENTION=0, or no kernels
     assert decode_attention_path("cpu") == "gather-sdpa"
     assert decode_attention_path("cpu", compiled=True) == "inductor-loops"
     try:
@@ -233,8 +238,10 @@ def test_kernel_benchmark_runs_on_cpu_with_reference_and_dense_rows(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(script.parents[1])})
     assert out.returncode == 0, out.stderr[-3000:]
     [doc] = [json.loads(p.read_text()) for p in tmp_path.glob("*_paged_attention_cpu.json")]
-    assert doc["decode_path"] == "gather-sdpa" and doc["copy_bandwidth_GBps"] > 0
-    assert [r["path"] for r in doc["results"]] == ["gather-sdpa", "dense-sdpa"]
+    cpu_path = decode_attention_path("cpu")
+    assert doc["decode_path"] == cpu_path and doc["copy_bandwidth_GBps"] > 0
+    kernel = ["ferry-cpu"] if cpu_path == "ferry-cpu" else []
+    assert [r["path"] for r in doc["results"]] == [*kernel, "gather-sdpa", "dense-sdpa"]
     for row in doc["results"]:
         assert row["us"] > 0 and row["GBps"] > 0 and row["max_abs_err"] < 1e-5, row
     assert (tmp_path / f"{doc['date']}_paged_attention_cpu.md").exists()
@@ -270,6 +277,7 @@ def test_attention_as_loops_equals_dense_with_nan_slots_junk_entries_and_padding
 def test_inside_torch_compile_the_cpu_decode_runs_as_fused_loops_and_still_equals_dense(monkeypatch):
     from ferry.model.layers import paged_attention
 
+    monkeypatch.setattr(paged_attention, "CPU_KERNEL_WANTED", False)  # the path without Ferry's C++ kernel
     case = make_case([5, 40, 0, 17], 6, 2, 32, BS, seed=14)
     traced = []
     loops = paged_attention.decode_as_loops
@@ -283,3 +291,29 @@ def test_inside_torch_compile_the_cpu_decode_runs_as_fused_loops_and_still_equal
     out = compiled(case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens)
     assert traced, "the compiled step did not trace the loops"
     torch.testing.assert_close(out.double(), dense_decode(case), atol=2e-6, rtol=1e-5)
+
+
+def test_with_ferry_cpu_kernels_cpu_decode_is_one_opaque_op_eager_and_compiled_and_equals_dense(monkeypatch):
+    from ferry.model.layers import cpu_kernels, paged_attention
+
+    if cpu_kernels.load() is not None:
+        pytest.skip(f"Ferry's CPU kernels are not built here: {cpu_kernels.load()}")
+    case = make_case([5, 40, 0, 17], 6, 2, 32, BS, seed=15)
+    monkeypatch.setattr(paged_attention, "decode_as_loops", lambda *args: pytest.fail("traced the loops"))
+
+    def step(q, k_pool, v_pool, tables, lens):
+        return paged_decode_attention(q, k_pool, v_pool, tables, lens, case.scale) * 1.0
+
+    eager = step(case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens)
+    torch.testing.assert_close(eager.double(), dense_decode(case), atol=2e-6, rtol=1e-5)
+    torch._dynamo.reset()
+    gm_ops = []
+
+    def backend(gm, inputs):
+        gm_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    out = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)(
+        case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens)
+    assert any("ferry_cpu.paged_decode" in name for name in gm_ops), gm_ops
+    torch.testing.assert_close(out, eager)

@@ -14,6 +14,7 @@ from ferry.engine.cpu_compiled import PATH
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.sequence_runner import SequenceRunner
 from ferry.errors import FerryError
+from ferry.model.layers.paged_attention import decode_attention_path
 
 CPU = torch.device("cpu")
 
@@ -37,7 +38,7 @@ def _dense_hidden(model, ids: list[int], layers: int) -> torch.Tensor:
 def test_whole_model_steps_give_the_dense_logits_after_a_rewind_and_as_the_pool_grows(tiny):
     first, other = random_ids(40, 1), random_ids(30, 2)
     runner = SequenceRunner(tiny, None, compile=False, pool_tokens=16)  # grows twice on the way to 54 positions
-    assert runner.path == "eager, attention gather-sdpa" and runner.capacity == 16
+    assert runner.path == f"eager, attention {decode_attention_path('cpu')}" and runner.capacity == 16
     ref = dense_logits(tiny, first)
     torch.testing.assert_close(runner.run(torch.tensor(first[:21]), 0)[0], ref[20], rtol=1e-4, atol=1e-4)
     for pos in range(21, 40):
@@ -86,7 +87,7 @@ def test_compiled_one_token_steps_give_the_eager_runners_values(tiny, tmp_path, 
     for layers, inputs in ((None, torch.tensor(ids)), (2, embedded)):
         eager = SequenceRunner(tiny, layers, compile=False)
         compiled = SequenceRunner(tiny, layers, compile=True)
-        assert compiled.path == f"{PATH}, attention inductor-loops"
+        assert compiled.path == f"{PATH}, attention {decode_attention_path('cpu', compiled=True)}"
         compiled.warm_up()
         for runner in (eager, compiled):
             runner.run(inputs[:20], 0)

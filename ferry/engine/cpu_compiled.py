@@ -35,6 +35,7 @@ import torch
 
 from ferry.engine.compiled_step import RECOMPILE_LIMIT, inductor_cache_dir
 from ferry.errors import FerryError
+from ferry.model.layers.attention import PagedBatch
 
 log = logging.getLogger("ferry.compile")
 
@@ -109,6 +110,16 @@ class CompiledCPUDecode:
     def run(self, inputs: torch.Tensor, positions: torch.Tensor, paged, logits_index: torch.Tensor) -> torch.Tensor:
         """A decode-only step: [rows] token ids (or [rows, hidden] hidden states into `layers`) and positions, its
         PagedBatch, rows to sample -> logits of those rows (or the layers' hidden states [rows, hidden])."""
+        if logits_index.dtype != torch.int32:  # the engine's dtype (its packed inputs); a guard on it otherwise
+            logits_index = logits_index.to(torch.int32)
+        if any(t.is_inference() for t in (inputs, positions, paged.slots, paged.block_tables, paged.context_lens,
+                                          logits_index)):
+            # The graph's guards include each input's dispatch keys, which differ between tensors made inside and
+            # outside inference mode: a step whose inputs are made inside it would compile the step again (seven
+            # seconds a process on 2 cores). Every step is given ordinary tensors, as the warm-up's are.
+            inputs, positions, logits_index = map(_ordinary, (inputs, positions, logits_index))
+            paged = PagedBatch(slots=_ordinary(paged.slots), decode_rows=paged.decode_rows,
+                               block_tables=_ordinary(paged.block_tables), context_lens=_ordinary(paged.context_lens))
         torch._dynamo.maybe_mark_dynamic(paged.block_tables, 1)
         rows = min(paged.decode_rows, 2)
         started = time.perf_counter() if rows not in self.compile_seconds else None
@@ -126,18 +137,25 @@ class CompiledCPUDecode:
     def warm_up(self, padding_block: int, block_size: int, batch: int = 1) -> None:
         """Compile before the first request: a step of `batch` rows (1, or several: the batch-dynamic graph) that
         writes into and reads only the padding block, which no sequence owns."""
-        from ferry.model.layers.attention import PagedBatch
-
         for rows in sorted({1, min(batch, 2)}):
             if rows in self.compile_seconds:
                 continue
-            inputs = torch.zeros(rows, *self.input_shape, dtype=self.input_dtype)
-            slots = torch.full((rows,), padding_block * block_size, dtype=torch.int32)
-            tables = torch.full((rows, 2), padding_block, dtype=torch.int32)
-            lens = torch.ones(rows, dtype=torch.int32)
+            with torch.inference_mode(False):  # ordinary tensors, as every step's (run)
+                inputs = torch.zeros(rows, *self.input_shape, dtype=self.input_dtype)
+                slots = torch.full((rows,), padding_block * block_size, dtype=torch.int32)
+                tables = torch.full((rows, 2), padding_block, dtype=torch.int32)
+                lens = torch.ones(rows, dtype=torch.int32)
+                positions, index = torch.zeros(rows, dtype=torch.int32), torch.arange(rows, dtype=torch.int32)
             paged = PagedBatch(slots=slots, decode_rows=rows, block_tables=tables, context_lens=lens)
             with torch.inference_mode():
-                self.run(inputs, torch.zeros(rows, dtype=torch.int32), paged, torch.arange(rows))
+                self.run(inputs, positions, paged, index)
+
+
+def _ordinary(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 def choose(compile: bool | None, mode: str | None, model, stage=None, streamed: bool = False) -> tuple[bool, str]:

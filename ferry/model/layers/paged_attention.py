@@ -7,15 +7,17 @@ Shapes (one layer):
     block_tables  [S, W] int32    row s: sequence s's physical blocks in order; entries past them are junk
     context_lens  [S] int32       tokens of sequence s in the cache, this step's token included (0: padding row)
 
-Decode has three implementations behind `paged_decode_attention`, chosen by device and named by
+Decode has four implementations behind `paged_decode_attention`, chosen by device and named by
 `decode_attention_path` (logs and benchmarks print it):
   - `triton-split-k` (CUDA): paged_attention_kernel.py reads K/V in place through the table; capturable in CUDA
     graphs (no host sync, scratch sized from shapes).
+  - `ferry-cpu` (a CPU where Ferry's C++ kernels are built, cpu_kernels.py): cpu_paged_attention.cpp reads K/V in
+    place too, AVX-512 where the CPU has it, eager and inside compiled steps alike (one opaque op).
   - `gather-sdpa` (every other device, and the reference the others are tested against): gathers each sequence's
     blocks (k_pool[block_tables]) and runs SDPA under a length mask.
-  - `inductor-loops` (a CPU decode step inside torch.compile): attention written as plain tensor ops (scores as a
-    product and a sum, a masked softmax, a weighted sum), which inductor fuses with the table lookup into its own
-    C++ loops over the pool. See `decode_as_loops` for why.
+  - `inductor-loops` (a CPU decode step inside torch.compile, without Ferry's kernels): attention written as plain
+    tensor ops (scores as a product and a sum, a masked softmax, a weighted sum), which inductor fuses with the
+    table lookup into its own C++ loops over the pool. See `decode_as_loops` for why.
 On CUDA it is the custom op `ferry::paged_decode_attention`, so torch.compile treats it as one opaque call.
 
 Free or stale cache slots may hold anything, NaN included: the reference zeroes K and V outside each context
@@ -24,11 +26,14 @@ before SDPA (a masked score of NaN * 0 would still be NaN), and the kernel never
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ferry.device import triton_import_error
 from ferry.errors import FerryError
+from ferry.model.layers import cpu_kernels
 
 
 class PagedAttentionError(FerryError):
@@ -36,16 +41,21 @@ class PagedAttentionError(FerryError):
 
 
 TRITON_PATH = "triton-split-k"
+CPU_KERNEL_PATH = "ferry-cpu"
 REFERENCE_PATH = "gather-sdpa"
 LOOPS_PATH = "inductor-loops"
 PREFILL_TRITON_PATH = "triton-varlen"
 PREFILL_REFERENCE_PATH = "gather-sdpa per chunk"
+# FERRY_CPU_ATTENTION=0 keeps Ferry's C++ kernel out of CPU decode (gather-sdpa eager, inductor-loops compiled).
+CPU_KERNEL_WANTED = os.environ.get("FERRY_CPU_ATTENTION", "1") != "0"
 
 
 def decode_attention_path(device: torch.device | str, compiled: bool = False) -> str:
     """Which implementation `paged_decode_attention` runs on `device` (`compiled`: inside a compiled step), as logs
-    and benchmarks name it."""
+    and benchmarks name it. Engines ask before their first step, which loads Ferry's CPU kernels on a CPU."""
     device = torch.device(device)
+    if device.type == "cpu" and CPU_KERNEL_WANTED and cpu_kernels.load() is None:  # built once per machine
+        return CPU_KERNEL_PATH
     if device.type == "cpu" and compiled:
         return LOOPS_PATH
     if device.type == "cuda":
@@ -219,8 +229,10 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     Query head h reads KV head h // (Hq // Hkv). Returns [S, Hq, D] in q's dtype; rows of context 0 are zeros."""
     _check(q, k_pool, v_pool, block_tables, context_lens)
     if q.device.type == "cpu":
-        # No custom op on the CPU: its dispatch cost ~40 us a layer in eager decode, a quarter of the attention's
-        # time, and inside torch.compile the loops below fuse where an opaque call could not.
+        # Ferry's C++ op where it is built (a C++ op's dispatch costs a few microseconds); otherwise no custom op:
+        # a Python one's dispatch cost ~40 us a layer in eager decode, and inside torch.compile the loops below fuse.
+        if CPU_KERNEL_WANTED and cpu_kernels.loaded() and k_pool.is_contiguous() and v_pool.is_contiguous():
+            return torch.ops.ferry_cpu.paged_decode(q, k_pool, v_pool, block_tables, context_lens, float(scale))
         if torch.compiler.is_compiling():
             return decode_as_loops(q, k_pool, v_pool, block_tables, context_lens, float(scale))
         return reference_decode(q, k_pool, v_pool, block_tables, context_lens, float(scale))
