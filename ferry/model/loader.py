@@ -127,7 +127,7 @@ def resolve_precision(dtype_name: str | None, weights: str, path: str | Path | N
     With both left to `auto` on one CPU rank, a GGUF model whose blocks Ferry's qmatmul takes (where it is built)
     runs fp32 activations over the checkpoint's own 4/8-bit blocks: qmatmul quantizes each activation row to int8
     from fp32 as llama.cpp does, so bf16 around it would only add a second rounding (same decode speed, teacher-
-    forced top-1 96.1% vs 94.9% against the fp32 model, benchmarks/results/2026-12-01_cpu_decode.md). Everything
+    forced top-1 96.1% vs 94.9% against the fp32 model, benchmarks/results/2026-12-01_cpu_decode_run1.md). Everything
     else keeps resolve_dtype's choice and `choose_weights` at load; an explicit `--dtype fp32` stays exact."""
     check_weight_format(weights)
     dtype = resolve_dtype(dtype_name, device, tp=world)

@@ -118,15 +118,19 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     """This rank's shard of the model, on its device (its share of it, with a placement), and the group with its
     all-reduce engine."""
     from ferry.device import resolve_dtype
-    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path
+    from ferry.model.loader import load_model, open_checkpoint, resolve_model_path, resolve_precision
 
     device = rank_device(group.rank, device_type, placement)
-    dtype = resolve_dtype(placement and placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
+    weights = "auto"
+    if placement is None:  # one rank (`ferry serve`'s engine): the precision `ferry generate` picks
+        dtype, weights = resolve_precision(dtype_name, weights, model, device, group.world_size)
+    else:
+        dtype = resolve_dtype(placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
     if placement is not None:
         path = resolve_model_path(model)
         group, _ = placed_group(group, placement, open_checkpoint(path)[1], device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)
-    loaded = load_model(model, device, dtype, group=group, show_progress=show_progress)
+    loaded = load_model(model, device, dtype, group=group, show_progress=show_progress, weights=weights)
     if placement is not None:
         loaded.model.emulate_slowdown(placement.rank(group.rank).slowdown)
     return group, loaded
