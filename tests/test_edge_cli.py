@@ -223,25 +223,6 @@ def test_cloud_stops_cleanly_on_sigterm():
         proc.kill()
 
 
-@pytest.mark.slow
-def test_draft_self_runs_the_whole_model_on_the_cpu_fast_path_and_keeps_the_split_tokens(cloud_process):
-    """`--draft self`: the edge drafts with its own model on the CPU's default path (the GGUF's blocks on qmatmul);
-    greedy speculative rounds give the tokens plain split decoding gives."""
-    _, port = cloud_process
-    common = ("edge", "--cloud", f"127.0.0.1:{port}", "--split", "4", "--chat", PROMPT, "--max-tokens", "12",
-              "--ignore-eos", "--json", "--device", "cpu")
-    plain = _ferry(*common)
-    drafted = _ferry(*common, "--draft", "self", "-v")
-    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
-    ours, theirs = json.loads(drafted.stdout)["completions"][0], json.loads(plain.stdout)["completions"][0]
-    assert ours["token_ids"] == theirs["token_ids"]
-    assert ours["link"]["draft_rounds"] > 0
-    from ferry.model.layers.quant import qmatmul_unavailable
-
-    if qmatmul_unavailable() is None:  # the draft's load names its kernel
-        assert "quantized weights: 120 4-bit qmatmul" in drafted.stderr, drafted.stderr
-
-
 @pytest.mark.parametrize("options, error", [
     (["--kv-memory", "lots"], "--kv-memory 'lots': give a fraction"),
     (["--no-batching", "--kv-memory", "1GiB"], "--no-batching gives each session its own cache"),
