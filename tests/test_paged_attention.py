@@ -113,6 +113,9 @@ def test_decode_path_is_named_per_device(monkeypatch):
 
     if cpu_kernels.load() is None:  # Ferry's C++ kernel, eager and compiled
         assert decode_attention_path("cpu") == decode_attention_path("cpu", compiled=True) == "ferry-cpu"
+        monkeypatch.setattr(cpu_kernels, "_vector_attention", False)  # a CPU without AVX-512: torch's paths
+        assert decode_attention_path("cpu") == "gather-sdpa"
+        monkeypatch.undo()
     monkeypatch.setattr(paged_attention, "CPU_KERNEL_WANTED", False)  # FERRY_CPU_ATTENTION=0, or no kernels
     assert decode_attention_path("cpu") == "gather-sdpa"
     assert decode_attention_path("cpu", compiled=True) == "inductor-loops"

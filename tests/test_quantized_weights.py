@@ -172,3 +172,21 @@ def test_default_dtype_is_bf16_on_a_cpu_with_native_bf16_and_fp32_for_cpu_tp(mon
     assert resolve_dtype("fp32", CPU) == torch.float32
     monkeypatch.setattr(ferry.device, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype(None, CPU) == torch.float32
+
+
+def test_qmatmul_is_left_to_torch_on_a_cpu_without_vnni_unless_forced(monkeypatch):
+    """Its scalar loop is slower than torch's vectorised int4 kernel: without VNNI the default keeps torch's, and
+    says why; FERRY_QMATMUL=1 takes qmatmul anyway, FERRY_QMATMUL=0 refuses it everywhere."""
+    from ferry.model.layers import cpu_qmatmul
+    from ferry.model.layers.quant import qmatmul_unavailable
+
+    if cpu_qmatmul.load() is not None:
+        pytest.skip(f"qmatmul is not built here: {cpu_qmatmul.load()}")
+    monkeypatch.delenv("FERRY_QMATMUL", raising=False)
+    assert qmatmul_unavailable() is None or "VNNI" in qmatmul_unavailable()
+    monkeypatch.setattr(cpu_qmatmul, "isa", lambda: "scalar")
+    assert "no AVX-512 VNNI" in qmatmul_unavailable()
+    monkeypatch.setenv("FERRY_QMATMUL", "1")
+    assert qmatmul_unavailable() is None
+    monkeypatch.setenv("FERRY_QMATMUL", "0")
+    assert qmatmul_unavailable() == "FERRY_QMATMUL=0"

@@ -30,7 +30,8 @@ log = logging.getLogger("ferry.kernels")
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_qmatmul.cpp", HERE / "cpu_paged_attention.cpp")
 NAME = "Ferry's C++ CPU kernels (qmatmul, paged decode attention)"
-_loaded = False  # read by code that compiled steps trace: a module global, not a cached call
+_loaded = False  # read by code that compiled steps trace: module globals, not cached calls
+_vector_attention = False  # the CPU has the attention kernel's vector path (AVX-512)
 
 
 def compiler() -> str | None:
@@ -85,6 +86,8 @@ def load() -> str | None:
         log.warning("%s are not in use: its build failed (%s); torch's kernels run instead", NAME, exc)
         return f"its build failed: {exc}"
     _register_fakes()
+    global _vector_attention
+    _vector_attention = torch.ops.ferry_cpu.paged_decode_isa(64, 1) == "avx512"
     _loaded = True
     return None
 
@@ -92,6 +95,13 @@ def load() -> str | None:
 def loaded() -> bool:
     """Whether `load()` has succeeded in this process (no build, no call: safe inside traced code)."""
     return _loaded
+
+
+def attention_takes(head_dim: int, group: int, block_size: int) -> bool:
+    """Whether the paged decode attention kernel runs its vector path for these shapes on this CPU (elsewhere its
+    scalar loop is no faster than gathering + SDPA, so callers keep that). Safe inside traced code."""
+    return _loaded and _vector_attention and head_dim % 16 == 0 and head_dim <= 128 and group <= 8 \
+        and block_size % 16 == 0
 
 
 def _register_fakes() -> None:

@@ -54,7 +54,8 @@ def decode_attention_path(device: torch.device | str, compiled: bool = False) ->
     """Which implementation `paged_decode_attention` runs on `device` (`compiled`: inside a compiled step), as logs
     and benchmarks name it. Engines ask before their first step, which loads Ferry's CPU kernels on a CPU."""
     device = torch.device(device)
-    if device.type == "cpu" and CPU_KERNEL_WANTED and cpu_kernels.load() is None:  # built once per machine
+    if device.type == "cpu" and CPU_KERNEL_WANTED and cpu_kernels.load() is None and cpu_kernels.attention_takes(
+            64, 1, 16):  # built once per machine; a CPU without its vector path keeps torch's (head shapes: the op)
         return CPU_KERNEL_PATH
     if device.type == "cpu" and compiled:
         return LOOPS_PATH
@@ -231,7 +232,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     if q.device.type == "cpu":
         # Ferry's C++ op where it is built (a C++ op's dispatch costs a few microseconds); otherwise no custom op:
         # a Python one's dispatch cost ~40 us a layer in eager decode, and inside torch.compile the loops below fuse.
-        if CPU_KERNEL_WANTED and cpu_kernels.loaded() and k_pool.is_contiguous() and v_pool.is_contiguous():
+        if CPU_KERNEL_WANTED and k_pool.is_contiguous() and v_pool.is_contiguous() and cpu_kernels.attention_takes(
+                q.shape[-1], q.shape[1] // k_pool.shape[2], k_pool.shape[1]):
             return torch.ops.ferry_cpu.paged_decode(q, k_pool, v_pool, block_tables, context_lens, float(scale))
         if torch.compiler.is_compiling():
             return decode_as_loops(q, k_pool, v_pool, block_tables, context_lens, float(scale))

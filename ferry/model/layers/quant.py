@@ -66,12 +66,17 @@ _told: set[str] = set()
 
 def qmatmul_unavailable() -> str | None:
     """Why GGUF blocks go to torch's int4 kernel instead of Ferry's qmatmul, or None: the kernel is built and loaded
-    (the default; FERRY_QMATMUL=0 turns it off). Said once per reason in the log, as a warning where the kernel
-    was wanted but could not be built (torch's kernel is the slower path)."""
+    and the CPU has AVX-512 VNNI (the default; FERRY_QMATMUL=0 turns it off, =1 takes it even without VNNI). Said
+    once per reason in the log, as a warning where the kernel was wanted but could not be built (torch's kernel is
+    the slower path)."""
     from ferry.model.layers import cpu_qmatmul
 
-    refused = os.environ.get("FERRY_QMATMUL", "1") == "0"
+    wanted = os.environ.get("FERRY_QMATMUL", "auto")
+    refused = wanted == "0"
     reason = "FERRY_QMATMUL=0" if refused else cpu_qmatmul.load()
+    if reason is None and wanted != "1" and cpu_qmatmul.isa() == "scalar":
+        # without VNNI its scalar loop is slower than torch's vectorised int4 kernel; FERRY_QMATMUL=1 forces it
+        reason, refused = "this CPU has no AVX-512 VNNI, and qmatmul's scalar loop is slower than torch's kernel", True
     if reason is not None and reason not in _told:
         _told.add(reason)
         (log.info if refused else log.warning)(
