@@ -72,3 +72,21 @@ def test_torch_compile_takes_it_as_one_op_without_graph_breaks():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(case.q), f(case.q))
+
+
+def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count():
+    """Contexts are cut into fixed pieces, so the serving engine's batched steps give a request exactly the values
+    it gets alone (its greedy tokens then equal `ferry generate`'s)."""
+    before = torch.get_num_threads()
+    batch = make_case([700, 31, 1200, 260], 9, 3, 64, 16, seed=int(torch.randint(1 << 30, ())))
+    try:
+        together = _run(batch)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for s in range(4):
+                alone = torch.ops.ferry_cpu.paged_decode(batch.q[s:s + 1], batch.k_pool, batch.v_pool,
+                                                         batch.block_tables[s:s + 1], batch.context_lens[s:s + 1],
+                                                         batch.scale)
+                assert torch.equal(alone[0], together[s]), (threads, s)
+    finally:
+        torch.set_num_threads(before)

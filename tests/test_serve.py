@@ -36,14 +36,14 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def reference(ferry_smollm):
-    """Greedy answers of Ferry's engine run in this process: what the server must reproduce token for token."""
+def _answers(loaded):
+    """Greedy answers of Ferry's engine run in this process: what a server on the same model must reproduce token
+    for token."""
     from ferry.engine.engine import Engine
     from ferry.engine.sampling import SamplingParams
 
-    engine = Engine(ferry_smollm.model, ferry_smollm.tokenizer, kv_memory="0.25GiB")
-    tok = ferry_smollm.tokenizer
+    engine = Engine(loaded.model, loaded.tokenizer, kv_memory="0.25GiB")
+    tok = loaded.tokenizer
 
     def answer(prompt: str, max_tokens: int, chat: bool = False, stop: tuple[str, ...] = ()) -> tuple[str, int]:
         ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
@@ -51,6 +51,24 @@ def reference(ferry_smollm):
         return c.text, len(c.token_ids)
 
     return answer
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """On the model as a one-rank server loads it (the CPU default's precision, loader.resolve_precision)."""
+    import torch
+
+    from ferry.model.loader import load_model, resolve_precision
+
+    cpu = torch.device("cpu")
+    dtype, weights = resolve_precision(None, "auto", None, cpu)
+    return _answers(load_model(None, cpu, dtype, show_progress=False, weights=weights))
+
+
+@pytest.fixture(scope="module")
+def exact_reference(ferry_smollm):
+    """On the fp32 model, exact: what CPU tensor-parallel ranks run."""
+    return _answers(ferry_smollm)
 
 
 def test_completion_equals_ferry_generate_for_the_same_greedy_request(client, reference):
@@ -97,6 +115,10 @@ def test_same_seed_same_text_and_another_seed_another_text(client):
                                          top_p=0.95, seed=seed,
                                          extra_body={"ignore_eos": True}).choices[0].text  # no early-EOS ties
 
+    # The first request computes the whole prompt; every later one copies its cached K/V and computes the last
+    # token alone, which rounds differently in the last bits (other kernels' blocking), enough to move a sampled
+    # token at a near-tie. The seed's promise is for one compute path: the cached one, from the second request on.
+    sample(7)
     first = sample(7)
     assert sample(7) == first
     assert any(sample(s) != first for s in (8, 9))
@@ -199,12 +221,12 @@ def _metric_or_zero(server, name: str) -> float:
         return 0.0
 
 
-def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_requests(reference):
+def test_a_tp2_server_keeps_its_ranks_in_step_across_joining_and_aborted_requests(exact_reference):
     """--tp 2 on CPU (gloo): requests that join at different steps, an abort and unseeded sampling all go through
     the ranks' step-boundary agreement; greedy answers still equal one rank's."""
     server = ServeProcess("--tp", "2", "--device", "cpu", "--served-model-name", "smollm")
     try:
-        check_ranks_stay_in_step(server, PROMPTS, {i: reference(PROMPTS[i], 8)[0] for i in range(4)})
+        check_ranks_stay_in_step(server, PROMPTS, {i: exact_reference(PROMPTS[i], 8)[0] for i in range(4)})
         for link in ("allreduce", "allgather"):  # gloo: the calls' wall time, so more than nothing
             assert server.metric(f'ferry_link_seconds_total{{link="{link}"}}') > 0, link
     finally:

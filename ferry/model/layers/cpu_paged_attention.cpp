@@ -1,7 +1,6 @@
 // Decode attention over the paged KV cache on the CPU: one query token per sequence reads its K and V rows in place
-// through its block table (no gathered copy, no SDPA call), in fp32, split over the context when a step has too few
-// (sequence, KV head) pairs to keep every thread busy (flash-decoding: each split keeps its own max, sum and
-// weighted values, merged at the end).
+// through its block table (no gathered copy, no SDPA call), in fp32, its context cut into fixed pieces that the
+// threads share (flash-decoding: each piece keeps its own max, sum and weighted values, merged at the end).
 //
 // Shapes as ferry/model/layers/paged_attention.py: q [S, Hq, D]; pools [blocks, block_size, Hkv, D]; block_tables
 // [S, W] int32; context_lens [S] int32 (0: a padding row, output zeros). Query head h reads KV head h / (Hq / Hkv).
@@ -28,7 +27,11 @@
 
 namespace {
 
-constexpr int MIN_SPLIT_TOKENS = 64;  // a context split shorter than this costs more to merge than it saves
+// Contexts are split into pieces of this many tokens (rounded up to whole blocks), whatever the batch and the thread
+// count: a sequence's output then depends on its own context alone, so a request gives the same bits alone, in any
+// batch, eager or compiled (the serving engine's greedy answers equal `ferry generate`'s); and a batch-1 step at a
+// few hundred tokens still has a piece per thread.
+constexpr int64_t SPLIT_TOKENS = 256;
 
 struct Step {
   const void* q;
@@ -265,14 +268,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   }
   at::Tensor out = at::empty({S, Hq, D}, q.options());
   if (S == 0) return out;
-  // Enough splits of the longest context for every thread to have work, none shorter than MIN_SPLIT_TOKENS.
-  const int64_t threads = at::get_num_threads(), pairs = S * Hkv;
-  int64_t splits = std::max<int64_t>(1, (2 * threads + pairs - 1) / pairs);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, longest / MIN_SPLIT_TOKENS));
-  // Splits start on a block boundary (the vector path reads 16 slots of one block at a time).
-  int64_t split_len = std::max<int64_t>(1, (longest + splits - 1) / splits);
-  split_len = (split_len + block_size - 1) / block_size * block_size;
-  splits = std::max<int64_t>(1, (longest + split_len - 1) / split_len);
+  const int64_t split_len = (SPLIT_TOKENS + block_size - 1) / block_size * block_size;  // whole blocks
+  const int64_t splits = std::max<int64_t>(1, (longest + split_len - 1) / split_len);
+  const int64_t pairs = S * Hkv;
   const int64_t G = Hq / Hkv;
   std::vector<float> part_max(pairs * splits * G), part_sum(pairs * splits * G), part_acc(pairs * splits * G * D);
   Step p{qc.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr<int32_t>(), len_ptr,
