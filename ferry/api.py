@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ferry.device import resolve_device, resolve_dtype
+from ferry.device import resolve_device
 from ferry.engine.engine import Completion, Engine, TokenEvent, build_engine
 from ferry.engine.sampling import SamplingParams
 
@@ -57,12 +57,9 @@ class LLM:
         check_pipeline_options(pp, layer_split, micro_batches, bool(compile) or compile_mode is not None,
                                overlap_prefill, weights, offload_weights, sync_output)
         self.device = resolve_device(device)
-        if mesh.world == 1:
-            from ferry.model.loader import resolve_precision
+        from ferry.model.loader import resolve_precision
 
-            self.dtype, weights = resolve_precision(dtype, weights, model, self.device)
-        else:
-            self.dtype = resolve_dtype(dtype, self.device, tp=mesh.world)
+        self.dtype, weights = resolve_precision(dtype, weights, model, self.device, mesh.world)
         self.tp, self.pp = tp, pp
         self.workers = None
         self.engine: Engine | None = None

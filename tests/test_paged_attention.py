@@ -113,6 +113,9 @@ def test_decode_path_is_named_per_device(monkeypatch):
 
     if cpu_kernels.load() is None:  # Ferry's C++ kernel, eager and compiled
         assert decode_attention_path("cpu") == decode_attention_path("cpu", compiled=True) == "ferry-cpu"
+        # heads its vector path does not take run torch's path, and are named so
+        assert decode_attention_path("cpu", heads=(72, 1, 16)) == "gather-sdpa"
+        assert decode_attention_path("cpu", compiled=True, heads=(64, 12, 16)) == "inductor-loops"
         monkeypatch.setattr(cpu_kernels, "_vector_attention", False)  # a CPU without AVX-512: torch's paths
         assert decode_attention_path("cpu") == "gather-sdpa"
         monkeypatch.undo()

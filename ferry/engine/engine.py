@@ -39,6 +39,7 @@ from ferry.model.layers import fused
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
 from ferry.model.layers.paged_attention import (
     PREFILL_TRITON_PATH,
+    attention_heads,
     decode_attention_path,
     prefill_attention_path,
 )
@@ -181,8 +182,9 @@ class Engine(BatchAPI):
         if not cuda:
             step_path = self._compile_cpu_decode(compile, compile_mode, getattr(model, "weight_streamer", None))
         compiled = self.compiled_decode is not None
-        self.decode_path = (f"{step_path}, attention {decode_attention_path(self.device, compiled)}, elementwise "
-                            f"{'fused by inductor' if compiled else fused.path(self.device)}")
+        heads = attention_heads(self.config.head_dim, self.config.num_heads, self.config.num_kv_heads, block_size)
+        self.decode_path = (f"{step_path}, attention {decode_attention_path(self.device, compiled, heads)}, "
+                            f"elementwise {'fused by inductor' if compiled else fused.path(self.device)}")
         self.prefill_path = (f"{self.prefill_graphs.path if self.prefill_graphs else 'eager'}, attention "
                              f"{prefill_attention_path(self.device)}")
         self.sync_output = sync_output

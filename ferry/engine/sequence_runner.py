@@ -18,7 +18,7 @@ from ferry.engine import cpu_compiled
 from ferry.engine.paged_cache import BLOCK_SIZE, PagedKVCache
 from ferry.errors import FerryError
 from ferry.model.layers.attention import PagedBatch, PrefillChunk
-from ferry.model.layers.paged_attention import decode_attention_path
+from ferry.model.layers.paged_attention import attention_heads, decode_attention_path
 
 log = logging.getLogger("ferry.engine")
 
@@ -39,7 +39,8 @@ class SequenceRunner:
         default = self.max_tokens if self.device.type == "cpu" else min(self.max_tokens, 1024)
         self.cache = self._pool(pool_tokens or default, num_layers)
         compiled, step = cpu_compiled.choose(compile, mode, model)
-        self.path = f"{step}, attention {decode_attention_path(self.device, compiled)}"
+        heads = attention_heads(config.head_dim, config.num_heads, config.num_kv_heads, BLOCK_SIZE)
+        self.path = f"{step}, attention {decode_attention_path(self.device, compiled, heads)}"
         self.compiled = cpu_compiled.CompiledCPUDecode(model, self.cache, mode, self.layers) if compiled else None
         self._eager = cpu_compiled.step_function(model, self.layers)  # steps of several tokens; every step eager
         self.steps = self.compiled_steps = 0
@@ -83,7 +84,8 @@ class SequenceRunner:
             self._grow(end)
         positions = torch.arange(start, end, dtype=torch.int32, device=self.device)
         used = -(-end // BLOCK_SIZE)
-        last = torch.tensor([n - 1], device=self.device)  # the row whose logits the whole model returns
+        # the row whose logits the whole model returns, int32 as the engine's (the compiled step's guards)
+        last = torch.tensor([n - 1], dtype=torch.int32, device=self.device)
         self.steps += 1
         if n == 1:
             # at least two columns: a width of 1 would be specialised by the compiler, and the graph kept for it

@@ -121,12 +121,10 @@ def load_on_rank(group: ParallelGroup, model: str | None, device_type: str, dtyp
     from ferry.model.loader import load_model, open_checkpoint, resolve_model_path, resolve_precision
 
     device = rank_device(group.rank, device_type, placement)
-    weights = "auto"
-    if placement is None:  # one rank (`ferry serve`'s engine): the precision `ferry generate` picks
-        dtype, weights = resolve_precision(dtype_name, weights, model, device, group.world_size)
+    if placement is None:  # the precision `ferry generate` picks (on one CPU rank: the GGUF's blocks, fp32)
+        dtype, weights = resolve_precision(dtype_name, "auto", model, device, group.world_size)
     else:
-        dtype = resolve_dtype(placement.stages[0].dtype or dtype_name, device, tp=group.world_size)
-    if placement is not None:
+        dtype, weights = resolve_dtype(placement.stages[0].dtype or dtype_name, device, tp=group.world_size), "auto"
         path = resolve_model_path(model)
         group, _ = placed_group(group, placement, open_checkpoint(path)[1], device, dtype, group.process_group, device)
     group = group.with_allreduce(allreduce, device, dtype)

@@ -50,12 +50,14 @@ PREFILL_REFERENCE_PATH = "gather-sdpa per chunk"
 CPU_KERNEL_WANTED = os.environ.get("FERRY_CPU_ATTENTION", "1") != "0"
 
 
-def decode_attention_path(device: torch.device | str, compiled: bool = False) -> str:
-    """Which implementation `paged_decode_attention` runs on `device` (`compiled`: inside a compiled step), as logs
-    and benchmarks name it. Engines ask before their first step, which loads Ferry's CPU kernels on a CPU."""
+def decode_attention_path(device: torch.device | str, compiled: bool = False,
+                          heads: tuple[int, int, int] = (64, 1, 16)) -> str:
+    """Which implementation `paged_decode_attention` runs on `device` (`compiled`: inside a compiled step) for
+    `heads` (head size, query heads per KV head, block size), as logs and benchmarks name it. Engines ask before
+    their first step, which loads Ferry's CPU kernels on a CPU (built once per machine)."""
     device = torch.device(device)
     if device.type == "cpu" and CPU_KERNEL_WANTED and cpu_kernels.load() is None and cpu_kernels.attention_takes(
-            64, 1, 16):  # built once per machine; a CPU without its vector path keeps torch's (head shapes: the op)
+            *heads):
         return CPU_KERNEL_PATH
     if device.type == "cpu" and compiled:
         return LOOPS_PATH
@@ -63,6 +65,11 @@ def decode_attention_path(device: torch.device | str, compiled: bool = False) ->
         error = triton_import_error()
         return TRITON_PATH if error is None else f"{REFERENCE_PATH} (triton not importable: {error})"
     return REFERENCE_PATH
+
+
+def attention_heads(head_dim: int, num_q_heads: int, num_kv_heads: int, block_size: int) -> tuple[int, int, int]:
+    """The shapes the CPU kernel's choice depends on: (head size, query heads per KV head, block size)."""
+    return head_dim, num_q_heads // num_kv_heads, block_size
 
 
 def prefill_attention_path(device: torch.device | str) -> str:
@@ -233,7 +240,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         # Ferry's C++ op where it is built (a C++ op's dispatch costs a few microseconds); otherwise no custom op:
         # a Python one's dispatch cost ~40 us a layer in eager decode, and inside torch.compile the loops below fuse.
         if CPU_KERNEL_WANTED and k_pool.is_contiguous() and v_pool.is_contiguous() and cpu_kernels.attention_takes(
-                q.shape[-1], q.shape[1] // k_pool.shape[2], k_pool.shape[1]):
+                *attention_heads(q.shape[-1], q.shape[1], k_pool.shape[2], k_pool.shape[1])):
             return torch.ops.ferry_cpu.paged_decode(q, k_pool, v_pool, block_tables, context_lens, float(scale))
         if torch.compiler.is_compiling():
             return decode_as_loops(q, k_pool, v_pool, block_tables, context_lens, float(scale))
