@@ -90,3 +90,26 @@ def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count(
                 assert torch.equal(alone[0], together[s]), (threads, s)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_compiler_that_hangs_fails_the_build_by_name_and_leaves_no_process(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    slow, pid_file = tmp_path / "slow-cxx", tmp_path / "child.pid"
+    slow.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {pid_file}\nwait\n")  # a compiler and a child of its own
+    slow.chmod(0o755)
+    monkeypatch.setattr(cpu_kernels, "BUILD_TIMEOUT_S", 1)
+    with pytest.raises(RuntimeError, match="slow-cxx did not finish within 1 s"):
+        cpu_kernels._build(str(slow), tmp_path / "lib.so")
+    assert not list(tmp_path.glob(".building-*"))  # its scratch file is gone
+
+    def running(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "\nState:\tZ" not in status.read_text()  # gone, or dead and not yet reaped
+
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child), "the compiler's child outlived the timeout"

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger("ferry.kernels")
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_qmatmul.cpp", HERE / "cpu_paged_attention.cpp")
 NAME = "Ferry's C++ CPU kernels (qmatmul, paged decode attention)"
+BUILD_TIMEOUT_S = 600
 _loaded = False  # read by code that compiled steps trace: module globals, not cached calls
 _vector_attention = False  # the CPU has the attention kernel's vector path (AVX-512)
 
@@ -51,9 +53,18 @@ def _build(cxx: str, target: Path) -> None:
     cmd = [cxx, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
            *map(str, SOURCES), "-o", scratch, *libs, "-lc10", "-ltorch_cpu"]
     try:
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cxx).name} failed: {done.stderr.strip()[-2000:]}")
+        # A build takes ~20 s on 2 cores; a compiler that hangs must not hang the load with it, nor outlive it: the
+        # compiler and the processes it starts (cc1plus, as) run in a session of their own, killed whole on timeout.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{Path(cxx).name} did not finish within {BUILD_TIMEOUT_S} s") from exc
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} failed: {stderr.strip()[-2000:]}")
         os.replace(scratch, target)  # a concurrent build of the same sources lands the same library
     finally:
         if os.path.exists(scratch):
