@@ -5,7 +5,11 @@ measured decode tokens/s, the error, and whether the planner ranked the layouts 
     python benchmarks/pp_decode.py --shape llama3-8b --layouts 1x1,2x1,1x2 --batches 1,16,64               # measured
     python benchmarks/plan_vs_measured.py --measured RESULT.json --plans plan_b1.json plan_b16.json ... --stem NAME
 
-Only even splits and the default link are compared (what pp_decode.py runs).
+Only even splits and the default link are compared (what pp_decode.py runs). On a CPU, whose ranks share its cores,
+a plan made with `--cpu-ranks R` describes the layouts of R ranks: give one plan per batch and rank count, and each
+layout is taken from the plan of its own rank count.
+
+    ferry plan --calibrate --device cpu --shape tiny --dtype fp32 --batch 8 --cpu-ranks 2 --json plan_b8_r2.json
 """
 
 from __future__ import annotations
@@ -21,19 +25,26 @@ from ferry.bench.report import write_results  # noqa: E402
 
 
 def compare(measured: dict, plans: list[dict]) -> tuple[list[dict], dict]:
-    rows, orders = [], {}
     runs = {(r["tp"], r["pp"], r["batch"]): r["aggregate_tokens_per_s"] for r in measured["results"]
             if r["link"] == "default"}
+    by_batch: dict[int, dict[tuple, float]] = {}  # batch -> (tp, pp, batch) -> predicted tokens/s
     for plan in plans:
         batch = plan["workload"]["batch"]
-        predicted = {}
+        topo = plan["topology"]
+        # A plan over CPU ranks (plan.py's _as_cpu_ranks) describes only layouts of as many ranks as it has.
+        cpu_ranks = topo["nodes"] * topo["devices_per_node"] if " ranks" in topo["device"]["name"] else None
+        predicted = by_batch.setdefault(batch, {})
         for entry in plan["layouts"]:
             layout = entry["layout"]
             even = max(layout["split"]) - min(layout["split"]) <= 1 and layout["split"] == sorted(layout["split"],
                                                                                                     reverse=True)
             key = (layout["tp"], layout["pp"], batch)
+            if cpu_ranks is not None and layout["tp"] * layout["pp"] != cpu_ranks:
+                continue
             if key in runs and even and layout["micro_batches"] == layout["pp"] and key not in predicted:
                 predicted[key] = entry["decode_tok_s"]
+    rows, orders = [], {}
+    for batch, predicted in by_batch.items():
         for key, tok_s in predicted.items():
             rows.append({"batch": batch, "layout": f"tp{key[0]}xpp{key[1]}", "predicted_tokens_per_s": round(tok_s, 1),
                          "measured_tokens_per_s": runs[key], "error": round(tok_s / runs[key] - 1, 3)})

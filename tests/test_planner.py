@@ -170,12 +170,14 @@ def test_a_calibration_replaces_the_roofline():
     assert pred.tpot_s == pytest.approx(4 * 3e-4 + 6e-4 + stage["embed"])
 
 
-def test_calibrated_layer_time_interpolates_extrapolates_and_never_falls_with_more_tokens():
+def test_calibrated_layer_time_interpolates_between_the_measured_points_as_measured():
     cal = Calibration(((1, 1e-3), (8, 2e-3)), context=256, device="test")
     assert cal.layer_seconds(4) == pytest.approx(1e-3 + 1e-3 * 3 / 7)
     assert cal.layer_seconds(15) == pytest.approx(3e-3)  # prefill-sized counts follow the line
-    noisy = Calibration(((1, 2e-3), (4, 1e-3), (16, 4e-3)), context=256, device="test")
-    assert noisy.layer_seconds(4) == pytest.approx(2e-3) and noisy.layer_seconds(10) == pytest.approx(3e-3)
+    # 3 rows slower than 4 (as torch's fp32 CPU matmul is): 8 rows are read off the 4..16 line, not raised to 3's.
+    dip = Calibration(((1, 1e-3), (3, 3e-3), (4, 2e-3), (16, 4e-3)), context=256, device="test")
+    assert dip.layer_seconds(3) == pytest.approx(3e-3) and dip.layer_seconds(8) == pytest.approx(2e-3 + 2e-3 * 4 / 12)
+    assert Calibration(((4, 2e-3), (8, 1e-3)), context=256, device="test").layer_seconds(64) == pytest.approx(1e-3)
 
 
 def test_plan_cli_prints_a_table_and_writes_every_layouts_terms(tmp_path):
@@ -206,10 +208,14 @@ def test_plan_cli_reads_a_hand_written_topology_and_a_checkpoints_config(tmp_pat
 
 @pytest.mark.slow
 def test_plan_cli_live_on_this_cpu_and_calibrated():
+    # Two CPU ranks: the layers timed on one rank's share of the cores, the pipeline's own cost on two real ranks.
     out = invoke("plan", "--shape", "tiny", "--device", "cpu", "--calibrate", "--batch", "2", "--prompt", "32",
-                 "--output", "8")
+                 "--output", "8", "--cpu-ranks", "2", "--json", "-")
     assert out.exit_code == 0, out.output
-    assert "compute calibrated on cpu (engine, eager)" in out.stdout and "ferry: recommended tp1 x pp1" in out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["calibration"]["mode"] == "engine, eager" and doc["calibration"]["context"] == 32 + 8
+    assert "ferry: a pipeline micro-batch's own cost:" in out.stderr and doc["params"]["pipeline_host_s"] >= 0
+    assert {(p["layout"]["tp"], p["layout"]["pp"]) for p in doc["layouts"]} == {(1, 1), (2, 1), (1, 2)}
 
 
 def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part(monkeypatch):
@@ -218,17 +224,48 @@ def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part(monkeypat
     import ferry.bench.decode_timing as timing
     from ferry.parallel.cost_model import time_engine_steps
 
-    # The split's arithmetic on known step times (1 layer: 1 ms + 0.1 ms per row; 3 layers: 2 ms more): a real
-    # engine runs, but the timing it reports is replaced, since a unit test must not depend on this machine's load.
+    # The split's arithmetic on known step times (1 layer: 1 ms + 0.1 ms per row; 3 layers: 2 ms more), with one
+    # run of each engine disturbed (a busy machine): a real engine runs, but the timing it reports is replaced,
+    # since a unit test must not depend on this machine's load.
+    calls = []
+
     def step_rate(engine, batch, prompt_len, new_tokens, vocab, repeats):
         layers = len(engine.model.layers)
-        return 1.0 / (1e-3 + 1e-4 * batch + (2e-3 if layers == 3 else 0.0))
+        calls.append((layers, batch, prompt_len))
+        slow = 5.0 if len(calls) in (3, 4) else 1.0  # the second turn of both engines at the first row count
+        return 1.0 / (slow * (1e-3 + 1e-4 * batch + (2e-3 if layers == 3 else 0.0)))
 
     monkeypatch.setattr(timing, "ferry_decode", step_rate)
-    cal = time_engine_steps(TINY, "cpu", torch.float32, token_counts=(1, 4), new_tokens=4, repeats=2)
+    cal = time_engine_steps(TINY, "cpu", torch.float32, token_counts=(1, 4), new_tokens=4, repeats=3, prompt_len=48)
+    # The engines take turns (1, 3, 1, 3, ...) at the workload's prompt length; the median drops the slow turn.
+    assert [c[0] for c in calls] == [1, 3] * 6 and {c[2] for c in calls} == {48} and cal.context == 48 + 2
     assert cal.mode == "engine, eager"
     assert cal.layer_seconds(1) == pytest.approx(1e-3) and cal.layer_seconds(4) == pytest.approx(1e-3)
     assert cal.fixed_seconds(1) == pytest.approx(1e-4) and cal.fixed_seconds(4) == pytest.approx(4e-4)
+
+
+def test_a_measured_pipeline_cost_is_what_the_run_exceeds_the_model_by(monkeypatch):
+    import ferry.bench.pp_speed as pp_speed
+    from ferry.parallel.cost_model import time_pipeline_host
+
+    cal = Calibration(((1, 1e-3), (4, 2e-3)), context=32, device="test", fixed_by_tokens=((1, 1e-4), (4, 2e-4)))
+    topo = cluster(1, 2)
+    jobs = []
+    modelled = predict(replace(TINY, num_layers=2), topo, Layout(1, 2, 2, (1, 1)), Workload(8, 32, 16),
+                       CostParams(dtype_bytes=4, pipeline_host_s=0.0), cal).tpot_s
+
+    def run_layout(job, device_type):
+        jobs.append(job)
+        return {"rows": [{"tokens_per_s": 1.0 / (modelled + 3e-3)}]}  # 3 ms over the model: 1.5 ms a micro-batch
+
+    monkeypatch.setattr(pp_speed, "run_layout", run_layout)
+    host_s, run = time_pipeline_host(TINY, "float32", 8, 32, cal, topo)
+    job = jobs[0]
+    assert (job.tp, job.pp, job.micro_batches, job.config.num_layers, job.batches) == (1, 2, 2, 2, (8,))
+    assert host_s == pytest.approx(1.5e-3) and run["modelled_cycle_s"] == pytest.approx(modelled)
+    # A run faster than the model costs nothing (never a negative term).
+    monkeypatch.setattr(pp_speed, "run_layout", lambda job, kind: {"rows": [{"tokens_per_s": 2.0 / modelled}]})
+    assert time_pipeline_host(TINY, "float32", 8, 32, cal, topo)[0] == 0.0
 
 
 @pytest.mark.parametrize("args, message", [

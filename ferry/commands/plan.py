@@ -138,7 +138,7 @@ def plan(
     step_overhead_us: Annotated[float, typer.Option(help="fixed cost of each stage forward (launches, host)")] = 30.0,
     pipeline_host_us: Annotated[float | None, typer.Option(
         help="host work of a step that a pipeline's first stage cannot hide, per micro-batch \\[default: 500 on "
-        "GPUs, 0 on a CPU, whose steps hide nothing]", show_default=False)] = None,
+        "GPUs; on a CPU measured by --calibrate with --cpu-ranks 2 or more (a pipeline run on 2 ranks), else 0]", show_default=False)] = None,
     margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
     cpu_ranks: Annotated[int, typer.Option(help="on a CPU: plan this many gloo ranks sharing its cores (what --tp "
                                            "and --pp start there), each a device with its share of them")] = 1,
@@ -169,6 +169,8 @@ def plan(
         return
 
     def run() -> None:
+        from dataclasses import replace
+
         from ferry.comm.topology import Topology
         from ferry.comm.topology import preset as preset_topology
         from ferry.errors import FerryError
@@ -189,11 +191,8 @@ def plan(
         params = CostParams(bytes_of[dtype], step_overhead_us * 1e-6, int(margin_gib * 2**30), host_us * 1e-6)
         work = Workload(batch, prompt, output)
         work.check(config)  # before any measuring
-        calibration = None
         if cpu_ranks < 1:
             raise FerryError(f"--cpu-ranks must be 1 or more, got {cpu_ranks}")
-        if calibrate:
-            calibration = _calibrate(config, device, dtype, cpu_ranks, batch)
         if preset is not None:
             topo_ = preset_topology(preset)
         elif topology not in (None, "live"):
@@ -207,6 +206,12 @@ def plan(
                 topo_ = _as_cpu_ranks(measure_local("cpu"), cpu_ranks)
             else:
                 topo_ = measure_local(device_type, for_planner=True)
+        calibration = None
+        if calibrate:
+            calibration = _calibrate(config, device, dtype, cpu_ranks, batch, prompt)
+            if not on_gpu and cpu_ranks > 1 and pipeline_host_us is None:
+                params = replace(params, pipeline_host_s=_time_pipeline_host(config, dtype, batch, prompt,
+                                                                             calibration, topo_))
         result = make_plan(config, topo_, work, params, tp, pp, micro_batches, calibration, name)
         if json_path is not None:
             _write_json(result.to_json(), json_path)
@@ -294,8 +299,9 @@ def _plan_stages(stages: str, gpu_memory, model, shape, batch: int, micro_batche
         err(f"ferry: recommended --stages {best.stages}: {best.decode_tok_s:.1f} tokens/s decode at batch {batch}")
 
 
-def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1):
-    """The engine's step timed at the rows a decode micro-batch of this workload has (1 to 8 micro-batches)."""
+def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1, prompt: int = 32):
+    """The engine's step timed at the rows a decode micro-batch of this workload has (1 to 8 micro-batches),
+    each sequence with the workload's prompt."""
     import math
     import os
 
@@ -312,9 +318,23 @@ def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1):
         "for --calibrate")
     try:
         rows = sorted({1} | {math.ceil(batch / m) for m in (1, 2, 3, 4, 8)})
-        return time_engine_steps(config, dev, DTYPES[dtype], token_counts=tuple(rows))
+        return time_engine_steps(config, dev, DTYPES[dtype], token_counts=tuple(rows), repeats=5, prompt_len=prompt)
     finally:
         torch.set_num_threads(threads)
+
+
+def _time_pipeline_host(config, dtype: str, batch: int, prompt: int, calibration, topo) -> float:
+    """CostParams.pipeline_host_s measured on this CPU's ranks (cost_model.time_pipeline_host) at the workload's
+    batch."""
+    from ferry.device import DTYPES
+    from ferry.parallel.cost_model import time_pipeline_host
+
+    err(f"ferry: timing Ferry's pipeline engine on 2 CPU ranks (batch {batch}) for --calibrate")
+    host_s, run = time_pipeline_host(config, str(DTYPES[dtype]).removeprefix("torch."), batch, prompt, calibration,
+                                     topo)
+    err(f"ferry: a pipeline micro-batch's own cost: {host_s * 1e6:.0f} us (measured cycle "
+        f"{run['measured_cycle_s'] * 1e3:.2f} ms, modelled without it {run['modelled_cycle_s'] * 1e3:.2f} ms)")
+    return host_s
 
 
 def _as_cpu_ranks(topo, ranks: int):

@@ -102,17 +102,15 @@ class Calibration:
 
 def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
     """Linear between measured points; beyond them, the line through the last two (compute-bound prefill grows
-    linearly in tokens). Times are first made non-decreasing in tokens: more work is never faster, and on a busy
-    CPU noise can time 4 rows under 1."""
-    pts, floor = [], 0.0
-    for n, t in sorted(points):
-        floor = max(floor, t)
-        pts.append((n, floor))
+    linearly in tokens), never below the smallest. The points are not made monotone: fewer rows can truly take
+    longer (torch's fp32 matmul on a CPU runs 2 and 3 rows as that many matrix-vector products and 4 as one
+    matrix product, 1.3x faster than 3 here), and time_engine_steps' medians of interleaved runs keep noise small."""
+    pts = sorted(points)
     if len(pts) == 1:
         return pts[0][1]
     i = next((k for k in range(1, len(pts)) if tokens <= pts[k][0]), len(pts) - 1)
     (n0, t0), (n1, t1) = pts[i - 1], pts[i]
-    return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), pts[0][1])
+    return max(t0 + (t1 - t0) * (tokens - n0) / (n1 - n0), min(t for _, t in pts))
 
 
 def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: Link | None, layers: int, rows: int,
@@ -172,11 +170,13 @@ def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool
 
 
 def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
-                      new_tokens: int = 16, repeats: int = 3, slowdown: int = 1) -> Calibration:
+                      new_tokens: int = 16, repeats: int = 3, slowdown: int = 1, prompt_len: int = 32) -> Calibration:
     """Ferry's own decode step on `device`, timed with one and with three decoder layers of `config`'s shape
     (random weights, the path a real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a
-    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count.
-    `slowdown`: the emulated slow device of a placement (placement.py)."""
+    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count, each
+    sequence `prompt_len` tokens of prompt (the workload's context). `slowdown`: the emulated slow device of a
+    placement (placement.py)."""
+    import statistics
     from dataclasses import replace
 
     import torch
@@ -187,19 +187,52 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
 
     device = torch.device(device)
     kv = "2GiB" if device.type == "cuda" else "0.5GiB"
-    steps: dict[int, dict[int, float]] = {}
+    engines = {}
     for layers in (1, 3):
         model = random_model(replace(config, num_layers=layers), device, dtype)
         model.emulate_slowdown(slowdown)
-        engine = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
-        # The fastest of the repeats: load on a shared machine only ever slows a run, and the layer is a difference
-        # of two timings, which noise in either would swamp.
-        steps[layers] = {n: 1.0 / max(ferry_decode(engine, n, 32, new_tokens, config.vocab_size, 1)
-                                      for _ in range(repeats)) for n in token_counts}
-        mode = "engine, " + engine.decode_path.split(",")[0]
-        del engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        engines[layers] = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
+    mode = "engine, " + engines[1].decode_path.split(",")[0]
+    steps: dict[int, dict[int, float]] = {1: {}, 3: {}}
+    for n in token_counts:
+        samples: dict[int, list[float]] = {1: [], 3: []}
+        # The two engines take turns, so a change in the machine's load lands on both timings of the difference
+        # (a layer is a difference of two timings, which noise in either would swamp); the median of the turns.
+        for _ in range(repeats):
+            for layers, engine in engines.items():
+                samples[layers].append(1.0 / ferry_decode(engine, n, prompt_len, new_tokens, config.vocab_size, 1))
+        for layers in engines:
+            steps[layers][n] = statistics.median(samples[layers])
+    del engines
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     layer = tuple((n, max((steps[3][n] - steps[1][n]) / 2, 0.0)) for n in token_counts)
     fixed = tuple((n, max(steps[1][n] - t, 0.0)) for n, t in layer)
-    return Calibration(layer, 32 + new_tokens // 2, str(device), mode, fixed)
+    return Calibration(layer, prompt_len + new_tokens // 2, str(device), mode, fixed)
+
+
+def time_pipeline_host(config: ModelConfig, dtype: str, batch: int, prompt_len: int, calibration: Calibration,
+                       topology, new_tokens: int = 16, repeats: int = 3) -> tuple[float, dict]:
+    """The pipeline's own cost per micro-batch on this machine's CPU ranks, measured: Ferry's pipeline engine run
+    on two gloo ranks, one decoder layer each, two micro-batches sharing `batch` rows, against what the planner
+    predicts for that run from `calibration` and `topology`'s link with no such term. What the measured cycle
+    exceeds the prediction by, per micro-batch in flight (each stage's own scheduling of a micro-batch, the waits
+    for hidden states and tokens that the link's fit does not see, two busy ranks sharing the machine), is
+    CostParams.pipeline_host_s. Returns it and the run's figures."""
+    from dataclasses import replace
+
+    import torch
+
+    from ferry.bench.pp_speed import LayoutJob, run_layout
+    from ferry.parallel.planner import Layout, Workload, predict
+
+    two = replace(config, num_layers=2)
+    job = LayoutJob(two, dtype, tp=1, pp=2, batches=(batch,), prompt_len=prompt_len, new_tokens=new_tokens,
+                    repeats=repeats, micro_batches=2, kv_memory="0.5GiB")
+    measured = 1.0 / run_layout(job, "cpu")["rows"][0]["tokens_per_s"]
+    params = CostParams(dtype_bytes=getattr(torch, dtype).itemsize, pipeline_host_s=0.0)
+    model = predict(two, topology, Layout(1, 2, 2, (1, 1)), Workload(batch, prompt_len, new_tokens), params,
+                    calibration).tpot_s
+    in_flight = min(2, batch)
+    return max(measured - model, 0.0) / in_flight, {"batch": batch, "measured_cycle_s": measured,
+                                                    "modelled_cycle_s": model}

@@ -66,7 +66,7 @@ def measure(config: ModelConfig, device: torch.device, dtype: torch.dtype, slowd
 
     name = describe_device(device, dtype, slowdown)
     key = f"{name}|{config.hidden_size}x{config.intermediate_size}|{config.num_heads}/{config.num_kv_heads}" \
-          f"|{config.vocab_size}|rows{rows}|v2"
+          f"|{config.vocab_size}|rows{rows}|v3"
     path = cache_root() / "device_speed.json"
     cached = _read(path)
     if use_cache and key in cached:
