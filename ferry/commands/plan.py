@@ -143,7 +143,7 @@ def plan(
     cpu_ranks: Annotated[int, typer.Option(help="on a CPU: plan this many gloo ranks sharing its cores (what --tp "
                                            "and --pp start there), each a device with its share of them")] = 1,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="time Ferry's decode step on --device with 1 and 3 layers of the model's shape and use "
+        "--calibrate", help="time Ferry's decode step on --device at two depths of the model's shape (1 and 3 layers on a CPU, 2 and 6 on a GPU) and use "
         "its layer and fixed parts instead of the roofline")] = False,
     device: DeviceOpt = None,
     top: Annotated[int, typer.Option(help="table rows at most (the JSON has every layout)")] = 20,
@@ -193,6 +193,7 @@ def plan(
         work.check(config)  # before any measuring
         if cpu_ranks < 1:
             raise FerryError(f"--cpu-ranks must be 1 or more, got {cpu_ranks}")
+        calibration = _calibrate(config, device, dtype, cpu_ranks, batch, prompt) if calibrate else None
         if preset is not None:
             topo_ = preset_topology(preset)
         elif topology not in (None, "live"):
@@ -206,9 +207,7 @@ def plan(
                 topo_ = _as_cpu_ranks(measure_local("cpu"), cpu_ranks)
             else:
                 topo_ = measure_local(device_type, for_planner=True)
-        calibration = None
         if calibrate:
-            calibration = _calibrate(config, device, dtype, cpu_ranks, batch, prompt)
             if not on_gpu and cpu_ranks > 1 and pipeline_host_us is None:
                 params = replace(params, pipeline_host_s=_time_pipeline_host(config, dtype, batch, prompt,
                                                                              calibration, topo_))
@@ -314,7 +313,7 @@ def _calibrate(config, device, dtype, cpu_ranks: int = 1, batch: int = 1, prompt
     threads = torch.get_num_threads()
     if dev.type == "cpu" and cpu_ranks > 1:  # one rank's share of the cores, as the launcher gives each rank
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_ranks))
-    err(f"ferry: timing Ferry's decode step with 1 and 3 layers on {dev} ({torch.get_num_threads()} threads) "
+    err(f"ferry: timing Ferry's decode step at two depths on {dev} ({torch.get_num_threads()} threads) "
         "for --calibrate")
     try:
         rows = sorted({1} | {math.ceil(batch / m) for m in (1, 2, 3, 4, 8)})

@@ -16,7 +16,7 @@ the message). alpha is a link's one-way in-graph message time, which is about on
 `ferry topo` timed it); 4 H100s measured 16.2 us where this says 19.4.
 The first stage adds the embedding (a row read and, with TP, its all-reduce), the last the LM head (its weight
 read or its matmul, then an all-gather of the logits over the TP group), every stage one fixed launch overhead.
-With a calibration (Ferry's decode step timed on this device with 1 and 3 layers, `time_engine_steps`) its
+With a calibration (Ferry's decode step timed on this device at two depths, `time_engine_steps`) its
 measured time per layer replaces compute + kv: the launch and latency floor a layer shows at one row (what
 exceeds its weight read) stays whole on every TP rank, the rest divides over them; and the step's measured fixed
 part (host, launches, sampling) replaces the fixed overhead, the LM head's share of it only on the last stage.
@@ -104,7 +104,7 @@ def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
     """Linear between measured points; beyond them, the line through the last two (compute-bound prefill grows
     linearly in tokens), never below the smallest. The points are not made monotone: fewer rows can truly take
     longer (torch's fp32 matmul on a CPU runs 2 and 3 rows as that many matrix-vector products and 4 as one
-    matrix product, 1.3x faster than 3 here), and time_engine_steps' medians of interleaved runs keep noise small."""
+    matrix product, 1.3x faster than 3 here), and time_engine_steps' fastest of interleaved runs keeps noise small."""
     pts = sorted(points)
     if len(pts) == 1:
         return pts[0][1]
@@ -171,12 +171,16 @@ def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool
 
 def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
                       new_tokens: int = 16, repeats: int = 3, slowdown: int = 1, prompt_len: int = 32) -> Calibration:
-    """Ferry's own decode step on `device`, timed with one and with three decoder layers of `config`'s shape
-    (random weights, the path a real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a
-    layer is half the difference, the step's fixed part what one layer leaves over. Rows = each token count, each
+    """Ferry's own decode step on `device`, timed with two depths of `config`'s shape (random weights, the path a
+    real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a layer is the difference over
+    the layers between them, the step's fixed part what the shallower leaves over. Rows = each token count, each
     sequence `prompt_len` tokens of prompt (the workload's context). `slowdown`: the emulated slow device of a
-    placement (placement.py)."""
-    import statistics
+    placement (placement.py).
+
+    Depths 1 and 3 on a CPU, whose step is the sum of its parts; 2 and 6 on a GPU, where the host schedules the
+    next step while the GPU runs this one: a one-layer step of Llama-3-8B on the H200 is bound by the host (its
+    GPU work is shorter), so the host's time, which a deep model hides, went into some calibrations' fixed part
+    and left layers timed faster than their weights can be read."""
     from dataclasses import replace
 
     import torch
@@ -187,27 +191,28 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
 
     device = torch.device(device)
     kv = "2GiB" if device.type == "cuda" else "0.5GiB"
+    shallow, deep = (1, 3) if device.type == "cpu" else (2, 6)
     engines = {}
-    for layers in (1, 3):
+    for layers in (shallow, deep):
         model = random_model(replace(config, num_layers=layers), device, dtype)
         model.emulate_slowdown(slowdown)
         engines[layers] = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
-    mode = "engine, " + engines[1].decode_path.split(",")[0]
-    steps: dict[int, dict[int, float]] = {1: {}, 3: {}}
+    mode = "engine, " + engines[shallow].decode_path.split(",")[0]
+    steps: dict[int, dict[int, float]] = {shallow: {}, deep: {}}
     for n in token_counts:
-        samples: dict[int, list[float]] = {1: [], 3: []}
-        # The two engines take turns, so a change in the machine's load lands on both timings of the difference
-        # (a layer is a difference of two timings, which noise in either would swamp); the median of the turns.
+        samples: dict[int, list[float]] = {shallow: [], deep: []}
+        # A layer is a difference of two timings, which noise in either would swamp. The two engines take turns,
+        # so a change in the machine's load lands on both; each keeps its fastest turn (load only ever slows).
         for _ in range(repeats):
             for layers, engine in engines.items():
                 samples[layers].append(1.0 / ferry_decode(engine, n, prompt_len, new_tokens, config.vocab_size, 1))
         for layers in engines:
-            steps[layers][n] = statistics.median(samples[layers])
+            steps[layers][n] = min(samples[layers])
     del engines
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    layer = tuple((n, max((steps[3][n] - steps[1][n]) / 2, 0.0)) for n in token_counts)
-    fixed = tuple((n, max(steps[1][n] - t, 0.0)) for n, t in layer)
+    layer = tuple((n, max((steps[deep][n] - steps[shallow][n]) / (deep - shallow), 0.0)) for n in token_counts)
+    fixed = tuple((n, max(steps[shallow][n] - shallow * t, 0.0)) for n, t in layer)
     return Calibration(layer, prompt_len + new_tokens // 2, str(device), mode, fixed)
 
 
