@@ -237,7 +237,7 @@ def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part(monkeypat
 
     monkeypatch.setattr(timing, "ferry_decode", step_rate)
     cal = time_engine_steps(TINY, "cpu", torch.float32, token_counts=(1, 4), new_tokens=4, repeats=3, prompt_len=48)
-    # The engines take turns (1, 3, 1, 3, ...) at the workload's prompt length; each keeps its fastest turn.
+    # The engines take turns (1, 3, 1, 3, ...) at the workload's prompt length; on a CPU the median drops the slow turn.
     assert [c[0] for c in calls] == [1, 3] * 6 and {c[2] for c in calls} == {48} and cal.context == 48 + 2
     assert cal.mode == "engine, eager"
     assert cal.layer_seconds(1) == pytest.approx(1e-3) and cal.layer_seconds(4) == pytest.approx(1e-3)
