@@ -244,6 +244,41 @@ def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part(monkeypat
     assert cal.fixed_seconds(1) == pytest.approx(1e-4) and cal.fixed_seconds(4) == pytest.approx(4e-4)
 
 
+def test_on_a_gpu_layers_come_from_graph_replays_and_a_step_is_the_longer_of_host_and_gpu(monkeypatch):
+    import torch
+
+    import ferry.bench.decode_timing as timing
+    from ferry.parallel.cost_model import time_engine_steps
+
+    # A GPU-like engine: its graphs take 0.1 ms + 0.14 ms a layer, its host 0.5 ms a step, and a step the longer
+    # of the two (whole-step differences would say 2 and 6 layers cost the same).
+    def gpu_ms(engine, batch, context):
+        return 0.1 + 0.14 * len(engine.model.layers)
+
+    def step_rate(engine, batch, prompt_len, new_tokens, vocab, repeats):
+        return 1.0 / max(0.5e-3, gpu_ms(engine, batch, prompt_len) / 1e3)
+
+    monkeypatch.setattr(timing, "ferry_decode", step_rate)
+    monkeypatch.setattr(timing, "graph_step_ms", gpu_ms)
+    cal = time_engine_steps(TINY, "cpu", torch.float32, token_counts=(1, 8), new_tokens=4, repeats=2)
+    assert cal.mode.endswith("layers from graph replays")
+    assert cal.layer_seconds(8) == pytest.approx(0.14e-3)
+    gpu_fixed, host_floor = cal.overlapped(8)
+    assert gpu_fixed == pytest.approx(0.1e-3) and host_floor == pytest.approx(0.5e-3)
+
+    def one_device(layers):
+        return predict(replace(TINY, num_layers=layers), cluster(1, 1), Layout(1, 1, 1, (layers,)),
+                       Workload(8, 16, 8), calibration=cal).decode_stages[0]
+
+    shallow, deep = one_device(1), one_device(32)
+    assert shallow["busy"] == pytest.approx(0.5e-3) and shallow["host_wait"] > 0  # bound by the host
+    assert deep["host_wait"] == 0 and deep["busy"] == pytest.approx(32 * 0.14e-3 + 0.1e-3)  # by the GPU
+    # A pipeline's stages keep their own host term (pipeline_host_s), not the one-stage floor.
+    pipe = predict(replace(TINY, num_layers=32), cluster(1, 2), Layout(1, 2, 2, (16, 16)), Workload(8, 16, 8),
+                   calibration=cal)
+    assert all("host_wait" not in s for s in pipe.decode_stages)
+
+
 def test_a_measured_pipeline_cost_is_what_the_run_exceeds_the_model_by(monkeypatch):
     import ferry.bench.pp_speed as pp_speed
     from ferry.parallel.cost_model import time_pipeline_host

@@ -375,7 +375,7 @@ def _print_plan(result, top: int, verbose: bool) -> None:
             s = p.bottleneck
             terms.add_row(p.layout.name, _split(p.layout), *(f"{s[k] * 1e6:.0f}" for k in (
                 "compute", "kv_read", "tp_allreduce", "pp_send")), f"{(s['lm_head'] + s['embed']) * 1e6:.0f}",
-                f"{(s['overhead'] + s.get('pipeline_host', 0.0)) * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
+                f"{(s['overhead'] + s.get('pipeline_host', 0.0) + s.get('host_wait', 0.0)) * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
         console.print(terms)
     hidden = len(result.predictions) - len(shown)
     if hidden:

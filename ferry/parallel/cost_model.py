@@ -92,12 +92,23 @@ class Calibration:
     device: str
     mode: str = "eager"  # "cuda graph": replays of a captured layer, as Ferry's decode runs on GPUs
     fixed_by_tokens: tuple[tuple[int, float], ...] = ()
+    # On a GPU, whose host prepares the next step while the GPU runs this one, a step takes the longer of the two:
+    # the GPU's own fixed work (from graph replays, no host) and the shallow engine's whole step, a floor no
+    # deeper step goes under (the host's work of a step, where that is what bounds it).
+    gpu_fixed_by_tokens: tuple[tuple[int, float], ...] = ()
+    host_floor_by_tokens: tuple[tuple[int, float], ...] = ()
 
     def layer_seconds(self, tokens: int) -> float:
         return _interpolate(self.seconds_by_tokens, tokens)
 
     def fixed_seconds(self, tokens: int) -> float | None:
         return _interpolate(self.fixed_by_tokens, tokens) if self.fixed_by_tokens else None
+
+    def overlapped(self, tokens: int) -> tuple[float, float] | None:
+        """(the GPU's fixed work, the host's floor) of a step, where the host's work overlaps the GPU's."""
+        if not self.gpu_fixed_by_tokens:
+            return None
+        return _interpolate(self.gpu_fixed_by_tokens, tokens), _interpolate(self.host_floor_by_tokens, tokens)
 
 
 def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
@@ -143,6 +154,9 @@ def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: 
         head = head_read + (allgather_seconds(tp_link, tp, rows * config.vocab_size * b) if tp > 1 else 0.0)
     overhead = params.step_overhead_s
     fixed = calibration.fixed_seconds(n) if calibration is not None else None
+    overlapped = calibration.overlapped(n) if calibration is not None else None
+    if overlapped is not None:
+        fixed = overlapped[0]
     if fixed is not None:
         # The engine's measured fixed part holds the one-device LM head (and embedding): counted here instead of
         # the roofline's, so a stage without the head pays only the host's and the launches' share.
@@ -151,8 +165,13 @@ def stage_terms(config: ModelConfig, shape: RankShape, device: Device, tp_link: 
         embed = allreduce_seconds(tp_link, tp, n * h * b) if first and tp > 1 else 0.0
         if last:
             head = min(head_at_tp1, fixed) / tp + (head - head_read)
-    return {"compute": compute, "kv_read": kv, "tp_allreduce": tp_comm, "embed": embed, "lm_head": head,
-            "overhead": overhead}
+    terms = {"compute": compute, "kv_read": kv, "tp_allreduce": tp_comm, "embed": embed, "lm_head": head,
+             "overhead": overhead}
+    if overlapped is not None and first and last:
+        # One stage: its host schedules the next step under this one's GPU work, so a step takes the longer of the
+        # two. (A pipeline's first stage waits for its tokens before it schedules: CostParams.pipeline_host_s.)
+        terms["host_wait"] = max(0.0, overlapped[1] - sum(terms.values()))
+    return terms
 
 
 def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool, last: bool, pp: int,
@@ -172,21 +191,22 @@ def stage_memory(config: ModelConfig, shape: RankShape, layers: int, first: bool
 def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[int, ...] = (1, 8, 32, 64, 128),
                       new_tokens: int = 16, repeats: int = 3, slowdown: int = 1, prompt_len: int = 32) -> Calibration:
     """Ferry's own decode step on `device`, timed with two depths of `config`'s shape (random weights, the path a
-    real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling): a layer is the difference over
-    the layers between them, the step's fixed part what the shallower leaves over. Rows = each token count, each
+    real run takes: paged attention, CUDA graphs on GPUs, the host's scheduling). Rows = each token count, each
     sequence `prompt_len` tokens of prompt (the workload's context). `slowdown`: the emulated slow device of a
     placement (placement.py).
 
-    Depths 1 and 3 on a CPU, whose step is the sum of its parts; 2 and 6 on a GPU, where the host schedules the
-    next step while the GPU runs this one: a one-layer step of Llama-3-8B on the H200 is bound by the host (its
-    GPU work is shorter), so the host's time, which a deep model hides, went into some calibrations' fixed part
-    and left layers timed faster than their weights can be read."""
+    On a CPU, whose step is the sum of its parts, depths 1 and 3: a layer is half the difference of the two
+    steps, the fixed part what the shallower leaves over. On a GPU the host schedules the next step while the GPU
+    runs this one, and a shallow step is bound by the host (one layer of Llama-3-8B on the H200 at any batch, six
+    at 64 rows), so differences of whole steps time layers faster than their weights can be read: there a layer
+    is the difference of the two depths' captured steps replayed alone (GPU time, depths 2 and 6), the GPU's fixed
+    work what the shallower graph leaves over, and the shallower whole step the host's floor (Calibration)."""
     import statistics
     from dataclasses import replace
 
     import torch
 
-    from ferry.bench.decode_timing import ferry_decode
+    from ferry.bench.decode_timing import ferry_decode, graph_step_ms
     from ferry.bench.shapes import random_model
     from ferry.engine.engine import Engine
 
@@ -199,25 +219,34 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
         model.emulate_slowdown(slowdown)
         engines[layers] = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
     mode = "engine, " + engines[shallow].decode_path.split(",")[0]
-    steps: dict[int, dict[int, float]] = {shallow: {}, deep: {}}
+    layer, fixed, gpu_fixed, host_floor = [], [], [], []
     for n in token_counts:
         samples: dict[int, list[float]] = {shallow: [], deep: []}
-        # A layer is a difference of two timings, which noise in either would swamp. The two engines take turns,
-        # so a change in the machine's load lands on both. A GPU's steps are tight and a slow turn is a host
-        # hiccup: the fastest turn. A CPU's cores are shared with whatever else runs, in the real run too: the
-        # median, the statistic benchmarks report (the fastest of five predicted 2-core runs up to 1.7x too fast).
+        # The two engines take turns, so a change in the machine's load lands on both. A GPU's steps are tight and
+        # a slow turn is a host hiccup: the fastest turn. A CPU's cores are shared with whatever else runs, in the
+        # real run too: the median, the statistic benchmarks report (the fastest of five predicted 2-core runs up
+        # to 1.7x too fast).
         pick = min if device.type == "cuda" else statistics.median
         for _ in range(repeats):
             for layers, engine in engines.items():
                 samples[layers].append(1.0 / ferry_decode(engine, n, prompt_len, new_tokens, config.vocab_size, 1))
-        for layers in engines:
-            steps[layers][n] = pick(samples[layers])
+        step = {layers: pick(samples[layers]) for layers in engines}
+        graph = {layers: graph_step_ms(engine, n, prompt_len) for layers, engine in engines.items()}
+        if None not in graph.values():  # captured (GPU): each depth's step replayed alone
+            per_layer = max((graph[deep] - graph[shallow]) / 1e3 / (deep - shallow), 0.0)
+            gpu_fixed.append((n, max(graph[shallow] / 1e3 - shallow * per_layer, 0.0)))
+            host_floor.append((n, step[shallow]))
+        else:
+            per_layer = max((step[deep] - step[shallow]) / (deep - shallow), 0.0)
+        layer.append((n, per_layer))
+        fixed.append((n, max(step[shallow] - shallow * per_layer, 0.0)))
     del engines
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    layer = tuple((n, max((steps[deep][n] - steps[shallow][n]) / (deep - shallow), 0.0)) for n in token_counts)
-    fixed = tuple((n, max(steps[shallow][n] - shallow * t, 0.0)) for n, t in layer)
-    return Calibration(layer, prompt_len + new_tokens // 2, str(device), mode, fixed)
+    if gpu_fixed:
+        mode += ", layers from graph replays"
+    return Calibration(tuple(layer), prompt_len + new_tokens // 2, str(device), mode, tuple(fixed), tuple(gpu_fixed),
+                       tuple(host_floor))
 
 
 def time_pipeline_host(config: ModelConfig, dtype: str, batch: int, prompt_len: int, calibration: Calibration,
