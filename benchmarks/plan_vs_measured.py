@@ -72,6 +72,7 @@ def main() -> None:
     plans = [json.loads(p.read_text()) for p in args.plans]
     rows, summary = compare(measured, plans)
     meta = {key: measured[key] for key in ("device", "date", "git_commit", "shape") if key in measured}
+    meta["command"] = "python " + " ".join(sys.argv)
     meta |= {"plan_commit": args.plan_commit, "measured_file": args.measured.name, "plan_topology": plans[0]["topology"].get("source"),
              "plan_calibration": plans[0].get("calibration"), "summary": summary}
     for batch, order in summary["orders"].items():
