@@ -138,13 +138,14 @@ def plan(
     step_overhead_us: Annotated[float, typer.Option(help="fixed cost of each stage forward (launches, host)")] = 30.0,
     pipeline_host_us: Annotated[float | None, typer.Option(
         help="host work of a step that a pipeline's first stage cannot hide, per micro-batch \\[default: 500 on "
-        "GPUs; on a CPU measured by --calibrate with --cpu-ranks 2 or more (a pipeline run on 2 ranks), else 0]", show_default=False)] = None,
+        "GPUs; on a CPU measured by --calibrate with --cpu-ranks 2 or more (a pipeline run on 2 ranks), else 0]",
+        show_default=False)] = None,
     margin_gib: Annotated[float, typer.Option(help="memory kept free per device for activations and runtime")] = 2.0,
     cpu_ranks: Annotated[int, typer.Option(help="on a CPU: plan this many gloo ranks sharing its cores (what --tp "
                                            "and --pp start there), each a device with its share of them")] = 1,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="time Ferry's decode step on --device at two depths of the model's shape (1 and 3 layers on a CPU, 2 and 6 on a GPU) and use "
-        "its layer and fixed parts instead of the roofline")] = False,
+        "--calibrate", help="time Ferry's decode step on --device at two depths of the model's shape (1 and 3 "
+        "layers on a CPU, 2 and 6 on a GPU) and use its layer and fixed parts instead of the roofline")] = False,
     device: DeviceOpt = None,
     top: Annotated[int, typer.Option(help="table rows at most (the JSON has every layout)")] = 20,
     json_path: JsonFileOpt = None,
@@ -207,10 +208,9 @@ def plan(
                 topo_ = _as_cpu_ranks(measure_local("cpu"), cpu_ranks)
             else:
                 topo_ = measure_local(device_type, for_planner=True)
-        if calibrate:
-            if not on_gpu and cpu_ranks > 1 and pipeline_host_us is None:
-                params = replace(params, pipeline_host_s=_time_pipeline_host(config, dtype, batch, prompt,
-                                                                             calibration, topo_))
+        if calibrate and not on_gpu and cpu_ranks > 1 and pipeline_host_us is None:
+            params = replace(params, pipeline_host_s=_time_pipeline_host(config, dtype, batch, prompt, calibration,
+                                                                         topo_))
         result = make_plan(config, topo_, work, params, tp, pp, micro_batches, calibration, name)
         if json_path is not None:
             _write_json(result.to_json(), json_path)
@@ -375,7 +375,8 @@ def _print_plan(result, top: int, verbose: bool) -> None:
             s = p.bottleneck
             terms.add_row(p.layout.name, _split(p.layout), *(f"{s[k] * 1e6:.0f}" for k in (
                 "compute", "kv_read", "tp_allreduce", "pp_send")), f"{(s['lm_head'] + s['embed']) * 1e6:.0f}",
-                f"{(s['overhead'] + s.get('pipeline_host', 0.0) + s.get('host_wait', 0.0)) * 1e6:.0f}", f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
+                f"{(s['overhead'] + s.get('pipeline_host', 0.0) + s.get('host_wait', 0.0)) * 1e6:.0f}",
+                f"{s['busy'] * 1e6:.0f}", f"{p.tpot_s / s['busy']:.2f} x")
         console.print(terms)
     hidden = len(result.predictions) - len(shown)
     if hidden:

@@ -219,14 +219,14 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
         model.emulate_slowdown(slowdown)
         engines[layers] = Engine(model, None, kv_memory=kv, max_running=max(token_counts))
     mode = "engine, " + engines[shallow].decode_path.split(",")[0]
+    # The two engines take turns, so a change in the machine's load lands on both. A GPU's steps are tight and a
+    # slow turn is a host hiccup: the fastest turn. A CPU's cores are shared with whatever else runs, in the real
+    # run too: the median, the statistic benchmarks report (the fastest of five predicted 2-core runs up to 1.7x
+    # too fast).
+    pick = min if device.type == "cuda" else statistics.median
     layer, fixed, gpu_fixed, host_floor = [], [], [], []
     for n in token_counts:
         samples: dict[int, list[float]] = {shallow: [], deep: []}
-        # The two engines take turns, so a change in the machine's load lands on both. A GPU's steps are tight and
-        # a slow turn is a host hiccup: the fastest turn. A CPU's cores are shared with whatever else runs, in the
-        # real run too: the median, the statistic benchmarks report (the fastest of five predicted 2-core runs up
-        # to 1.7x too fast).
-        pick = min if device.type == "cuda" else statistics.median
         for _ in range(repeats):
             for layers, engine in engines.items():
                 samples[layers].append(1.0 / ferry_decode(engine, n, prompt_len, new_tokens, config.vocab_size, 1))
