@@ -7,6 +7,7 @@ implementation; it is told to stay offline so a missing network never stalls a t
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,24 @@ os.environ.setdefault("FERRY_STRICT_PATHS", "1")
 os.environ.setdefault("FERRY_COMPILE", "0")
 
 CPU = torch.device("cpu")
+
+# A shell without job control starts a background command (`(pytest &)`) with SIGINT ignored, and every process a
+# test starts would inherit that (an ignored signal stays ignored across exec, and Python keeps it so): the tests
+# that press Ctrl-C on a child would wait for a child that cannot hear it. The test process hears it again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_kept():
+    """A test must leave this process's SIGINT handler as it found it: an ignored SIGINT is inherited by every
+    process started later (and kept across exec), so a later test's Ctrl-C would reach processes that ignore it."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test changed SIGINT's handler from {before!r} to {after!r} and left it so")
 
 
 def _quiet_transformers():
