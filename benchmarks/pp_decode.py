@@ -12,6 +12,7 @@ for multi-rank layouts measured over both links, the share of its default-link t
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per layout and batch in one process (median)")
+    ap.add_argument("--rounds", type=int, default=1, help="every layout this many times, in turn (median of rounds)")
     ap.add_argument("--socket", action="store_true", help="also run every multi-rank layout over sockets")
     ap.add_argument("--kv-memory", default=None)
     ap.add_argument("--dtype", default=None)
@@ -54,17 +56,28 @@ def main() -> None:
         sys.exit(f"a layout needs more GPUs than the {torch.cuda.device_count()} present")
     kv_memory = args.kv_memory or ("8GiB" if args.device == "cuda" else "0.5GiB")
 
-    rows, paths = [], {}
-    for tp, pp in layouts:
-        job = LayoutJob(config, dtype, tp, pp, batches, args.prompt_len, args.new_tokens, args.repeats,
-                        kv_memory=kv_memory)
-        links = [None, SOCKET_LINK] if args.socket and tp * pp > 1 and args.device == "cuda" else [None]
-        for env in links:
-            result = run_layout(job, args.device, env)
-            rows += result["rows"]
-            paths[f"{tp}x{pp}/{result['rows'][0]['link']}"] = result["decode_path"]
-            print(f"tp={tp} pp={pp} {result['rows'][0]['link']}: " + ", ".join(
-                f"b{r['batch']} {r['aggregate_tokens_per_s']:.0f} tok/s" for r in result["rows"]), flush=True)
+    # Every layout once per round, in turn, so a change in the machine's state lands on all of them; each figure is
+    # the median of its rounds (on a shared 2-core CPU one invocation of a layout differs from the next by 20-40%).
+    runs: dict[tuple, list[dict]] = {}
+    paths = {}
+    for round_ in range(args.rounds):
+        for tp, pp in layouts:
+            job = LayoutJob(config, dtype, tp, pp, batches, args.prompt_len, args.new_tokens, args.repeats,
+                            kv_memory=kv_memory)
+            links = [None, SOCKET_LINK] if args.socket and tp * pp > 1 and args.device == "cuda" else [None]
+            for env in links:
+                result = run_layout(job, args.device, env)
+                for r in result["rows"]:
+                    runs.setdefault((r["tp"], r["pp"], r["link"], r["batch"]), []).append(r)
+                paths[f"{tp}x{pp}/{result['rows'][0]['link']}"] = result["decode_path"]
+                print(f"round {round_ + 1}: tp={tp} pp={pp} {result['rows'][0]['link']}: " + ", ".join(
+                    f"b{r['batch']} {r['aggregate_tokens_per_s']:.0f} tok/s" for r in result["rows"]), flush=True)
+    rows = []
+    for (tp, pp, link, batch), found in runs.items():
+        rates = [r["aggregate_tokens_per_s"] for r in found]
+        rate = statistics.median(rates)
+        rows.append({"tp": tp, "pp": pp, "link": link, "batch": batch, "aggregate_tokens_per_s": round(rate, 1),
+                     "tokens_per_s": round(rate / batch, 1), "rounds": rates})
 
     one = {r["batch"]: r["aggregate_tokens_per_s"] for r in rows if r["tp"] * r["pp"] == 1}
     default = {(r["tp"], r["pp"], r["batch"]): r["aggregate_tokens_per_s"] for r in rows if r["link"] == "default"}
@@ -77,12 +90,14 @@ def main() -> None:
 
     meta = provenance(torch.device(args.device)) | {
         "shape": args.shape, "num_layers": config.num_layers, "dtype": dtype, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "kv_memory": kv_memory, "decode_paths": paths,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds, "kv_memory": kv_memory,
+        "decode_paths": paths,
         "socket_link_env": SOCKET_LINK if args.socket else None,
     }
     stem = args.stem or f"{meta['date']}_pp_decode_{args.shape}_{args.device}"
     columns = ["layout", "link", "batch", "aggregate_tokens_per_s", "tokens_per_s", "vs_one_device", "kept_over_socket"]
-    notes = ("Aggregate decode tokens/s = batch x median per-sequence rate (slowest rank). A pipeline runs as many "
+    notes = ("Aggregate decode tokens/s = batch x median per-sequence rate (slowest rank), the median of the rounds "
+             "(each round runs every layout once, in turn; `rounds` in the JSON). A pipeline runs as many "
              "micro-batches as stages. Socket: NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1.")
     json_path, md_path = write_results(args.out, stem, meta, rows, columns, notes)
     print(f"wrote {json_path} and {md_path}")
