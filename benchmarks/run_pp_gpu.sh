@@ -12,10 +12,11 @@ run python benchmarks/pp_decode.py --device cuda --shape llama3-8b --layouts 1x1
     --out "$OUT"
 run python -m ferry.cli topo --device cuda --json "$OUT/${DAY}_topo_h200x2.json"
 PLANS=()
+PLAN_DIR=$(mktemp -d)  # the plans are inputs of the comparison, not results
 for b in 1 16 64; do
   run python -m ferry.cli plan --topology "$OUT/${DAY}_topo_h200x2.json" --calibrate --device cuda --shape llama3-8b \
-      --batch "$b" --prompt 128 --output 128 --json "/tmp/plan_b$b.json"
-  PLANS+=("/tmp/plan_b$b.json")
+      --batch "$b" --prompt 128 --output 128 --json "$PLAN_DIR/plan_b$b.json"
+  PLANS+=("$PLAN_DIR/plan_b$b.json")
 done
 run python benchmarks/plan_vs_measured.py --measured "$OUT/${DAY}_pp_decode_llama3-8b_cuda.json" --plans "${PLANS[@]}" \
     --stem "${DAY}_plan_vs_measured_llama3-8b_cuda" --plan-commit "${FERRY_GIT_COMMIT:-$(git rev-parse --short HEAD)}" \
