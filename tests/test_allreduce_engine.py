@@ -186,7 +186,10 @@ def _calibrate_with_a_slow_path(group, cache: str) -> dict:
 def test_calibration_picks_the_faster_path_everywhere_caches_it_and_reuses_it(tmp_path):
     result = spawn(2, "cpu", _calibrate_with_a_slow_path, (str(tmp_path),))
     assert [r.path for r in result["first"]] == ["process_group", "process_group"]
-    assert all(r.times_us["symm_two_shot"] > r.times_us["process_group"] + 1000 for r in result["first"])
+    # The slow path was timed with its 2 ms wait in it, and above the plain one. (Not "slower by a millisecond": on
+    # a busy 2-core machine one gloo call's median once took that much more, and the check failed a green run.)
+    times = [r.times_us for r in result["first"]]
+    assert all(t["symm_two_shot"] >= 2000 and t["symm_two_shot"] > t["process_group"] for t in times), times
     assert result["everyone"] == [["process_group"] * 2] * 2  # every rank chose the same
     assert result["second"] == result["first"] and not result["timed_again"]  # from the cache
     assert len(result["files"]) == 1 and result["sum"] == [3.0, 3.0, 3.0]
