@@ -30,9 +30,8 @@ def compare(measured: dict, plans: list[dict]) -> tuple[list[dict], dict]:
     by_batch: dict[int, dict[tuple, float]] = {}  # batch -> (tp, pp, batch) -> predicted tokens/s
     for plan in plans:
         batch = plan["workload"]["batch"]
-        topo = plan["topology"]
         # A plan over CPU ranks (plan.py's _as_cpu_ranks) describes only layouts of as many ranks as it has.
-        cpu_ranks = topo["nodes"] * topo["devices_per_node"] if " ranks" in topo["device"]["name"] else None
+        cpu_ranks = plan["topology"].get("details", {}).get("cpu_ranks")
         predicted = by_batch.setdefault(batch, {})
         for entry in plan["layouts"]:
             layout = entry["layout"]

@@ -216,6 +216,31 @@ def test_plan_cli_live_on_this_cpu_and_calibrated():
     assert doc["calibration"]["mode"] == "engine, eager" and doc["calibration"]["context"] == 32 + 8
     assert "ferry: a pipeline micro-batch's own cost:" in out.stderr and doc["params"]["pipeline_host_s"] >= 0
     assert {(p["layout"]["tp"], p["layout"]["pp"]) for p in doc["layouts"]} == {(1, 1), (2, 1), (1, 2)}
+    assert doc["topology"]["details"]["cpu_ranks"] == 2
+
+
+def test_plan_vs_measured_takes_each_cpu_layout_from_the_plan_of_its_rank_count():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_measured.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def entry(tp, pp, tok_s):
+        return {"layout": {"tp": tp, "pp": pp, "split": [4 // pp] * pp, "micro_batches": pp}, "decode_tok_s": tok_s}
+
+    def cpu_plan(ranks, entries):  # as plan.py's _as_cpu_ranks writes it
+        return {"workload": {"batch": 8}, "layouts": entries,
+                "topology": {"nodes": 1, "devices_per_node": ranks, "details": {"cpu_ranks": ranks}}}
+
+    measured = {"results": [{"tp": tp, "pp": pp, "batch": 8, "link": "default", "aggregate_tokens_per_s": t}
+                            for tp, pp, t in ((1, 1, 100.0), (2, 1, 80.0), (1, 2, 60.0))]}
+    # The two-rank plan also lists one rank (on half the cores): that prediction is not the one-rank layout's.
+    plans = [cpu_plan(2, [entry(1, 1, 50.0), entry(2, 1, 88.0), entry(1, 2, 66.0)]), cpu_plan(1, [entry(1, 1, 110.0)])]
+    rows, summary = bench.compare(measured, plans)
+    assert {r["layout"]: r["error"] for r in rows} == {"tp1xpp1": 0.1, "tp2xpp1": 0.1, "tp1xpp2": 0.1}
+    assert summary["within_25_percent"] == 3 and summary["orders"][8]["predicted"] == ["tp1xpp1", "tp2xpp1", "tp1xpp2"]
 
 
 def test_engine_calibration_splits_a_step_into_layers_and_a_fixed_part(monkeypatch):

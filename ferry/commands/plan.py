@@ -344,7 +344,7 @@ def _as_cpu_ranks(topo, ranks: int):
     device = topo.device
     share = replace(device, name=f"{device.name} / {ranks} ranks", memory_bytes=device.memory_bytes // ranks,
                     mem_bw_Bps=device.mem_bw_Bps / ranks, flops=device.flops / ranks)
-    return replace(topo, devices_per_node=ranks, device=share)
+    return replace(topo, devices_per_node=ranks, device=share, details={**topo.details, "cpu_ranks": ranks})
 
 
 def _print_plan(result, top: int, verbose: bool) -> None:

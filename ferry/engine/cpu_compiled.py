@@ -109,9 +109,8 @@ class CompiledCPUDecode:
 
     def run(self, inputs: torch.Tensor, positions: torch.Tensor, paged, logits_index: torch.Tensor) -> torch.Tensor:
         """A decode-only step: [rows] token ids (or [rows, hidden] hidden states into `layers`) and positions, its
-        PagedBatch, rows to sample -> logits of those rows (or the layers' hidden states [rows, hidden])."""
-        if logits_index.dtype != torch.int32:  # the engine's dtype (its packed inputs); a guard on it otherwise
-            logits_index = logits_index.to(torch.int32)
+        PagedBatch, rows to sample (int32, as every caller makes them: the dtype is in the graph's guards) -> logits
+        of those rows (or the layers' hidden states [rows, hidden])."""
         if any(t.is_inference() for t in (inputs, positions, paged.slots, paged.block_tables, paged.context_lens,
                                           logits_index)):
             # The graph's guards include each input's dispatch keys, which differ between tensors made inside and
