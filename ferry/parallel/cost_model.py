@@ -115,7 +115,7 @@ def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
     """Linear between measured points; beyond them, the line through the last two (compute-bound prefill grows
     linearly in tokens), never below the smallest. The points are not made monotone: fewer rows can truly take
     longer (torch's fp32 matmul on a CPU runs 2 and 3 rows as that many matrix-vector products and 4 as one
-    matrix product, 1.3x faster than 3 here), and time_engine_steps' interleaved runs keep noise small."""
+    matrix product, faster than 3 on the 2-core machine), and time_engine_steps' interleaved runs keep noise small."""
     pts = sorted(points)
     if len(pts) == 1:
         return pts[0][1]
@@ -221,8 +221,8 @@ def time_engine_steps(config: ModelConfig, device, dtype, token_counts: tuple[in
     mode = "engine, " + engines[shallow].decode_path.split(",")[0]
     # The two engines take turns, so a change in the machine's load lands on both. A GPU's steps are tight and a
     # slow turn is a host hiccup: the fastest turn. A CPU's cores are shared with whatever else runs, in the real
-    # run too: the median, the statistic benchmarks report (the fastest of five predicted 2-core runs up to 1.7x
-    # too fast).
+    # run too: the median, the statistic benchmarks report (the fastest of five predicted every 2-core layout too
+    # fast).
     pick = min if device.type == "cuda" else statistics.median
     layer, fixed, gpu_fixed, host_floor = [], [], [], []
     for n in token_counts:
